@@ -1,0 +1,85 @@
+//! `idem-fake-vendor`: runs the in-project fake vendor (and optionally the SMTP sink) as a
+//! standalone process for shell demos.
+
+use std::io::Write;
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use clap::Parser;
+use idem::fake_vendor::{FakeVendor, SmtpSink};
+
+/// Serve the fake billing/CRM vendor API until SIGTERM or ctrl-c.
+#[derive(Debug, Parser)]
+#[command(name = "idem-fake-vendor", version)]
+struct Args {
+    /// Address for the HTTP API.
+    #[arg(long, default_value = "127.0.0.1:8079")]
+    addr: SocketAddr,
+    /// How many invoices to seed.
+    #[arg(long, default_value_t = 200)]
+    invoices: usize,
+    /// How many HubSpot contacts to seed.
+    #[arg(long, default_value_t = 0)]
+    contacts: usize,
+    /// Also run the SMTP sink on this address (its mail is at GET /_fake/mailbox).
+    #[arg(long)]
+    smtp_addr: Option<SocketAddr>,
+    /// Require `Authorization: Bearer TOKEN` on /v1 and /crm.
+    #[arg(long)]
+    bearer: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let vendor = FakeVendor::start_on(args.addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.addr))?;
+    vendor.seed_invoices(args.invoices);
+    vendor.seed_contacts(args.contacts);
+    if let Some(token) = &args.bearer {
+        vendor.require_bearer(token);
+    }
+    let sink = match args.smtp_addr {
+        Some(addr) => {
+            let sink = SmtpSink::start_on(addr)
+                .await
+                .with_context(|| format!("cannot listen for SMTP on {addr}"))?;
+            vendor.attach_mailbox(&sink);
+            Some(sink)
+        }
+        None => None,
+    };
+    let smtp = sink
+        .as_ref()
+        .map_or_else(|| "off".to_owned(), |s| s.addr().to_string());
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "fake vendor listening on {}; smtp sink on {smtp}",
+        vendor.base_url()
+    )?;
+    out.flush()?;
+    drop(out);
+    shutdown_signal().await?;
+    if let Some(sink) = sink {
+        sink.stop().await;
+    }
+    Ok(())
+}
+
+/// Resolves on ctrl-c or (on Unix) SIGTERM.
+async fn shutdown_signal() -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r.context("wait for ctrl-c")?,
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::signal::ctrl_c().await.context("wait for ctrl-c")?;
+    Ok(())
+}

@@ -1,0 +1,605 @@
+//! The command line: parses arguments, runs the command, maps outcomes to exit codes.
+//!
+//! Exit codes: 0 success, 1 failed, 2 usage or configuration error, 3 finished but some
+//! records failed, 75 another run holds the stream's lock (try again later).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use chrono::{DateTime, Utc};
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use sqlx::PgPool;
+
+use crate::config::{ConfigError, Settings};
+use crate::connector::Connector;
+use crate::duration::HumanDuration;
+use crate::http::{HttpSource, VendorClient};
+use crate::run::{self, Mode, RunError, RunOptions, RunReport, RunStatus};
+use crate::store;
+use crate::telemetry::{self, LogFormat};
+
+pub const EXIT_OK: u8 = 0;
+pub const EXIT_FAILED: u8 = 1;
+pub const EXIT_CONFIG: u8 = 2;
+pub const EXIT_PARTIAL: u8 = 3;
+pub const EXIT_LOCKED: u8 = 75;
+
+/// idem imports records from vendor APIs into Postgres; every job is safe to run twice.
+#[derive(Debug, Parser)]
+#[command(name = "idem", version, about)]
+pub struct Cli {
+    /// The config file (default: ./idem.toml if present).
+    #[arg(long, global = true, env = "IDEM_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Auto)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Import streams incrementally (all streams when none is named).
+    Run {
+        /// `SOURCE` or `SOURCE.STREAM`.
+        targets: Vec<String>,
+        /// Fetch and compare, report what would change, write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Do not send notifications after the run.
+        #[arg(long)]
+        no_notify: bool,
+        /// Print the reports as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-read a window of one stream to repair drift; the regular checkpoint is untouched.
+    Replay {
+        /// `SOURCE.STREAM`.
+        target: String,
+        /// The window is [now - SINCE, now), e.g. `7d`.
+        #[arg(long, conflicts_with_all = ["from", "to"])]
+        since: Option<HumanDuration>,
+        /// Window start, inclusive (RFC 3339).
+        #[arg(long, requires = "to")]
+        from: Option<DateTime<Utc>>,
+        /// Window end, exclusive (RFC 3339).
+        #[arg(long, requires = "from")]
+        to: Option<DateTime<Utc>>,
+        /// Start the window again instead of resuming an interrupted replay of it.
+        #[arg(long)]
+        restart: bool,
+        /// Do not send notifications after the replay.
+        #[arg(long)]
+        no_notify: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Checkpoints, recent runs, failures and ledger counts.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Apply idem's database migrations.
+    Migrate,
+    /// Validate the config and every connector file, without any request.
+    Check,
+    /// Show or change checkpoints.
+    Checkpoint {
+        #[command(subcommand)]
+        command: CheckpointCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CheckpointCommand {
+    /// Show checkpoints (all, or one stream's).
+    Show { target: Option<String> },
+    /// Forget a stream's checkpoint: the next run walks everything.
+    Reset {
+        target: String,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Set a stream's high-water mark (it may move backwards).
+    Set {
+        target: String,
+        #[arg(long)]
+        high_water_mark: DateTime<Utc>,
+    },
+}
+
+/// Parses the arguments and runs; the binary's whole `main`.
+pub async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init(cli.log_format);
+    match execute(cli).await {
+        Ok(code) => ExitCode::from(code),
+        Err(err) => {
+            let code = if err.downcast_ref::<ConfigError>().is_some() {
+                EXIT_CONFIG
+            } else {
+                EXIT_FAILED
+            };
+            eprintln!("error: {err:#}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+async fn execute(cli: Cli) -> anyhow::Result<u8> {
+    let settings = Settings::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Check => check(&settings),
+        Command::Migrate => {
+            let pool = connect(&settings).await?;
+            store::migrate(&pool).await?;
+            println!("migrations applied");
+            Ok(EXIT_OK)
+        }
+        Command::Run {
+            targets,
+            dry_run,
+            no_notify: _,
+            json,
+        } => {
+            let connectors = settings.load_connectors()?;
+            let selected = select(&connectors, &targets)?;
+            let pool = connect(&settings).await?;
+            let url = settings.database_url()?;
+            let options = RunOptions {
+                mode: Mode::Regular,
+                dry_run,
+            };
+            run_all(&pool, &url, &selected, &options, json).await
+        }
+        Command::Replay {
+            target,
+            since,
+            from,
+            to,
+            restart,
+            no_notify: _,
+            json,
+        } => {
+            let connectors = settings.load_connectors()?;
+            let selected = select(&connectors, std::slice::from_ref(&target))?;
+            if selected.len() != 1 {
+                return Err(usage(format!(
+                    "replay needs one SOURCE.STREAM, '{target}' names {} streams",
+                    selected.len()
+                )));
+            }
+            let (from, to) = match (since, from, to) {
+                (Some(since), None, None) => {
+                    let now = Utc::now();
+                    (now - since.as_chrono(), now)
+                }
+                (None, Some(from), Some(to)) if from < to => (from, to),
+                (None, Some(_), Some(_)) => return Err(usage("--from must be before --to".into())),
+                _ => {
+                    return Err(usage(
+                        "replay needs --since DURATION, or --from and --to".into(),
+                    ));
+                }
+            };
+            let pool = connect(&settings).await?;
+            let url = settings.database_url()?;
+            let options = RunOptions {
+                mode: Mode::Replay { from, to, restart },
+                dry_run: false,
+            };
+            run_all(&pool, &url, &selected, &options, json).await
+        }
+        Command::Status { json } => {
+            let connectors = settings.load_connectors()?;
+            let pool = connect(&settings).await?;
+            status(&pool, &connectors, json).await
+        }
+        Command::Checkpoint { command } => {
+            let connectors = settings.load_connectors()?;
+            let pool = connect(&settings).await?;
+            checkpoint(&pool, &connectors, command).await
+        }
+    }
+}
+
+fn usage(message: String) -> anyhow::Error {
+    anyhow::Error::new(ConfigError::File {
+        file: "command line".into(),
+        message,
+    })
+}
+
+async fn connect(settings: &Settings) -> anyhow::Result<PgPool> {
+    let url = settings.database_url()?;
+    let pool = store::connect(&url, 4).await?;
+    store::migrate(&pool).await?;
+    Ok(pool)
+}
+
+fn check(settings: &Settings) -> anyhow::Result<u8> {
+    let connectors = settings.load_connectors()?;
+    for connector in &connectors {
+        let streams: Vec<&str> = connector.spec.streams.keys().map(String::as_str).collect();
+        println!(
+            "ok  {} ({}): streams {}",
+            connector.file.display(),
+            connector.spec.source_system,
+            streams.join(", ")
+        );
+    }
+    println!("{} connector file(s) valid", connectors.len());
+    Ok(EXIT_OK)
+}
+
+/// The (connector, stream) pairs named by `targets` (all when empty).
+fn select<'a>(
+    connectors: &'a [Connector],
+    targets: &[String],
+) -> anyhow::Result<Vec<(&'a Connector, String)>> {
+    let mut selected = Vec::new();
+    if targets.is_empty() {
+        for connector in connectors {
+            selected.extend(
+                connector
+                    .spec
+                    .streams
+                    .keys()
+                    .map(|s| (connector, s.clone())),
+            );
+        }
+        return Ok(selected);
+    }
+    for target in targets {
+        let (source, stream) = match target.split_once('.') {
+            Some((source, stream)) => (source, Some(stream)),
+            None => (target.as_str(), None),
+        };
+        let connector = connectors
+            .iter()
+            .find(|c| c.spec.source_system == source)
+            .ok_or_else(|| {
+                let known: Vec<&str> = connectors
+                    .iter()
+                    .map(|c| c.spec.source_system.as_str())
+                    .collect();
+                usage(format!(
+                    "unknown source '{source}' (configured: {})",
+                    known.join(", ")
+                ))
+            })?;
+        match stream {
+            Some(stream) if connector.spec.streams.contains_key(stream) => {
+                selected.push((connector, stream.to_string()))
+            }
+            Some(stream) => {
+                let known: Vec<&str> = connector.spec.streams.keys().map(String::as_str).collect();
+                return Err(usage(format!(
+                    "unknown stream '{stream}' of {source} (streams: {})",
+                    known.join(", ")
+                )));
+            }
+            None => selected.extend(
+                connector
+                    .spec
+                    .streams
+                    .keys()
+                    .map(|s| (connector, s.clone())),
+            ),
+        }
+    }
+    Ok(selected)
+}
+
+async fn run_all(
+    pool: &PgPool,
+    database_url: &str,
+    selected: &[(&Connector, String)],
+    options: &RunOptions,
+    json: bool,
+) -> anyhow::Result<u8> {
+    let mut clients: Vec<(String, std::sync::Arc<VendorClient>)> = Vec::new();
+    let mut code = EXIT_OK;
+    let mut reports = Vec::new();
+    for (connector, stream) in selected {
+        let client = match clients
+            .iter()
+            .find(|(name, _)| *name == connector.spec.source_system)
+        {
+            Some((_, client)) => client.clone(),
+            None => {
+                let client = VendorClient::new((*connector).clone());
+                clients.push((connector.spec.source_system.clone(), client.clone()));
+                client
+            }
+        };
+        let spec = connector
+            .stream(stream)
+            .expect("selected streams exist")
+            .clone();
+        let source = HttpSource::new(client, spec);
+        match run::run_stream(pool, database_url, connector, stream, source, options).await {
+            Ok(report) => {
+                let stream_code = match report.status {
+                    RunStatus::Succeeded => EXIT_OK,
+                    RunStatus::Partial => EXIT_PARTIAL,
+                    RunStatus::Failed => EXIT_FAILED,
+                };
+                code = worst(code, stream_code);
+                if !json {
+                    println!("{}", summary(&report));
+                }
+                reports.push(report);
+            }
+            Err(RunError::Locked {
+                source_system,
+                stream,
+            }) => {
+                eprintln!(
+                    "{source_system}.{stream}: another run of this stream is in progress (it holds the lock); nothing was written. Try again when it has finished."
+                );
+                code = worst(code, EXIT_LOCKED);
+            }
+            Err(err) => {
+                return Err(err).context(format!("{}.{stream}", connector.spec.source_system));
+            }
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&reports)?);
+    }
+    Ok(code)
+}
+
+/// The most severe of two exit codes: failed, then locked, then partial.
+fn worst(a: u8, b: u8) -> u8 {
+    let rank = |code| match code {
+        EXIT_FAILED => 3,
+        EXIT_LOCKED => 2,
+        EXIT_PARTIAL => 1,
+        _ => 0,
+    };
+    if rank(b) > rank(a) { b } else { a }
+}
+
+/// The one-line report of a run.
+pub fn summary(report: &RunReport) -> String {
+    let c = &report.counters;
+    let seconds = report.duration_ms as f64 / 1000.0;
+    let status = match (report.status, report.dry_run) {
+        (_, true) => "dry run (nothing written)",
+        (RunStatus::Succeeded, _) => "succeeded",
+        (RunStatus::Partial, _) => "finished with failed records",
+        (RunStatus::Failed, _) => "FAILED",
+    };
+    let mut line = format!(
+        "{}.{} {}: {status}: {} fetched, {} inserted, {} updated, {} unchanged, {} failed",
+        report.source_system,
+        report.stream,
+        report.mode,
+        c.fetched,
+        c.inserted,
+        c.updated,
+        c.unchanged,
+        c.failed
+    );
+    if c.deleted > 0 {
+        line.push_str(&format!(", {} marked deleted", c.deleted));
+    }
+    if report.skipped_outside_window > 0 {
+        line.push_str(&format!(
+            ", {} outside the window skipped",
+            report.skipped_outside_window
+        ));
+    }
+    line.push_str(&format!(
+        " in {} pages, {seconds:.1}s ({:.0} records/s)",
+        c.pages,
+        c.fetched as f64 / seconds.max(0.001)
+    ));
+    if let Some(error) = &report.error {
+        line.push_str(&format!("\n  error: {error}"));
+    }
+    line
+}
+
+async fn status(pool: &PgPool, connectors: &[Connector], json: bool) -> anyhow::Result<u8> {
+    let checkpoints = store::state::list_checkpoints(pool, None).await?;
+    type RunRow = (
+        uuid::Uuid,
+        String,
+        String,
+        String,
+        String,
+        Option<DateTime<Utc>>,
+        Option<DateTime<Utc>>,
+        DateTime<Utc>,
+        Option<DateTime<Utc>>,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        Option<String>,
+    );
+    let runs: Vec<RunRow> = sqlx::query_as(
+        "SELECT id, source_system, stream, mode, status, window_from, window_to, started_at, finished_at,
+                fetched, inserted, updated, unchanged, failed, deleted, error
+         FROM (SELECT *, row_number() OVER (PARTITION BY source_system, stream ORDER BY started_at DESC) AS n FROM idem_runs) r
+         WHERE n <= 5 ORDER BY source_system, stream, started_at DESC",
+    )
+    .fetch_all(pool)
+    .await?;
+    let failures: Vec<(String, String, String, String, i32)> = sqlx::query_as(
+        "SELECT source_system, stream, record_key, error, attempts FROM idem_failures ORDER BY source_system, stream, record_key",
+    )
+    .fetch_all(pool)
+    .await?;
+    let ledger: Vec<(String, i64)> =
+        sqlx::query_as("SELECT status, count(*) FROM idem_ledger GROUP BY status ORDER BY status")
+            .fetch_all(pool)
+            .await?;
+    if json {
+        let value = json!({
+            "streams": connectors.iter().flat_map(|c| c.spec.streams.keys().map(move |s| format!("{}.{s}", c.spec.source_system))).collect::<Vec<_>>(),
+            "checkpoints": checkpoints,
+            "runs": runs.iter().map(|r| json!({
+                "id": r.0, "source_system": r.1, "stream": r.2, "mode": r.3, "status": r.4, "window_from": r.5, "window_to": r.6,
+                "started_at": r.7, "finished_at": r.8, "fetched": r.9, "inserted": r.10, "updated": r.11,
+                "unchanged": r.12, "failed": r.13, "deleted": r.14, "error": r.15 })).collect::<Vec<_>>(),
+            "failures": failures.iter().map(|(ss, st, key, error, attempts)| json!({
+                "source_system": ss, "stream": st, "record_key": key, "error": error, "attempts": attempts })).collect::<Vec<_>>(),
+            "ledger": ledger.iter().map(|(s, n)| (s.clone(), json!(n))).collect::<serde_json::Map<_, _>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(EXIT_OK);
+    }
+    println!("Checkpoints");
+    if checkpoints.is_empty() {
+        println!("  (none yet)");
+    }
+    for cp in &checkpoints {
+        let mut line = format!("  {}.{} [{}]", cp.source_system, cp.stream, cp.scope);
+        if let Some(hwm) = cp.high_water_mark {
+            line.push_str(&format!(" high-water mark {}", hwm.to_rfc3339()));
+        }
+        if let Some(cursor) = &cp.cursor {
+            line.push_str(&format!(" cursor {cursor}"));
+        }
+        if cp.resume.is_some() {
+            line.push_str(" (an interrupted walk will resume)");
+        }
+        println!("{line}, updated {}", cp.updated_at.to_rfc3339());
+    }
+    println!("Recent runs");
+    if runs.is_empty() {
+        println!("  (none yet)");
+    }
+    for r in &runs {
+        let window = match (r.5, r.6) {
+            (None, None) => String::new(),
+            (from, to) => format!(
+                " window [{}, {})",
+                from.map_or("-".into(), |t| t.to_rfc3339()),
+                to.map_or("-".into(), |t| t.to_rfc3339())
+            ),
+        };
+        println!(
+            "  {}.{} {} {} {}{window}: {} fetched, {} inserted, {} updated, {} unchanged, {} failed, {} deleted{}",
+            r.1,
+            r.2,
+            r.3,
+            r.4,
+            r.7.to_rfc3339(),
+            r.9,
+            r.10,
+            r.11,
+            r.12,
+            r.13,
+            r.14,
+            r.15.as_ref()
+                .map_or(String::new(), |e| format!("\n    error: {e}"))
+        );
+    }
+    println!("Record failures: {}", failures.len());
+    for (ss, st, key, error, attempts) in failures.iter().take(20) {
+        println!("  {ss}.{st} {key} (attempts {attempts}): {error}");
+    }
+    let counts: Vec<String> = ledger.iter().map(|(s, n)| format!("{s} {n}")).collect();
+    println!(
+        "Ledger: {}",
+        if counts.is_empty() {
+            "empty".to_string()
+        } else {
+            counts.join(", ")
+        }
+    );
+    Ok(EXIT_OK)
+}
+
+async fn checkpoint(
+    pool: &PgPool,
+    connectors: &[Connector],
+    command: CheckpointCommand,
+) -> anyhow::Result<u8> {
+    let one = |target: &str| -> anyhow::Result<(String, String)> {
+        let selected = select(connectors, &[target.to_string()])?;
+        match selected.as_slice() {
+            [(connector, stream)] => Ok((connector.spec.source_system.clone(), stream.clone())),
+            _ => Err(usage(format!("'{target}' must name one SOURCE.STREAM"))),
+        }
+    };
+    match command {
+        CheckpointCommand::Show { target } => {
+            let filter = target.as_deref().map(one).transpose()?;
+            let rows = store::state::list_checkpoints(
+                pool,
+                filter.as_ref().map(|(a, b)| (a.as_str(), b.as_str())),
+            )
+            .await?;
+            if rows.is_empty() {
+                println!("no checkpoint yet");
+            }
+            for cp in rows {
+                println!(
+                    "{}.{} [{}] high_water_mark={} cursor={} resume={}",
+                    cp.source_system,
+                    cp.stream,
+                    cp.scope,
+                    cp.high_water_mark.map_or("-".into(), |t| t.to_rfc3339()),
+                    cp.cursor.unwrap_or_else(|| "-".into()),
+                    cp.resume.map_or("-".into(), |r| r.to_string())
+                );
+            }
+            Ok(EXIT_OK)
+        }
+        CheckpointCommand::Reset { target, yes } => {
+            let (ss, st) = one(&target)?;
+            if !yes
+                && !confirm(&format!(
+                    "Forget the checkpoint of {ss}.{st}? The next run walks everything (writes nothing for unchanged records). [y/N] "
+                ))?
+            {
+                println!("nothing changed");
+                return Ok(EXIT_OK);
+            }
+            store::state::overwrite_checkpoint(pool, &ss, &st, None).await?;
+            println!("{ss}.{st}: checkpoint reset");
+            Ok(EXIT_OK)
+        }
+        CheckpointCommand::Set {
+            target,
+            high_water_mark,
+        } => {
+            let (ss, st) = one(&target)?;
+            store::state::overwrite_checkpoint(pool, &ss, &st, Some(high_water_mark)).await?;
+            println!(
+                "{ss}.{st}: high-water mark set to {}",
+                high_water_mark.to_rfc3339()
+            );
+            Ok(EXIT_OK)
+        }
+    }
+}
+
+fn confirm(question: &str) -> anyhow::Result<bool> {
+    use std::io::{BufRead, IsTerminal, Write};
+    if !std::io::stdin().is_terminal() {
+        anyhow::bail!(usage(
+            "refusing to reset without confirmation: pass --yes".into()
+        ));
+    }
+    print!("{question}");
+    std::io::stdout().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    Ok(matches!(answer.trim(), "y" | "Y" | "yes"))
+}

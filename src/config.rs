@@ -1,0 +1,281 @@
+//! idem.toml and the environment, typed and validated.
+//!
+//! Layers, later wins: built-in defaults, the config file, `IDEM__SECTION__KEY`
+//! environment variables, and `DATABASE_URL`.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::connector::{self, ConfigIssue, ConfigIssues, Connector};
+use crate::duration::HumanDuration;
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Postgres URL. `DATABASE_URL` in the environment wins over this.
+    #[serde(default)]
+    pub database_url: Option<String>,
+    /// Connector files to load, relative to this file's folder. Default: every `*.toml`
+    /// in `connectors/` beside this file.
+    #[serde(default)]
+    pub connectors: Vec<PathBuf>,
+    /// How reminders and other side effects are sent.
+    #[serde(default)]
+    pub notify: NotifySettings,
+    /// The folder the config file is in (connector paths are relative to it).
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+    /// The config file read, if any.
+    #[serde(skip)]
+    pub file: Option<PathBuf>,
+}
+
+/// The dispatcher's transport and limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotifySettings {
+    /// `log` (writes what would be sent; the default), `smtp` or `http`.
+    #[serde(default)]
+    pub transport: TransportKind,
+    /// The From address of emails.
+    #[serde(default = "default_from")]
+    pub from: String,
+    /// SMTP server, for `transport = "smtp"`.
+    #[serde(default)]
+    pub smtp: Option<SmtpSettings>,
+    /// HTTP email API, for `transport = "http"`.
+    #[serde(default)]
+    pub http: Option<HttpEmailSettings>,
+    /// Time allowed for one send (default `"30s"`).
+    #[serde(default = "default_send_timeout")]
+    pub send_timeout: HumanDuration,
+    /// How long a claimed row is reserved for its dispatcher; longer than
+    /// `send_timeout` (default `"2m"`).
+    #[serde(default = "default_lease")]
+    pub lease: HumanDuration,
+    /// Attempts before a row that keeps failing temporarily becomes `failed` (default 8).
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// Rows claimed per batch (default 50).
+    #[serde(default = "default_batch")]
+    pub batch_size: u32,
+}
+
+impl Default for NotifySettings {
+    fn default() -> Self {
+        Self {
+            transport: TransportKind::Log,
+            from: default_from(),
+            smtp: None,
+            http: None,
+            send_timeout: default_send_timeout(),
+            lease: default_lease(),
+            max_attempts: default_max_attempts(),
+            batch_size: default_batch(),
+        }
+    }
+}
+
+fn default_from() -> String {
+    "idem@localhost".into()
+}
+fn default_send_timeout() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(30))
+}
+fn default_lease() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(120))
+}
+fn default_max_attempts() -> u32 {
+    8
+}
+fn default_batch() -> u32 {
+    50
+}
+
+/// Which transport sends ledger rows.
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum TransportKind {
+    /// Log what would be sent and mark it sent.
+    #[default]
+    Log,
+    /// Send through an SMTP server.
+    Smtp,
+    /// POST to an HTTP email API that honors `Idempotency-Key`.
+    Http,
+}
+
+/// An SMTP server.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmtpSettings {
+    /// Host name (may be `${ENV}`).
+    pub host: String,
+    /// Port (default 587 with STARTTLS, 465 with TLS, 25 without).
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// `starttls` (default), `tls` or `none`.
+    #[serde(default)]
+    pub tls: SmtpTls,
+    /// User name, if the server wants a login.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Password: a `${ENV}` or `${file:...}` reference.
+    #[serde(default)]
+    pub password: Option<String>,
+}
+
+/// SMTP transport security.
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SmtpTls {
+    #[default]
+    Starttls,
+    Tls,
+    None,
+}
+
+/// An HTTP email API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpEmailSettings {
+    /// The send endpoint (may use `${ENV}`).
+    pub url: String,
+    /// Bearer token: a `${ENV}` reference.
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: {message}")]
+    File { file: String, message: String },
+    #[error(transparent)]
+    Issues(#[from] ConfigIssues),
+    #[error("no database configured: set DATABASE_URL or database_url in the config file")]
+    NoDatabase,
+}
+
+impl Settings {
+    /// Loads `path` (which must exist when given explicitly), else `./idem.toml` if present.
+    pub fn load(path: Option<&Path>) -> Result<Settings, ConfigError> {
+        let default = Path::new("idem.toml");
+        let file = match path {
+            Some(path) => Some(path.to_path_buf()),
+            None => default.exists().then(|| default.to_path_buf()),
+        };
+        let mut builder = config::Config::builder();
+        if let Some(file) = &file {
+            if !file.exists() {
+                return Err(ConfigError::File {
+                    file: file.display().to_string(),
+                    message: "no such file".into(),
+                });
+            }
+            builder = builder
+                .add_source(config::File::from(file.as_path()).format(config::FileFormat::Toml));
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix("IDEM")
+                .prefix_separator("__")
+                .separator("__"),
+        );
+        let shown = file
+            .as_ref()
+            .map_or_else(|| "environment".to_string(), |f| f.display().to_string());
+        let mut settings: Settings =
+            builder
+                .build()
+                .and_then(|c| c.try_deserialize())
+                .map_err(|err| ConfigError::File {
+                    file: shown,
+                    message: err.to_string(),
+                })?;
+        if let Ok(url) = std::env::var("DATABASE_URL") {
+            settings.database_url = Some(url);
+        }
+        settings.base_dir = file
+            .as_ref()
+            .and_then(|f| f.parent())
+            .map(Path::to_path_buf)
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or_else(|| PathBuf::from("."));
+        settings.file = file;
+        Ok(settings)
+    }
+
+    /// The database URL, with `${ENV}` references resolved.
+    pub fn database_url(&self) -> Result<String, ConfigError> {
+        let raw = self
+            .database_url
+            .as_deref()
+            .ok_or(ConfigError::NoDatabase)?;
+        crate::secret::resolve(raw).map_err(|err| ConfigError::File {
+            file: self
+                .file
+                .as_ref()
+                .map_or_else(|| "environment".into(), |f| f.display().to_string()),
+            message: format!("database_url: {err}"),
+        })
+    }
+
+    /// The connector files this configuration names.
+    pub fn connector_files(&self) -> Result<Vec<PathBuf>, ConfigError> {
+        if !self.connectors.is_empty() {
+            return Ok(self
+                .connectors
+                .iter()
+                .map(|p| self.base_dir.join(p))
+                .collect());
+        }
+        let dir = self.base_dir.join("connectors");
+        let entries = std::fs::read_dir(&dir).map_err(|err| ConfigError::File {
+            file: dir.display().to_string(),
+            message: format!(
+                "cannot list connector files: {err} (list them under 'connectors' in idem.toml)"
+            ),
+        })?;
+        let mut files: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+            .collect();
+        files.sort();
+        Ok(files)
+    }
+
+    /// Loads and validates every connector, collecting every problem of every file.
+    pub fn load_connectors(&self) -> Result<Vec<Connector>, ConfigError> {
+        let mut connectors = Vec::new();
+        let mut issues = Vec::new();
+        for file in self.connector_files()? {
+            match connector::load_file(&file) {
+                Ok(connector) => connectors.push(connector),
+                Err(ConfigIssues(found)) => issues.extend(found),
+            }
+        }
+        let mut names = std::collections::BTreeMap::new();
+        for connector in &connectors {
+            if let Some(other) =
+                names.insert(connector.spec.source_system.clone(), connector.file.clone())
+            {
+                issues.push(ConfigIssue {
+                    file: connector.file.clone(),
+                    stream: None,
+                    field: Some("source_system".into()),
+                    message: format!(
+                        "'{}' is also the source_system of {}",
+                        connector.spec.source_system,
+                        other.display()
+                    ),
+                });
+            }
+        }
+        if !issues.is_empty() {
+            return Err(ConfigIssues(issues).into());
+        }
+        Ok(connectors)
+    }
+}

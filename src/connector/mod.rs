@@ -1,0 +1,567 @@
+//! Connector files: loading, validation before any request, and the [`Source`] trait.
+//!
+//! Loading resolves `${ENV}` references and checks everything a run would trip on later
+//! (pointers, names, combinations of kinds), collecting every problem with the file,
+//! stream and field it is about, so `idem check` can list them all at once.
+
+pub mod spec;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+
+use crate::secret::{self, Secret};
+pub use spec::*;
+
+/// One problem in a configuration or connector file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigIssue {
+    /// The file it is in.
+    pub file: PathBuf,
+    /// The stream it is about, if any.
+    pub stream: Option<String>,
+    /// The field (dotted path), if known.
+    pub field: Option<String>,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigIssue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(stream) = &self.stream {
+            write!(f, ": stream '{stream}'")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, ": field '{field}'")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// Every problem found in a set of files.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigIssues(pub Vec<ConfigIssue>);
+
+impl fmt::Display for ConfigIssues {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let count = self.0.len();
+        writeln!(
+            f,
+            "{count} configuration error{}:",
+            if count == 1 { "" } else { "s" }
+        )?;
+        for issue in &self.0 {
+            writeln!(f, "  {issue}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Authentication with its secrets resolved.
+#[derive(Debug, Clone)]
+pub enum Auth {
+    Bearer(Secret),
+    Basic {
+        username: String,
+        password: Secret,
+    },
+    HeaderKey {
+        header: String,
+        value: Secret,
+    },
+    QueryKey {
+        param: String,
+        value: Secret,
+    },
+    Oauth2 {
+        token_url: String,
+        client_id: String,
+        client_secret: Secret,
+        scope: Option<String>,
+    },
+}
+
+/// A validated connector, secrets resolved, ready to run.
+#[derive(Debug, Clone)]
+pub struct Connector {
+    /// The file it came from.
+    pub file: PathBuf,
+    /// The spec as written (secrets still as references).
+    pub spec: ConnectorSpec,
+    /// `base_url` with `${ENV}` resolved and no trailing slash.
+    pub base_url: String,
+    /// Resolved authentication.
+    pub auth: Option<Auth>,
+    /// Resolved default headers; values are secrets since they often carry keys.
+    pub headers: Vec<(String, Secret)>,
+}
+
+impl Connector {
+    /// The stream named `name`.
+    pub fn stream(&self, name: &str) -> Option<&StreamSpec> {
+        self.spec.streams.get(name)
+    }
+}
+
+/// Reads and validates one connector file, resolving secrets from the environment.
+pub fn load_file(path: &Path) -> Result<Connector, ConfigIssues> {
+    load_file_with(path, &|name| std::env::var(name).ok())
+}
+
+/// [`load_file`] with an explicit environment, for tests.
+pub fn load_file_with(
+    path: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Connector, ConfigIssues> {
+    let issue = |message: String| {
+        ConfigIssues(vec![ConfigIssue {
+            file: path.to_path_buf(),
+            stream: None,
+            field: None,
+            message,
+        }])
+    };
+    let text = std::fs::read_to_string(path).map_err(|err| issue(format!("cannot read: {err}")))?;
+    parse(path, &text, env)
+}
+
+/// Parses and validates a connector file's text.
+pub fn parse(
+    path: &Path,
+    text: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Connector, ConfigIssues> {
+    let spec: ConnectorSpec = toml::from_str(text).map_err(|err| {
+        let (stream, field) = locate_toml_error(text, &err);
+        ConfigIssues(vec![ConfigIssue {
+            file: path.to_path_buf(),
+            stream,
+            field,
+            message: err.message().trim().to_string(),
+        }])
+    })?;
+    let mut issues = Vec::new();
+    let mut push = |stream: Option<&str>, field: &str, message: String| {
+        issues.push(ConfigIssue {
+            file: path.to_path_buf(),
+            stream: stream.map(str::to_string),
+            field: Some(field.to_string()),
+            message,
+        })
+    };
+    let resolve = |field: &str, value: &str, push: &mut dyn FnMut(Option<&str>, &str, String)| {
+        secret::resolve_with(value, env).unwrap_or_else(|err| {
+            push(None, field, err.to_string());
+            String::new()
+        })
+    };
+
+    if !is_identifier(&spec.source_system) {
+        push(
+            None,
+            "source_system",
+            format!(
+                "'{}' must be lowercase letters, digits and '_'",
+                spec.source_system
+            ),
+        );
+    }
+    let base_url = resolve("base_url", &spec.base_url, &mut push);
+    if !base_url.is_empty() && url::Url::parse(&base_url).is_err() {
+        push(
+            None,
+            "base_url",
+            format!("'{base_url}' is not an absolute URL"),
+        );
+    }
+    let auth = spec.auth.as_ref().map(|auth| match auth {
+        AuthSpec::Bearer { token } => {
+            Auth::Bearer(Secret::new(resolve("auth.token", token, &mut push)))
+        }
+        AuthSpec::Basic { username, password } => Auth::Basic {
+            username: resolve("auth.username", username, &mut push),
+            password: Secret::new(resolve("auth.password", password, &mut push)),
+        },
+        AuthSpec::ApiKey {
+            header,
+            query_param,
+            value,
+        } => {
+            let value = Secret::new(resolve("auth.value", value, &mut push));
+            match (header, query_param) {
+                (Some(header), None) => Auth::HeaderKey {
+                    header: header.clone(),
+                    value,
+                },
+                (None, Some(param)) => Auth::QueryKey {
+                    param: param.clone(),
+                    value,
+                },
+                _ => {
+                    push(
+                        None,
+                        "auth",
+                        "api_key needs exactly one of 'header' or 'query_param'".into(),
+                    );
+                    Auth::HeaderKey {
+                        header: String::new(),
+                        value,
+                    }
+                }
+            }
+        }
+        AuthSpec::Oauth2ClientCredentials {
+            token_url,
+            client_id,
+            client_secret,
+            scope,
+        } => {
+            let token_url = resolve("auth.token_url", token_url, &mut push);
+            if !token_url.is_empty() && url::Url::parse(&token_url).is_err() {
+                push(
+                    None,
+                    "auth.token_url",
+                    format!("'{token_url}' is not an absolute URL"),
+                );
+            }
+            Auth::Oauth2 {
+                token_url,
+                client_id: resolve("auth.client_id", client_id, &mut push),
+                client_secret: Secret::new(resolve("auth.client_secret", client_secret, &mut push)),
+                scope: scope.clone(),
+            }
+        }
+    });
+    let headers = spec
+        .headers
+        .iter()
+        .map(|(name, value)| {
+            (
+                name.clone(),
+                Secret::new(resolve(&format!("headers.{name}"), value, &mut push)),
+            )
+        })
+        .collect();
+    if let Some(limit) = &spec.rate_limit {
+        if limit.requests_per_second == 0 {
+            push(
+                None,
+                "rate_limit.requests_per_second",
+                "must be at least 1".into(),
+            );
+        }
+    }
+    if spec.http.max_attempts == 0 {
+        push(None, "http.max_attempts", "must be at least 1".into());
+    }
+    if spec.streams.is_empty() {
+        push(
+            None,
+            "streams",
+            "a connector needs at least one stream".into(),
+        );
+    }
+    let mut tables: BTreeMap<&str, &str> = BTreeMap::new();
+    for (name, stream) in &spec.streams {
+        if let Some(other) = tables.insert(&stream.table, name) {
+            push(
+                Some(name),
+                "table",
+                format!("table '{}' is also used by stream '{other}'", stream.table),
+            );
+        }
+        validate_stream(name, stream, &mut push);
+    }
+    if !issues.is_empty() {
+        return Err(ConfigIssues(issues));
+    }
+    Ok(Connector {
+        file: path.to_path_buf(),
+        base_url: base_url.trim_end_matches('/').to_string(),
+        spec,
+        auth,
+        headers,
+    })
+}
+
+fn validate_stream(
+    name: &str,
+    stream: &StreamSpec,
+    push: &mut dyn FnMut(Option<&str>, &str, String),
+) {
+    let s = Some(name);
+    if !is_identifier(name) {
+        push(
+            s,
+            "name",
+            "stream names must be lowercase letters, digits and '_'".into(),
+        );
+    }
+    let mut pointer = |field: &str, value: &str| {
+        if !value.is_empty() && !value.starts_with('/') {
+            push(
+                s,
+                field,
+                format!(
+                    "'{value}' is not a JSON pointer: it must be empty or start with '/', e.g. \"/data\""
+                ),
+            );
+        }
+    };
+    pointer("records", &stream.records);
+    pointer("id", &stream.id);
+    if let Some(updated) = &stream.updated_at {
+        pointer("updated_at.pointer", &updated.pointer);
+    }
+    match &stream.pagination {
+        PaginationSpec::BodyCursor { cursor, .. } => pointer("pagination.cursor", cursor),
+        PaginationSpec::LastRecord {
+            field, has_more, ..
+        } => {
+            if let Some(field) = field {
+                pointer("pagination.field", field);
+            }
+            if let Some(has_more) = has_more {
+                pointer("pagination.has_more", has_more);
+            }
+        }
+        PaginationSpec::NextUrl { pointer: p } => pointer("pagination.pointer", p),
+        _ => {}
+    }
+    for (index, column) in stream.columns.iter().enumerate() {
+        pointer(&format!("columns[{index}].pointer"), &column.pointer);
+    }
+    if stream.id.is_empty() {
+        push(
+            s,
+            "id",
+            "the id pointer must not be empty, e.g. \"/id\"".into(),
+        );
+    }
+    if !is_identifier(&stream.table) {
+        push(
+            s,
+            "table",
+            format!(
+                "'{}' must be lowercase letters, digits and '_'",
+                stream.table
+            ),
+        );
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for (index, column) in stream.columns.iter().enumerate() {
+        if !is_identifier(&column.name) {
+            push(
+                s,
+                &format!("columns[{index}].name"),
+                format!(
+                    "'{}' must be lowercase letters, digits and '_'",
+                    column.name
+                ),
+            );
+        } else if RESERVED_COLUMNS.contains(&column.name.as_str()) {
+            push(
+                s,
+                &format!("columns[{index}].name"),
+                format!("'{}' is one of idem's own columns", column.name),
+            );
+        } else if !seen.insert(column.name.as_str()) {
+            push(
+                s,
+                &format!("columns[{index}].name"),
+                format!("column '{}' is declared twice", column.name),
+            );
+        }
+        if column.format.is_some()
+            && !matches!(
+                column.column_type,
+                ColumnType::Timestamptz | ColumnType::Date
+            )
+        {
+            push(
+                s,
+                &format!("columns[{index}].format"),
+                "a format only applies to timestamptz and date columns".into(),
+            );
+        }
+    }
+    if stream.method == Method::Get && stream.body.is_some() {
+        push(s, "body", "a body needs method = \"POST\"".into());
+    }
+    match &stream.incremental {
+        IncrementalSpec::Full { .. } => {}
+        IncrementalSpec::Cursor => {
+            if !matches!(
+                stream.pagination,
+                PaginationSpec::BodyCursor { .. } | PaginationSpec::LastRecord { .. }
+            ) {
+                push(
+                    s,
+                    "incremental.kind",
+                    "cursor needs pagination kind body_cursor or last_record".into(),
+                );
+            }
+        }
+        IncrementalSpec::HighWaterMark {
+            param,
+            sorted,
+            max_results_per_query,
+            ..
+        } => {
+            if stream.updated_at.is_none() {
+                push(
+                    s,
+                    "updated_at",
+                    "high_water_mark needs an updated_at field".into(),
+                );
+            }
+            let body_has_from = stream
+                .body
+                .as_ref()
+                .is_some_and(|body| toml_contains(body, "{{from}}"));
+            if param.is_none() && !body_has_from {
+                push(
+                    s,
+                    "incremental.param",
+                    "high_water_mark needs a 'param' (or a POST body using \"{{from}}\")".into(),
+                );
+            }
+            if max_results_per_query.is_some() && !sorted {
+                push(
+                    s,
+                    "incremental.max_results_per_query",
+                    "restarting a capped query needs sorted = true".into(),
+                );
+            }
+        }
+    }
+    for (index, rule) in stream.notifications.iter().enumerate() {
+        for message in rule.validate(&stream.columns) {
+            push(s, &format!("notifications[{index}]"), message);
+        }
+    }
+}
+
+/// Columns every destination table has; typed columns may not reuse their names.
+pub const RESERVED_COLUMNS: &[&str] = &[
+    "source_system",
+    "source_id",
+    "data",
+    "content_hash",
+    "source_updated_at",
+    "first_seen_at",
+    "last_changed_at",
+    "last_run_id",
+    "deleted_at",
+];
+
+/// Lowercase ASCII identifier: safe to use, quoted, as a Postgres name.
+pub fn is_identifier(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some('a'..='z' | '_'))
+        && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_'))
+        && name.len() <= 63
+}
+
+fn toml_contains(value: &toml::Value, needle: &str) -> bool {
+    match value {
+        toml::Value::String(text) => text.replace(' ', "").contains(needle),
+        toml::Value::Array(items) => items.iter().any(|v| toml_contains(v, needle)),
+        toml::Value::Table(table) => table.values().any(|v| toml_contains(v, needle)),
+        _ => false,
+    }
+}
+
+/// Turns a toml error's byte span into the stream and dotted field it falls in, best effort.
+fn locate_toml_error(text: &str, err: &toml::de::Error) -> (Option<String>, Option<String>) {
+    let Some(span) = err.span() else {
+        return (None, None);
+    };
+    let before = &text[..span.start.min(text.len())];
+    let line = before.lines().count();
+    let mut section: Option<String> = None;
+    for header in before.lines().rev() {
+        let header = header.trim();
+        if header.starts_with('[') {
+            section = Some(
+                header
+                    .trim_matches(|c| c == '[' || c == ']')
+                    .trim()
+                    .to_string(),
+            );
+            break;
+        }
+    }
+    let key = text[span.start.min(text.len())..span.end.min(text.len())]
+        .split('=')
+        .next()
+        .map(|k| k.trim().trim_matches('"').to_string())
+        .filter(|k| !k.is_empty() && !k.contains('\n'));
+    let (stream, prefix) = match section.as_deref().and_then(|s| s.strip_prefix("streams.")) {
+        Some(rest) => {
+            let mut parts = rest.splitn(2, '.');
+            (
+                parts.next().map(str::to_string),
+                parts.next().map(str::to_string),
+            )
+        }
+        None => (None, section.clone()),
+    };
+    let field = match (prefix, key) {
+        (Some(prefix), Some(key)) => Some(format!("{prefix}.{key}")),
+        (None, Some(key)) => Some(key),
+        (Some(prefix), None) => Some(prefix),
+        (None, None) => None,
+    }
+    .map(|f| format!("{f} (line {line})"));
+    (stream, field)
+}
+
+/// One page as the vendor returned it.
+#[derive(Debug, Clone, Default)]
+pub struct Page {
+    /// The raw records.
+    pub records: Vec<Value>,
+    /// The token that fetches the next page; `None` when this was the last one.
+    pub next: Option<String>,
+}
+
+/// What to fetch: the page token and the window of `updated_at`.
+#[derive(Debug, Clone, Default)]
+pub struct PageRequest {
+    /// The pagination token from the previous page (`None` for the first page).
+    pub token: Option<String>,
+    /// Inclusive lower bound of `updated_at`, when the stream is incremental.
+    pub from: Option<DateTime<Utc>>,
+    /// Exclusive upper bound of `updated_at` (replays of a window).
+    pub to: Option<DateTime<Utc>>,
+}
+
+/// Why a page could not be fetched. The stream stops; committed pages stay.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error(transparent)]
+    Http(#[from] crate::http::HttpError),
+    #[error("malformed response from {url}: {reason}")]
+    Malformed { url: String, reason: String },
+    #[error(
+        "the vendor returned the same cursor '{cursor}' twice from {url}; stopping instead of looping forever"
+    )]
+    RepeatedCursor { url: String, cursor: String },
+}
+
+/// Something that yields pages of raw records. The declarative HTTP connector
+/// ([`crate::http::HttpSource`]) is the main implementation; a vendor that needs code
+/// implements this trait instead of writing a connector file.
+pub trait Source: Send {
+    /// Fetches one page.
+    fn fetch_page(
+        &mut self,
+        request: &PageRequest,
+    ) -> impl Future<Output = Result<Page, SourceError>> + Send;
+}

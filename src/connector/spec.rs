@@ -1,0 +1,410 @@
+//! The declarative connector file format: what a user writes in `connectors/*.toml`.
+//!
+//! Every struct refuses unknown keys, and every field's doc comment is the user's
+//! documentation of that key.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use crate::duration::HumanDuration;
+
+/// One connector file: one vendor system and its streams.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectorSpec {
+    /// The vendor system's name, e.g. `"stripe"`. Together with the record's id it is the
+    /// record's identity in every destination table, so it must not change once data exists.
+    pub source_system: String,
+    /// The API's base URL; stream paths are joined to it. May use `${ENV}` references.
+    pub base_url: String,
+    /// How requests authenticate. Omit for public APIs.
+    #[serde(default)]
+    pub auth: Option<AuthSpec>,
+    /// Requests per second allowed against this vendor (all streams together).
+    #[serde(default)]
+    pub rate_limit: Option<RateLimitSpec>,
+    /// Timeouts and retries.
+    #[serde(default)]
+    pub http: HttpSpec,
+    /// Headers sent with every request (values may use `${ENV}`).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Query parameters sent with every request.
+    #[serde(default)]
+    pub params: BTreeMap<String, String>,
+    /// The streams of this vendor, by name (e.g. `[streams.invoices]`).
+    pub streams: BTreeMap<String, StreamSpec>,
+}
+
+/// Authentication of every request to the vendor. Secret values should be `${ENV}` or
+/// `${file:/path}` references; they are held in a type that never prints.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum AuthSpec {
+    /// `Authorization: Bearer <token>`.
+    Bearer {
+        /// The token, e.g. `"${STRIPE_API_KEY}"`.
+        token: String,
+    },
+    /// HTTP basic authentication.
+    Basic {
+        /// The user name.
+        username: String,
+        /// The password, e.g. `"${VENDOR_PASSWORD}"`.
+        password: String,
+    },
+    /// An API key in a header or a query parameter.
+    ApiKey {
+        /// The header that carries the key (set this or `query_param`).
+        #[serde(default)]
+        header: Option<String>,
+        /// The query parameter that carries the key (set this or `header`).
+        #[serde(default)]
+        query_param: Option<String>,
+        /// The key, e.g. `"${VENDOR_API_KEY}"`.
+        value: String,
+    },
+    /// OAuth2 client credentials: a token is fetched from `token_url`, cached, and fetched
+    /// again when it expires or the vendor answers 401.
+    Oauth2ClientCredentials {
+        /// The token endpoint (absolute URL).
+        token_url: String,
+        /// The client id.
+        client_id: String,
+        /// The client secret, e.g. `"${VENDOR_CLIENT_SECRET}"`.
+        client_secret: String,
+        /// Space-separated scopes, if the vendor wants them.
+        #[serde(default)]
+        scope: Option<String>,
+    },
+}
+
+/// A token bucket shared by all streams of the connector.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitSpec {
+    /// Sustained requests per second.
+    pub requests_per_second: u32,
+    /// Requests allowed in a burst above the sustained rate (default: 1).
+    #[serde(default)]
+    pub burst: Option<u32>,
+}
+
+/// Timeouts and retries of vendor requests.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSpec {
+    /// Time allowed for one request, response body included (default `"30s"`).
+    #[serde(default = "default_timeout")]
+    pub timeout: HumanDuration,
+    /// Attempts per request before the stream stops, first attempt included (default 5).
+    /// Retried: connect errors, timeouts, 429 and 5xx.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// First retry delay; it doubles each attempt, with jitter (default `"500ms"`).
+    /// A `Retry-After` from the vendor is honored when longer.
+    #[serde(default = "default_initial_backoff")]
+    pub initial_backoff: HumanDuration,
+    /// Longest delay between two attempts (default `"60s"`).
+    #[serde(default = "default_max_backoff")]
+    pub max_backoff: HumanDuration,
+}
+
+impl Default for HttpSpec {
+    fn default() -> Self {
+        Self {
+            timeout: default_timeout(),
+            max_attempts: default_max_attempts(),
+            initial_backoff: default_initial_backoff(),
+            max_backoff: default_max_backoff(),
+        }
+    }
+}
+
+fn default_timeout() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(30))
+}
+fn default_max_attempts() -> u32 {
+    5
+}
+fn default_initial_backoff() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_millis(500))
+}
+fn default_max_backoff() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(60))
+}
+
+/// HTTP method of a stream's requests.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Method {
+    /// Parameters go in the query string.
+    #[default]
+    Get,
+    /// Parameters (pagination, window) go in the JSON body, e.g. search endpoints.
+    Post,
+}
+
+/// One stream: one endpoint, one destination table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamSpec {
+    /// Path joined to the connector's `base_url`, e.g. `"/v1/invoices"`.
+    pub path: String,
+    /// `GET` (default) or `POST`.
+    #[serde(default)]
+    pub method: Method,
+    /// Extra query parameters (GET) or top-level body fields (POST), e.g. `limit = "100"`.
+    #[serde(default)]
+    pub params: BTreeMap<String, toml::Value>,
+    /// POST only: the JSON body. String values `"{{from}}"` and `"{{to}}"` are replaced by
+    /// the window's bounds in the incremental `format` (`"0"` / omitted when unbounded).
+    #[serde(default)]
+    pub body: Option<toml::Value>,
+    /// JSON pointer to the array of records in a response, e.g. `"/data"`; `""` when the
+    /// response itself is the array.
+    #[serde(default)]
+    pub records: String,
+    /// JSON pointer, inside a record, to its id, e.g. `"/id"`.
+    pub id: String,
+    /// Where a record says when it last changed. Required by `high_water_mark`.
+    #[serde(default)]
+    pub updated_at: Option<TimeField>,
+    /// How to get the next page.
+    #[serde(default)]
+    pub pagination: PaginationSpec,
+    /// What a run fetches: everything, or only what changed since the last run.
+    #[serde(default)]
+    pub incremental: IncrementalSpec,
+    /// Destination table (created if missing), e.g. `"invoices"`.
+    pub table: String,
+    /// Typed columns extracted from each record, besides the raw `data` jsonb.
+    #[serde(default)]
+    pub columns: Vec<ColumnSpec>,
+    /// Reminder rules evaluated over this stream's table (see the notification ledger).
+    #[serde(default)]
+    pub notifications: Vec<crate::ledger::rules::RuleSpec>,
+}
+
+/// A timestamp inside a record.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeField {
+    /// JSON pointer inside the record, e.g. `"/updated"`.
+    pub pointer: String,
+    /// How the value is written (default `rfc3339`).
+    #[serde(default)]
+    pub format: TimeFormat,
+}
+
+/// How a vendor writes a point in time.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum TimeFormat {
+    /// Seconds since the Unix epoch (number or numeric string).
+    UnixSeconds,
+    /// Milliseconds since the Unix epoch (number or numeric string).
+    UnixMillis,
+    /// RFC 3339, e.g. `2026-11-01T12:00:00Z`.
+    #[default]
+    Rfc3339,
+    /// A chrono format string, read as UTC, e.g. `"%Y-%m-%d %H:%M:%S"`.
+    Custom(String),
+}
+
+impl<'de> Deserialize<'de> for TimeFormat {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        Ok(match text.as_str() {
+            "unix_seconds" => TimeFormat::UnixSeconds,
+            "unix_millis" => TimeFormat::UnixMillis,
+            "rfc3339" => TimeFormat::Rfc3339,
+            custom if custom.contains('%') => TimeFormat::Custom(custom.to_string()),
+            other => {
+                return Err(serde::de::Error::custom(format!(
+                    "unknown time format '{other}': expected unix_seconds, unix_millis, rfc3339 or a chrono format like \"%Y-%m-%d %H:%M:%S\""
+                )));
+            }
+        })
+    }
+}
+
+/// How to walk the pages of a list endpoint. Every kind stops on an empty page.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum PaginationSpec {
+    /// One request returns everything.
+    #[default]
+    None,
+    /// The response carries the next cursor (HubSpot: `cursor = "/paging/next/after"`,
+    /// `param = "after"`). Stops when the cursor is absent. A cursor seen twice is an error.
+    BodyCursor {
+        /// JSON pointer to the next cursor in the response.
+        cursor: String,
+        /// Parameter that sends the cursor back.
+        param: String,
+    },
+    /// The last record's id is the cursor (Stripe: `param = "starting_after"`,
+    /// `has_more = "/has_more"`).
+    LastRecord {
+        /// Parameter that sends the cursor back.
+        param: String,
+        /// JSON pointer inside a record to its cursor value (default: the stream's `id`).
+        #[serde(default)]
+        field: Option<String>,
+        /// JSON pointer to a boolean "more pages" flag; stops when false.
+        #[serde(default)]
+        has_more: Option<String>,
+    },
+    /// The response carries the next page's URL (absolute, or relative to `base_url`).
+    NextUrl {
+        /// JSON pointer to the URL; stops when absent or null.
+        pointer: String,
+    },
+    /// RFC 8288 `Link: <url>; rel="next"` header; stops when absent.
+    LinkHeader,
+    /// Page numbers: `param=1`, `param=2`, … until an empty or short page.
+    PageNumber {
+        /// The page parameter (default `"page"`).
+        #[serde(default = "default_page_param")]
+        param: String,
+        /// The first page's number (default 1).
+        #[serde(default = "default_page_start")]
+        start: u64,
+        /// Page size; with it, a shorter page is the last one.
+        #[serde(default)]
+        page_size: Option<u64>,
+    },
+    /// Offsets: `offset=0&limit=N`, `offset=N`, … until an empty or short page.
+    Offset {
+        /// The offset parameter (default `"offset"`).
+        #[serde(default = "default_offset_param")]
+        param: String,
+        /// The page-size parameter (default `"limit"`).
+        #[serde(default = "default_limit_param")]
+        limit_param: String,
+        /// Records per page.
+        limit: u64,
+    },
+}
+
+fn default_page_param() -> String {
+    "page".into()
+}
+fn default_page_start() -> u64 {
+    1
+}
+fn default_offset_param() -> String {
+    "offset".into()
+}
+fn default_limit_param() -> String {
+    "limit".into()
+}
+
+/// What one run fetches, and the checkpoint that remembers where it got to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum IncrementalSpec {
+    /// Every run walks everything.
+    Full {
+        /// Mark rows the vendor no longer returns as deleted (`deleted_at`), after a walk
+        /// that completed from its first page. A failed or partial walk deletes nothing.
+        #[serde(default)]
+        mark_deleted: bool,
+    },
+    /// An opaque vendor cursor (an events feed), kept across runs: each run continues from
+    /// the last page's cursor. Needs `body_cursor` or `last_record` pagination.
+    Cursor,
+    /// The largest `updated_at` applied; the next run asks from `mark - overlap`, inclusive.
+    HighWaterMark {
+        /// Query parameter (GET) or body field (POST) carrying the lower bound, inclusive,
+        /// e.g. `"updated[gte]"`. Omit when the POST `body` uses `"{{from}}"`.
+        #[serde(default)]
+        param: Option<String>,
+        /// Parameter carrying the exclusive upper bound, for replays of a window
+        /// (e.g. `"updated[lt]"`). Without it a replay filters records client-side.
+        #[serde(default)]
+        param_to: Option<String>,
+        /// How the bounds are written in the request (default: `unix_seconds`).
+        #[serde(default = "default_param_format")]
+        format: TimeFormat,
+        /// How far before the mark the next run starts, to catch late and out-of-order
+        /// updates (default `"15m"`). The re-read records are no-ops.
+        #[serde(default = "default_overlap")]
+        overlap: HumanDuration,
+        /// True when the vendor returns records in ascending `updated_at` order: the mark
+        /// then advances page by page. Otherwise it advances only when the walk completes.
+        #[serde(default)]
+        sorted: bool,
+        /// The vendor stops paging after this many results per query (HubSpot search:
+        /// 10000). The query is restarted from the last committed mark when reached.
+        /// Needs `sorted = true`.
+        #[serde(default)]
+        max_results_per_query: Option<u64>,
+    },
+}
+
+impl Default for IncrementalSpec {
+    fn default() -> Self {
+        IncrementalSpec::Full {
+            mark_deleted: false,
+        }
+    }
+}
+
+fn default_param_format() -> TimeFormat {
+    TimeFormat::UnixSeconds
+}
+fn default_overlap() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(15 * 60))
+}
+
+/// A typed column of the destination table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ColumnSpec {
+    /// Column name (lowercase letters, digits, `_`).
+    pub name: String,
+    /// JSON pointer inside the record, e.g. `"/amount_due"`.
+    pub pointer: String,
+    /// Postgres type.
+    #[serde(rename = "type")]
+    pub column_type: ColumnType,
+    /// For `timestamptz`/`date` columns: how the vendor writes the value (default `rfc3339`).
+    #[serde(default)]
+    pub format: Option<TimeFormat>,
+}
+
+/// The Postgres types a column may have. A value that does not fit sends its record to
+/// the failures table; the rest of the page commits.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ColumnType {
+    Text,
+    Bigint,
+    Integer,
+    Numeric,
+    #[serde(rename = "double precision", alias = "double")]
+    Double,
+    Boolean,
+    Timestamptz,
+    Date,
+    Jsonb,
+}
+
+impl ColumnType {
+    /// The type as written in SQL.
+    pub fn sql(self) -> &'static str {
+        match self {
+            ColumnType::Text => "text",
+            ColumnType::Bigint => "bigint",
+            ColumnType::Integer => "integer",
+            ColumnType::Numeric => "numeric",
+            ColumnType::Double => "double precision",
+            ColumnType::Boolean => "boolean",
+            ColumnType::Timestamptz => "timestamptz",
+            ColumnType::Date => "date",
+            ColumnType::Jsonb => "jsonb",
+        }
+    }
+}

@@ -1,0 +1,27 @@
+//! Crash points for crash-safety tests: `IDEM_CRASH_AT=<point>:<n>` makes the process
+//! SIGKILL itself the n-th time it passes `<point>`, exactly as a power cut would.
+//!
+//! Points: `page_before_commit`, `page_after_commit` (n = page number of the run),
+//! `notify_after_send` (n = message number of the dispatcher).
+
+use std::sync::OnceLock;
+
+static TARGET: OnceLock<Option<(String, u64)>> = OnceLock::new();
+
+/// Kills the process here if the environment asks for it.
+pub fn crash_point(point: &str, n: u64) {
+    let target = TARGET.get_or_init(|| {
+        let value = std::env::var("IDEM_CRASH_AT").ok()?;
+        let (name, count) = value.rsplit_once(':')?;
+        Some((name.to_string(), count.parse().ok()?))
+    });
+    if let Some((name, count)) = target {
+        if name == point && *count == n {
+            eprintln!("IDEM_CRASH_AT: killing the process at {point}:{n}");
+            // SAFETY: kill(2) on our own pid has no memory-safety preconditions.
+            unsafe {
+                libc::kill(libc::getpid(), libc::SIGKILL);
+            }
+        }
+    }
+}

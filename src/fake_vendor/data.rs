@@ -1,0 +1,395 @@
+//! The fake vendor's truth: invoices, contacts and the events feed, with deterministic seeding.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::{DateTime, SecondsFormat};
+use serde_json::{Map, Value, json};
+
+/// The default vendor clock: 2026-11-20T00:00:00Z, in unix seconds.
+pub const DEFAULT_CLOCK: i64 = 1_795_132_800;
+
+const DAY: i64 = 86_400;
+
+/// The vendor's records, mutable from tests through [`super::FakeVendor::on_request`].
+///
+/// Mutating the maps directly is allowed: changed or new invoices still get an event in
+/// the `/v1/events` feed when the change is made inside an `on_request` hook. The helper
+/// methods ([`VendorData::update_invoice`], ...) also bump the "updated" timestamps.
+pub struct VendorData {
+    /// Invoices by id ("in_000001", ...); the map order is the API list order.
+    pub invoices: BTreeMap<String, Value>,
+    /// HubSpot-shaped contacts by id ("1001", ...).
+    pub contacts: BTreeMap<String, Value>,
+    pub(crate) events: Vec<Event>,
+    pub(crate) clock: i64,
+    next_invoice: usize,
+    next_contact: usize,
+}
+
+/// One entry in the events feed; `seq` 1 is "evt_000001".
+pub(crate) struct Event {
+    pub(crate) kind: &'static str,
+    pub(crate) created: i64,
+    pub(crate) snapshot: Snapshot,
+}
+
+/// The invoice as it was when the event happened. Seeded invoices are regenerated on
+/// demand instead of stored twice (benchmarks seed many).
+pub(crate) enum Snapshot {
+    Value(Value),
+    Seeded(SeedPos),
+}
+
+#[derive(Clone, Copy)]
+pub(crate) struct SeedPos {
+    num: usize,
+    pos: usize,
+    n: usize,
+    clock: i64,
+}
+
+impl Default for VendorData {
+    fn default() -> Self {
+        VendorData {
+            invoices: BTreeMap::new(),
+            contacts: BTreeMap::new(),
+            events: Vec::new(),
+            clock: DEFAULT_CLOCK,
+            next_invoice: 1,
+            next_contact: 1,
+        }
+    }
+}
+
+impl VendorData {
+    /// The vendor's "now" in unix seconds (see [`super::FakeVendor::set_clock`]).
+    pub fn now(&self) -> i64 {
+        self.clock
+    }
+
+    /// Applies `f` to invoice `id`; bumps "updated" to now unless `f` changed it, and
+    /// appends an `invoice.updated` event. Returns false when the id is unknown.
+    pub fn update_invoice(&mut self, id: &str, f: impl FnOnce(&mut Value)) -> bool {
+        let now = self.clock;
+        let Some(inv) = self.invoices.get_mut(id) else {
+            return false;
+        };
+        let before = inv.get("updated").cloned();
+        f(inv);
+        if inv.get("updated") == before.as_ref() {
+            inv["updated"] = json!(now);
+        }
+        let snap = inv.clone();
+        self.push_event("invoice.updated", now, snap);
+        true
+    }
+
+    /// Inserts (or replaces) an invoice and appends an `invoice.created` (or
+    /// `invoice.updated`) event. A missing "id" gets the next "in_NNNNNN"; missing
+    /// "created"/"updated" become now.
+    pub fn insert_invoice(&mut self, mut inv: Value) {
+        let now = self.clock;
+        if !inv.is_object() {
+            inv = json!({});
+        }
+        let id = match inv.get("id").and_then(Value::as_str) {
+            Some(id) => id.to_owned(),
+            None => {
+                let id = format!("in_{:06}", self.next_invoice);
+                inv["id"] = json!(id);
+                id
+            }
+        };
+        if let Some(num) = id.strip_prefix("in_").and_then(|s| s.parse::<usize>().ok()) {
+            self.next_invoice = self.next_invoice.max(num + 1);
+        }
+        for k in ["created", "updated"] {
+            if inv.get(k).is_none() {
+                inv[k] = json!(now);
+            }
+        }
+        let kind = if self.invoices.contains_key(&id) {
+            "invoice.updated"
+        } else {
+            "invoice.created"
+        };
+        self.invoices.insert(id, inv.clone());
+        self.push_event(kind, now, inv);
+    }
+
+    /// Applies `f` to contact `id`; bumps `properties.lastmodifieddate` and `updatedAt` to
+    /// now unless `f` changed the former. Returns false when the id is unknown.
+    pub fn update_contact(&mut self, id: &str, f: impl FnOnce(&mut Value)) -> bool {
+        let now = rfc3339_ms(self.clock * 1000);
+        let Some(c) = self.contacts.get_mut(id) else {
+            return false;
+        };
+        let before = c["properties"]["lastmodifieddate"].clone();
+        f(c);
+        if c["properties"]["lastmodifieddate"] == before {
+            c["properties"]["lastmodifieddate"] = json!(now);
+        }
+        c["updatedAt"] = c["properties"]["lastmodifieddate"].clone();
+        true
+    }
+
+    pub(crate) fn push_event(&mut self, kind: &'static str, created: i64, inv: Value) {
+        self.events.push(Event {
+            kind,
+            created,
+            snapshot: Snapshot::Value(inv),
+        });
+    }
+
+    /// Seeds `n` invoices after the existing ones (see the module docs for the shape).
+    pub(crate) fn seed_invoices(&mut self, n: usize) {
+        for pos in 0..n {
+            let sp = SeedPos {
+                num: self.next_invoice,
+                pos,
+                n,
+                clock: self.clock,
+            };
+            self.next_invoice += 1;
+            let inv = seed_invoice(sp);
+            let id = inv["id"].as_str().unwrap_or_default().to_owned();
+            let created = inv["created"].as_i64().unwrap_or_default();
+            self.invoices.insert(id, inv);
+            self.events.push(Event {
+                kind: "invoice.created",
+                created,
+                snapshot: Snapshot::Seeded(sp),
+            });
+        }
+    }
+
+    /// Seeds `n` HubSpot contacts after the existing ones.
+    pub(crate) fn seed_contacts(&mut self, n: usize) {
+        for pos in 0..n {
+            let c = seed_contact(self.next_contact, pos, n, self.clock);
+            self.next_contact += 1;
+            let id = c["id"].as_str().unwrap_or_default().to_owned();
+            self.contacts.insert(id, c);
+        }
+    }
+
+    /// Runs a test hook, then records events for invoices the hook changed directly in the
+    /// map (changes made through the helpers already recorded theirs).
+    pub(crate) fn run_hook(&mut self, hook: impl FnOnce(&mut VendorData)) {
+        let before = self.invoices.clone();
+        let events_before = self.events.len();
+        hook(self);
+        let evented: BTreeSet<String> = self.events[events_before..]
+            .iter()
+            .filter_map(|e| match &e.snapshot {
+                Snapshot::Value(v) => v.get("id").and_then(Value::as_str).map(str::to_owned),
+                Snapshot::Seeded(_) => None,
+            })
+            .collect();
+        let now = self.clock;
+        let changed: Vec<(&'static str, Value)> = self
+            .invoices
+            .iter()
+            .filter(|(id, _)| !evented.contains(*id))
+            .filter_map(|(id, inv)| match before.get(id) {
+                None => Some(("invoice.created", inv.clone())),
+                Some(old) if old != inv => Some(("invoice.updated", inv.clone())),
+                Some(_) => None,
+            })
+            .collect();
+        for (kind, inv) in changed {
+            self.push_event(kind, now, inv);
+        }
+    }
+
+    /// Renders event number `seq` (1-based) in Stripe's event shape.
+    pub(crate) fn render_event(&self, seq: usize) -> Value {
+        let e = &self.events[seq - 1];
+        let obj = match &e.snapshot {
+            Snapshot::Value(v) => v.clone(),
+            Snapshot::Seeded(sp) => seed_invoice(*sp),
+        };
+        json!({
+            "id": format!("evt_{seq:06}"),
+            "object": "event",
+            "type": e.kind,
+            "created": e.created,
+            "livemode": false,
+            "data": {"object": obj},
+        })
+    }
+
+    /// Customers derived from the invoices: one per distinct "customer".
+    pub(crate) fn customers(&self) -> Vec<Value> {
+        let mut by_id: BTreeMap<String, Value> = BTreeMap::new();
+        for inv in self.invoices.values() {
+            let Some(cid) = inv.get("customer").and_then(Value::as_str) else {
+                continue;
+            };
+            let created = inv["created"].as_i64().unwrap_or_default();
+            let updated = inv["updated"].as_i64().unwrap_or_default();
+            let c = by_id.entry(cid.to_owned()).or_insert_with(|| {
+                json!({
+                    "id": cid,
+                    "object": "customer",
+                    "email": inv["customer_email"],
+                    "name": inv["customer_name"],
+                    "created": created,
+                    "updated": updated,
+                })
+            });
+            if created < c["created"].as_i64().unwrap_or(i64::MAX) {
+                c["created"] = json!(created);
+            }
+            if updated > c["updated"].as_i64().unwrap_or(i64::MIN) {
+                c["updated"] = json!(updated);
+            }
+        }
+        by_id.into_values().collect()
+    }
+}
+
+/// Formats unix milliseconds as RFC 3339 with milliseconds and a `Z`, as HubSpot does.
+pub(crate) fn rfc3339_ms(ms: i64) -> String {
+    DateTime::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// Parses an RFC 3339 timestamp into unix milliseconds.
+pub(crate) fn parse_ms(s: &str) -> Option<i64> {
+    DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|d| d.timestamp_millis())
+}
+
+/// Seeded timestamps: created 10 s apart, "updated" shared by groups of three (ties), all
+/// about a month before the clock.
+fn seed_times(pos: usize, n: usize, clock: i64) -> (i64, i64) {
+    let base = clock - 30 * DAY - 10 * n as i64 - 100;
+    let created = base + 10 * pos as i64;
+    let updated = base + 30 * (pos / 3) as i64 + 25;
+    (created, updated)
+}
+
+const PRODUCTS: [&str; 6] = [
+    "Platform subscription (annual seat license)",
+    "API request volume above the included quota",
+    "Premium support plan with 4h response time",
+    "Data retention add-on: 24 months of events",
+    "Single sign-on (SAML/OIDC) and SCIM add-on",
+    "Professional services: onboarding workshop",
+];
+
+/// The seeded invoice number `num` (id "in_{num:06}"); about 2.4 KB as JSON.
+fn seed_invoice(sp: SeedPos) -> Value {
+    let SeedPos { num, pos, n, clock } = sp;
+    let (created, updated) = seed_times(pos, n, clock);
+    let cust = (num - 1) / 4 % 1000 + 1;
+    let paid = num % 3 == 0;
+    let status = if paid { "paid" } else { "open" };
+    let due_date = if paid {
+        if num % 9 == 0 {
+            Value::Null
+        } else {
+            json!(created + 14 * DAY)
+        }
+    } else if num % 2 == 0 {
+        // More than 3 days overdue.
+        json!(clock - (4 + (num % 26) as i64) * DAY)
+    } else {
+        json!(clock + (1 + (num % 14) as i64) * DAY)
+    };
+    let mut total = 0i64;
+    let lines: Vec<Value> = (0..6)
+        .map(|j| {
+            let unit = 500 + ((num * 31 + j * 17) % 100) as i64 * 25;
+            let qty = 1 + ((num + j) % 3) as i64;
+            total += unit * qty;
+            json!({
+                "id": format!("il_{num:06}_{j}"),
+                "object": "line_item",
+                "description": PRODUCTS[j],
+                "amount": unit * qty,
+                "currency": "usd",
+                "quantity": qty,
+                "unit_amount": unit,
+                "period": {"start": created, "end": created + 30 * DAY},
+                "price": {
+                    "id": format!("price_{:04}", j + 1),
+                    "product": format!("prod_{:04}", j + 1),
+                    "unit_amount": unit,
+                    "recurring": {"interval": "month"},
+                },
+            })
+        })
+        .collect();
+    let mut m = Map::new();
+    m.insert("id".into(), json!(format!("in_{num:06}")));
+    m.insert("object".into(), json!("invoice"));
+    m.insert("number".into(), json!(format!("INV-{}", 10_000 + num)));
+    m.insert("customer".into(), json!(format!("cus_{cust:04}")));
+    m.insert(
+        "customer_email".into(),
+        json!(format!("customer{cust:04}@example.com")),
+    );
+    m.insert("customer_name".into(), json!(format!("Customer {cust:04}")));
+    m.insert("status".into(), json!(status));
+    m.insert("amount_due".into(), json!(total));
+    m.insert("amount_paid".into(), json!(if paid { total } else { 0 }));
+    m.insert("currency".into(), json!("usd"));
+    m.insert("created".into(), json!(created));
+    m.insert("updated".into(), json!(updated));
+    m.insert("due_date".into(), due_date);
+    m.insert(
+        "description".into(),
+        json!(format!(
+            "Invoice {} for services rendered to Customer {cust:04}",
+            10_000 + num
+        )),
+    );
+    m.insert(
+        "hosted_invoice_url".into(),
+        json!(format!("https://invoice.example.com/i/in_{num:06}")),
+    );
+    m.insert("livemode".into(), json!(false));
+    m.insert("metadata".into(), json!({"source": "fake_vendor"}));
+    m.insert(
+        "lines".into(),
+        json!({"object": "list", "has_more": false, "data": lines}),
+    );
+    Value::Object(m)
+}
+
+const FIRST: [&str; 8] = [
+    "Ada", "Grace", "Alan", "Edsger", "Barbara", "Donald", "Frances", "Ken",
+];
+const LAST: [&str; 8] = [
+    "Lovelace", "Hopper", "Turing", "Dijkstra", "Liskov", "Knuth", "Allen", "Thompson",
+];
+const STAGES: [&str; 4] = ["lead", "subscriber", "marketingqualifiedlead", "customer"];
+
+/// The seeded contact number `num` (id "{1000 + num}"); lastmodifieddate ties in threes.
+fn seed_contact(num: usize, pos: usize, n: usize, clock: i64) -> Value {
+    let (created, updated) = seed_times(pos, n, clock);
+    let created = rfc3339_ms(created * 1000 + 250);
+    let updated = rfc3339_ms(updated * 1000 + 500);
+    let id = (1000 + num).to_string();
+    json!({
+        "id": id,
+        "properties": {
+            "email": format!("contact{num:04}@example.com"),
+            "firstname": FIRST[num % FIRST.len()],
+            "lastname": LAST[(num / FIRST.len()) % LAST.len()],
+            "lifecyclestage": STAGES[num % STAGES.len()],
+            "company": format!("Company {:03}", num % 50),
+            "phone": format!("+1-555-{:04}", num % 10_000),
+            "createdate": created,
+            "lastmodifieddate": updated,
+            "hs_object_id": id,
+        },
+        "createdAt": created,
+        "updatedAt": updated,
+        "archived": false,
+    })
+}

@@ -1,0 +1,318 @@
+//! An in-project fake vendor (a billing/CRM HTTP API over real sockets) and an SMTP sink,
+//! for tests and the demo.
+//!
+//! [`FakeVendor`] serves, on `127.0.0.1`:
+//!
+//! - `GET /v1/invoices`, `GET /v1/customers`, `GET /v1/events`: Stripe-shaped lists
+//!   (`limit`, `starting_after`, `ending_before` for events, `updated[gte|gt|lt|lte]` for
+//!   invoices). Invoices list ascending by id; several share the same `updated` (ties).
+//! - `POST /crm/v3/objects/contacts/search` and `GET /crm/v3/objects/contacts`:
+//!   HubSpot-shaped; the search caps `after + limit` at 10,000 with HTTP 400.
+//! - `GET /paged/{next_url,link,page,offset,stuck}`: one endpoint per pagination kind over
+//!   the invoices.
+//! - `POST /oauth/token`: client-credentials tokens (see [`FakeVendor::require_oauth2`]).
+//! - `POST /email/send`: an email API honoring `Idempotency-Key`.
+//! - `GET /_fake/state`, `POST /_fake/update_invoice/{id}`, `GET /_fake/mailbox`,
+//!   `GET /_fake/emails`: control endpoints for shell demos (not recorded, no faults).
+//!
+//! Faults ([`FakeVendor::inject`]) are applied before auth; auth applies to `/v1` and `/crm`.
+
+mod data;
+mod server;
+mod smtp;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::Value;
+
+pub use data::{DEFAULT_CLOCK, VendorData};
+pub use smtp::{ReceivedMail, SmtpSink};
+
+use server::{Auth, Hook, State};
+
+/// Where an API key must be presented (see [`FakeVendor::require_api_key`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiKeyPlace {
+    /// A request header with this name.
+    Header(String),
+    /// A query parameter with this name.
+    Query(String),
+}
+
+/// A fault to inject: applies to the next `times` requests whose path starts with
+/// `path_prefix` (faults are consumed in the order injected).
+#[derive(Debug, Clone)]
+pub struct Fault {
+    /// Path prefix the fault matches, e.g. `/v1/invoices` or `/email`.
+    pub path_prefix: String,
+    /// How many matching requests it applies to.
+    pub times: usize,
+    /// What happens to those requests.
+    pub kind: FaultKind,
+}
+
+impl Fault {
+    /// A fault for the next `times` requests under `path_prefix`.
+    pub fn new(path_prefix: impl Into<String>, times: usize, kind: FaultKind) -> Fault {
+        Fault {
+            path_prefix: path_prefix.into(),
+            times,
+            kind,
+        }
+    }
+
+    /// Shorthand: answer `code` (with an optional `Retry-After` value) `times` times.
+    pub fn status(
+        path_prefix: impl Into<String>,
+        times: usize,
+        code: u16,
+        retry_after: Option<&str>,
+    ) -> Fault {
+        Fault::new(
+            path_prefix,
+            times,
+            FaultKind::Status {
+                code,
+                retry_after: retry_after.map(str::to_owned),
+                body: None,
+            },
+        )
+    }
+}
+
+/// What an injected fault does.
+#[derive(Debug, Clone)]
+pub enum FaultKind {
+    /// Answer this status (with `Retry-After` when given) and a JSON error body (`body`
+    /// verbatim when given); the request never reaches auth or the handler.
+    Status {
+        /// HTTP status code.
+        code: u16,
+        /// `Retry-After` header value (seconds or an HTTP date).
+        retry_after: Option<String>,
+        /// Response body; a JSON error object when `None`.
+        body: Option<String>,
+    },
+    /// Sleep this long before answering normally (to cause client timeouts).
+    Delay(Duration),
+    /// Answer 200 with the first half of the real body (not valid JSON).
+    MalformedJson,
+    /// Answer 200 JSON where the `data`/`results`/`items` array is an object.
+    WrongShape,
+    /// Repeat the previous page's last record at the start of this page.
+    DuplicateRecords,
+}
+
+/// One request the fake received (control endpoints under `/_fake/` excluded).
+#[derive(Debug, Clone)]
+pub struct RecordedRequest {
+    /// HTTP method, e.g. "GET".
+    pub method: String,
+    /// Path without the query string.
+    pub path: String,
+    /// Raw query string, if any.
+    pub query: Option<String>,
+    /// The `Authorization` header, if any.
+    pub authorization: Option<String>,
+    /// The `Idempotency-Key` header, if any.
+    pub idempotency_key: Option<String>,
+    /// Status answered; 0 while in flight or when the client went away before the answer.
+    pub status: u16,
+    /// When the request arrived.
+    pub received: Instant,
+}
+
+/// An email accepted by `POST /email/send` (once per idempotency key).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeliveredEmail {
+    /// The provider's id, "msg_<n>".
+    pub id: String,
+    /// The `Idempotency-Key` header, if the client sent one.
+    pub idempotency_key: Option<String>,
+    /// Recipient.
+    pub to: String,
+    /// Subject.
+    pub subject: String,
+    /// Body text.
+    pub body: String,
+    /// The client's message id, if given.
+    pub message_id: Option<String>,
+}
+
+/// A running fake vendor; the server stops when this is dropped.
+pub struct FakeVendor {
+    state: Arc<Mutex<State>>,
+    addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeVendor {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FakeVendor {
+    /// Starts on `127.0.0.1` with an OS-chosen port.
+    ///
+    /// # Panics
+    /// If no loopback port can be bound (a broken test environment).
+    pub async fn start() -> FakeVendor {
+        FakeVendor::start_on(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .expect("bind 127.0.0.1:0 for the fake vendor")
+    }
+
+    /// Starts on `addr` (port 0 picks a free port).
+    pub async fn start_on(addr: SocketAddr) -> std::io::Result<FakeVendor> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(Mutex::new(State::new(format!("http://{addr}"))));
+        let app = server::router(state.clone());
+        let task = tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::warn!(error = %e, "fake vendor server stopped");
+            }
+        });
+        Ok(FakeVendor { state, addr, task })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        server::lock(&self.state)
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT`, no trailing slash.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Seeds `n` deterministic invoices ("in_000001", ...) after any existing ones: created
+    /// 10 s apart about a month before the clock, `updated` shared by groups of three, every
+    /// third paid, the other open with about half more than 3 days overdue.
+    pub fn seed_invoices(&self, n: usize) {
+        self.lock().data.seed_invoices(n);
+    }
+
+    /// The vendor's current invoices, sorted by id.
+    pub fn invoices(&self) -> Vec<Value> {
+        self.lock().data.invoices.values().cloned().collect()
+    }
+
+    /// Applies `f` to invoice `id` (no-op when unknown); bumps "updated" to the clock unless
+    /// `f` changed it, and appends an `invoice.updated` event.
+    pub fn update_invoice(&self, id: &str, f: impl FnOnce(&mut Value)) {
+        self.lock().data.update_invoice(id, f);
+    }
+
+    /// Inserts or replaces an invoice (a missing "id" gets the next one) and appends an event.
+    pub fn insert_invoice(&self, inv: Value) {
+        self.lock().data.insert_invoice(inv);
+    }
+
+    /// Sets the vendor's "now" (unix seconds) used for bumps and seeding.
+    pub fn set_clock(&self, unix_secs: i64) {
+        self.lock().data.clock = unix_secs;
+    }
+
+    /// Seeds `n` deterministic HubSpot contacts (ids "1001", ...) after any existing ones.
+    pub fn seed_contacts(&self, n: usize) {
+        self.lock().data.seed_contacts(n);
+    }
+
+    /// The vendor's current contacts, in id order.
+    pub fn contacts(&self) -> Vec<Value> {
+        let st = self.lock();
+        let mut v: Vec<&Value> = st.data.contacts.values().collect();
+        v.sort_by(|a, b| server::contact_order(a, b));
+        v.into_iter().cloned().collect()
+    }
+
+    /// Applies `f` to contact `id`; bumps `lastmodifieddate`/`updatedAt` unless `f` changed it.
+    pub fn update_contact(&self, id: &str, f: impl FnOnce(&mut Value)) {
+        self.lock().data.update_contact(id, f);
+    }
+
+    /// Every `/v1` and `/crm` request then needs `Authorization: Bearer <token>`.
+    pub fn require_bearer(&self, token: &str) {
+        self.lock().auth = Auth::Bearer(token.to_owned());
+    }
+
+    /// `POST /oauth/token` (client credentials, as form fields or HTTP basic) then issues
+    /// tokens valid for `token_ttl`; `/v1` and `/crm` need a valid unexpired one.
+    pub fn require_oauth2(&self, client_id: &str, client_secret: &str, token_ttl: Duration) {
+        self.lock().auth = Auth::OAuth2 {
+            client_id: client_id.to_owned(),
+            client_secret: client_secret.to_owned(),
+            ttl: token_ttl,
+            tokens: BTreeMap::new(),
+        };
+    }
+
+    /// Expires every OAuth2 token issued so far.
+    pub fn expire_all_tokens(&self) {
+        if let Auth::OAuth2 { tokens, .. } = &mut self.lock().auth {
+            tokens.clear();
+        }
+    }
+
+    /// `/v1` and `/crm` then need `key` in the given header or query parameter.
+    pub fn require_api_key(&self, place: ApiKeyPlace, key: &str) {
+        self.lock().auth = Auth::ApiKey(place, key.to_owned());
+    }
+
+    /// `/v1` and `/crm` then need HTTP basic auth with these credentials.
+    pub fn require_basic(&self, user: &str, pass: &str) {
+        self.lock().auth = Auth::Basic(format!(
+            "Basic {}",
+            server::base64(format!("{user}:{pass}").as_bytes())
+        ));
+    }
+
+    /// Queues a fault (see [`Fault`]).
+    pub fn inject(&self, fault: Fault) {
+        if fault.times > 0 {
+            self.lock().faults.push(fault);
+        }
+    }
+
+    /// Runs `f` just before serving the `nth` (1-based, all recorded requests) request.
+    pub fn on_request(&self, nth: usize, f: impl FnOnce(&mut VendorData) + Send + 'static) {
+        let hook: Hook = Box::new(f);
+        self.lock().hooks.entry(nth).or_default().push(hook);
+    }
+
+    /// Every request received so far, in arrival order (`/_fake/*` excluded).
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        self.lock().requests.clone()
+    }
+
+    /// How many recorded requests have a path starting with `path_prefix`.
+    pub fn request_count(&self, path_prefix: &str) -> usize {
+        self.lock()
+            .requests
+            .iter()
+            .filter(|r| r.path.starts_with(path_prefix))
+            .count()
+    }
+
+    /// Emails delivered by `POST /email/send`, each once.
+    pub fn emails(&self) -> Vec<DeliveredEmail> {
+        self.lock().emails.clone()
+    }
+
+    /// Serves `sink`'s messages at `GET /_fake/mailbox`.
+    pub fn attach_mailbox(&self, sink: &SmtpSink) {
+        self.lock().mailbox = Some(sink.store());
+    }
+}

@@ -1,0 +1,116 @@
+//! `${ENV}` references in config values, and the [`Secret`] type that never prints.
+//!
+//! A value may contain `${NAME}` (the environment variable, which must be set),
+//! `${NAME:-default}` (the default when unset) or `${file:/path}` (the file's content,
+//! trailing newline trimmed — for container secrets).
+
+use std::fmt;
+
+/// A resolved secret. `Debug` and `Display` print `***`; only [`Secret::expose`] gives the value.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The value, for the one place that must send it (an HTTP header, an SMTP login).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// Why a reference could not be resolved. Names the reference, never a value.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ResolveError {
+    #[error("environment variable {0} is not set (referenced as ${{{0}}})")]
+    MissingEnv(String),
+    #[error("cannot read secret file {path}: {reason}")]
+    File { path: String, reason: String },
+    #[error("unterminated ${{...}} reference")]
+    Unterminated,
+}
+
+/// Replaces every `${...}` reference in `input`, reading the environment through `lookup`.
+pub fn resolve_with(
+    input: &str,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<String, ResolveError> {
+    let mut out = String::with_capacity(input.len());
+    let mut rest = input;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after.find('}').ok_or(ResolveError::Unterminated)?;
+        let reference = &after[..end];
+        out.push_str(&resolve_one(reference, lookup)?);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// Replaces every `${...}` reference in `input` from the process environment.
+pub fn resolve(input: &str) -> Result<String, ResolveError> {
+    resolve_with(input, &|name| std::env::var(name).ok())
+}
+
+fn resolve_one(
+    reference: &str,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<String, ResolveError> {
+    if let Some(path) = reference.strip_prefix("file:") {
+        return std::fs::read_to_string(path)
+            .map(|content| content.trim_end_matches(['\n', '\r']).to_string())
+            .map_err(|err| ResolveError::File {
+                path: path.to_string(),
+                reason: err.to_string(),
+            });
+    }
+    let (name, default) = match reference.split_once(":-") {
+        Some((name, default)) => (name, Some(default)),
+        None => (reference, None),
+    };
+    match (lookup(name), default) {
+        (Some(value), _) if !value.is_empty() => Ok(value),
+        (_, Some(default)) => Ok(default.to_string()),
+        (Some(value), None) => Ok(value),
+        (None, None) => Err(ResolveError::MissingEnv(name.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_env_defaults_and_reports_missing_names() {
+        let env = |name: &str| (name == "TOKEN").then(|| "s3cr3t".to_string());
+        assert_eq!(
+            resolve_with("Bearer ${TOKEN}", &env).unwrap(),
+            "Bearer s3cr3t"
+        );
+        assert_eq!(
+            resolve_with("${URL:-http://localhost}/v1", &env).unwrap(),
+            "http://localhost/v1"
+        );
+        assert_eq!(
+            resolve_with("${NOPE}", &env),
+            Err(ResolveError::MissingEnv("NOPE".into()))
+        );
+        assert_eq!(format!("{:?}", Secret::new("s3cr3t")), "Secret(***)");
+    }
+}
