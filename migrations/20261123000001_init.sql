@@ -68,6 +68,9 @@ CREATE TABLE idem_ledger (
     next_attempt_at     timestamptz NOT NULL DEFAULT now(),
     lease_owner         text,
     lease_expires_at    timestamptz,
+    -- Set just before the network call: a dead dispatcher's claimed rows without it were
+    -- never attempted and are safe to send; with it, the provider may have the message.
+    in_flight_since     timestamptz,
     last_outcome        text,
     last_error          text,
     provider_message_id text,

@@ -16,6 +16,8 @@ use crate::config::{ConfigError, Settings};
 use crate::connector::Connector;
 use crate::duration::HumanDuration;
 use crate::http::{HttpSource, VendorClient};
+use crate::ledger::dispatch::{DispatchReport, DispatchSettings, Dispatcher};
+use crate::ledger::transport::AnyTransport;
 use crate::run::{self, Mode, RunError, RunOptions, RunReport, RunStatus};
 use crate::store;
 use crate::telemetry::{self, LogFormat};
@@ -94,6 +96,42 @@ pub enum Command {
         #[command(subcommand)]
         command: CheckpointCommand,
     },
+    /// Send due notifications from the ledger (also done after every run).
+    Notify {
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Inspect and resolve notification ledger rows.
+    Ledger {
+        #[command(subcommand)]
+        command: LedgerCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LedgerCommand {
+    /// List rows, oldest first.
+    List {
+        /// Only rows with this status (pending, sending, sent, failed, needs_review, cancelled).
+        #[arg(long)]
+        status: Option<String>,
+        /// At most this many rows.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one row with its frozen payload.
+    Show { key: String },
+    /// Decide the fate of a row whose outcome is unknown or that failed.
+    Resolve {
+        key: String,
+        /// sent: it did go out; retry: send it again; cancel: never send it.
+        #[arg(long = "as", value_enum)]
+        resolution: crate::ledger::Resolution,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -146,18 +184,24 @@ async fn execute(cli: Cli) -> anyhow::Result<u8> {
         Command::Run {
             targets,
             dry_run,
-            no_notify: _,
+            no_notify,
             json,
         } => {
             let connectors = settings.load_connectors()?;
             let selected = select(&connectors, &targets)?;
             let pool = connect(&settings).await?;
             let url = settings.database_url()?;
+            let transport =
+                AnyTransport::from_settings(&settings.notify).map_err(|e| usage(e.to_string()))?;
             let options = RunOptions {
                 mode: Mode::Regular,
                 dry_run,
             };
-            run_all(&pool, &url, &selected, &options, json).await
+            let code = run_all(&pool, &url, &selected, &options, json).await?;
+            if !no_notify && !dry_run {
+                notify(&pool, &settings, &transport).await?;
+            }
+            Ok(code)
         }
         Command::Replay {
             target,
@@ -165,7 +209,7 @@ async fn execute(cli: Cli) -> anyhow::Result<u8> {
             from,
             to,
             restart,
-            no_notify: _,
+            no_notify,
             json,
         } => {
             let connectors = settings.load_connectors()?;
@@ -191,11 +235,40 @@ async fn execute(cli: Cli) -> anyhow::Result<u8> {
             };
             let pool = connect(&settings).await?;
             let url = settings.database_url()?;
+            let transport =
+                AnyTransport::from_settings(&settings.notify).map_err(|e| usage(e.to_string()))?;
             let options = RunOptions {
                 mode: Mode::Replay { from, to, restart },
                 dry_run: false,
             };
-            run_all(&pool, &url, &selected, &options, json).await
+            let code = run_all(&pool, &url, &selected, &options, json).await?;
+            if !no_notify {
+                notify(&pool, &settings, &transport).await?;
+            }
+            Ok(code)
+        }
+        Command::Notify { json } => {
+            let transport =
+                AnyTransport::from_settings(&settings.notify).map_err(|e| usage(e.to_string()))?;
+            let pool = connect(&settings).await?;
+            let report = notify(&pool, &settings, &transport).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "notifications: {} sent, {} to retry later, {} failed, {} need review",
+                    report.sent, report.retry_later, report.failed, report.needs_review
+                );
+            }
+            Ok(if report.failed + report.needs_review > 0 {
+                EXIT_PARTIAL
+            } else {
+                EXIT_OK
+            })
+        }
+        Command::Ledger { command } => {
+            let pool = connect(&settings).await?;
+            ledger_command(&pool, command).await
         }
         Command::Status { json } => {
             let connectors = settings.load_connectors()?;
@@ -222,6 +295,67 @@ async fn connect(settings: &Settings) -> anyhow::Result<PgPool> {
     let pool = store::connect(&url, 4).await?;
     store::migrate(&pool).await?;
     Ok(pool)
+}
+
+async fn notify(
+    pool: &PgPool,
+    settings: &Settings,
+    transport: &AnyTransport,
+) -> anyhow::Result<DispatchReport> {
+    let dispatcher = Dispatcher::new(
+        pool,
+        transport,
+        DispatchSettings::from_config(&settings.notify),
+    );
+    Ok(dispatcher.run_once().await?)
+}
+
+async fn ledger_command(pool: &PgPool, command: LedgerCommand) -> anyhow::Result<u8> {
+    match command {
+        LedgerCommand::List {
+            status,
+            limit,
+            json,
+        } => {
+            let rows = crate::ledger::list(pool, status.as_deref(), limit).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else if rows.is_empty() {
+                println!(
+                    "no ledger rows{}",
+                    status.map_or(String::new(), |s| format!(" with status {s}"))
+                );
+            } else {
+                for row in rows {
+                    println!(
+                        "{:<13} {:<45} to {} (attempts {}){}",
+                        row.status,
+                        row.key,
+                        row.recipient,
+                        row.attempts,
+                        row.last_error.map_or(String::new(), |e| format!(": {e}"))
+                    );
+                }
+            }
+            Ok(EXIT_OK)
+        }
+        LedgerCommand::Show { key } => match crate::ledger::get(pool, &key).await? {
+            Some(row) => {
+                println!("{}", serde_json::to_string_pretty(&row)?);
+                Ok(EXIT_OK)
+            }
+            None => Err(usage(format!("no ledger row with key '{key}'"))),
+        },
+        LedgerCommand::Resolve { key, resolution } => {
+            match crate::ledger::resolve(pool, &key, resolution).await {
+                Ok(row) => {
+                    println!("{}: now {}", row.key, row.status);
+                    Ok(EXIT_OK)
+                }
+                Err(err) => Err(usage(err.to_string())),
+            }
+        }
+    }
 }
 
 fn check(settings: &Settings) -> anyhow::Result<u8> {

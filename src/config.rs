@@ -61,6 +61,10 @@ pub struct NotifySettings {
     /// Rows claimed per batch (default 50).
     #[serde(default = "default_batch")]
     pub batch_size: u32,
+    /// First delay before retrying a message that was definitely not sent; doubles per
+    /// attempt, with jitter (default `"30s"`). A provider's `Retry-After` wins when longer.
+    #[serde(default = "default_retry_backoff")]
+    pub retry_backoff: HumanDuration,
 }
 
 impl Default for NotifySettings {
@@ -74,6 +78,7 @@ impl Default for NotifySettings {
             lease: default_lease(),
             max_attempts: default_max_attempts(),
             batch_size: default_batch(),
+            retry_backoff: default_retry_backoff(),
         }
     }
 }
@@ -92,6 +97,9 @@ fn default_max_attempts() -> u32 {
 }
 fn default_batch() -> u32 {
     50
+}
+fn default_retry_backoff() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(30))
 }
 
 /// Which transport sends ledger rows.

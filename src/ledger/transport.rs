@@ -1,0 +1,339 @@
+//! Transports that send a ledger row, and how each classifies what happened.
+//!
+//! The classification is what keeps a send exactly-once: `Sent` is final, `NotSent` is
+//! safe to retry, `Permanent` stops, and `Ambiguous` (the message may have gone out) is
+//! retried only by a provider that de-duplicates on the ledger key.
+
+use std::future::Future;
+use std::time::Duration;
+
+use lettre::message::header::ContentType;
+use lettre::transport::smtp::authentication::Credentials;
+use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
+use serde_json::json;
+
+use crate::config::{HttpEmailSettings, NotifySettings, SmtpSettings, SmtpTls, TransportKind};
+use crate::secret::{self, Secret};
+
+/// One message, rendered once when its ledger row was inserted.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub key: String,
+    pub recipient: String,
+    pub subject: String,
+    pub body: String,
+    pub message_id: String,
+}
+
+/// What happened to one send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The provider accepted the message.
+    Sent { provider_id: Option<String> },
+    /// Definitely not sent (connection refused, 429, 503): retry later.
+    NotSent {
+        error: String,
+        retry_after: Option<Duration>,
+    },
+    /// The provider refused it for good (invalid address, 4xx).
+    Permanent { error: String },
+    /// It may or may not have gone out (timeout after the request, reset, 502/504).
+    Ambiguous { error: String },
+}
+
+/// A way to send ledger rows.
+pub trait Transport: Send + Sync {
+    /// Sends one message.
+    fn send(&self, message: &Message) -> impl Future<Output = Outcome> + Send;
+    /// True when the provider de-duplicates on the ledger key, so an ambiguous send may
+    /// simply be retried.
+    fn deduplicates(&self) -> bool;
+}
+
+/// The configured transport.
+pub enum AnyTransport {
+    Log,
+    Smtp(SmtpTransport),
+    Http(HttpTransport),
+}
+
+/// Why a transport could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("notify.transport = \"{0}\" needs a [notify.{0}] section")]
+    Missing(&'static str),
+    #[error("notify.{field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+}
+
+impl AnyTransport {
+    pub fn from_settings(settings: &NotifySettings) -> Result<AnyTransport, TransportError> {
+        Ok(match settings.transport {
+            TransportKind::Log => AnyTransport::Log,
+            TransportKind::Smtp => AnyTransport::Smtp(SmtpTransport::new(
+                settings
+                    .smtp
+                    .as_ref()
+                    .ok_or(TransportError::Missing("smtp"))?,
+                &settings.from,
+                settings.send_timeout.0,
+            )?),
+            TransportKind::Http => AnyTransport::Http(HttpTransport::new(
+                settings
+                    .http
+                    .as_ref()
+                    .ok_or(TransportError::Missing("http"))?,
+                &settings.from,
+                settings.send_timeout.0,
+            )?),
+        })
+    }
+}
+
+impl Transport for AnyTransport {
+    async fn send(&self, message: &Message) -> Outcome {
+        match self {
+            AnyTransport::Log => {
+                tracing::info!(key = %message.key, to = %message.recipient, subject = %message.subject, "log transport: would send");
+                Outcome::Sent { provider_id: None }
+            }
+            AnyTransport::Smtp(smtp) => smtp.send(message).await,
+            AnyTransport::Http(http) => http.send(message).await,
+        }
+    }
+
+    fn deduplicates(&self) -> bool {
+        match self {
+            AnyTransport::Log => true,
+            AnyTransport::Smtp(smtp) => smtp.deduplicates(),
+            AnyTransport::Http(http) => http.deduplicates(),
+        }
+    }
+}
+
+fn resolve(field: &'static str, value: &str) -> Result<String, TransportError> {
+    secret::resolve(value).map_err(|err| TransportError::Invalid {
+        field,
+        message: err.to_string(),
+    })
+}
+
+/// Plain SMTP through lettre. SMTP has no idempotency key: an ambiguous send goes to
+/// `needs_review`, never silently out again.
+pub struct SmtpTransport {
+    mailer: AsyncSmtpTransport<Tokio1Executor>,
+    from: lettre::message::Mailbox,
+}
+
+impl SmtpTransport {
+    pub fn new(
+        settings: &SmtpSettings,
+        from: &str,
+        timeout: Duration,
+    ) -> Result<Self, TransportError> {
+        let host = resolve("smtp.host", &settings.host)?;
+        let invalid = |message: String| TransportError::Invalid {
+            field: "smtp",
+            message,
+        };
+        let builder = match settings.tls {
+            SmtpTls::None => AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&host)
+                .port(settings.port.unwrap_or(25)),
+            SmtpTls::Starttls => AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&host)
+                .map_err(|e| invalid(e.to_string()))?
+                .port(settings.port.unwrap_or(587)),
+            SmtpTls::Tls => AsyncSmtpTransport::<Tokio1Executor>::relay(&host)
+                .map_err(|e| invalid(e.to_string()))?
+                .port(settings.port.unwrap_or(465)),
+        };
+        let mut builder = builder.timeout(Some(timeout));
+        if let Some(user) = &settings.username {
+            let password = Secret::new(resolve(
+                "smtp.password",
+                settings.password.as_deref().unwrap_or(""),
+            )?);
+            builder = builder.credentials(Credentials::new(
+                resolve("smtp.username", user)?,
+                password.expose().to_string(),
+            ));
+        }
+        let from = from.parse().map_err(|e| TransportError::Invalid {
+            field: "from",
+            message: format!("'{from}' is not an address: {e}"),
+        })?;
+        Ok(Self {
+            mailer: builder.build(),
+            from,
+        })
+    }
+
+    async fn send(&self, message: &Message) -> Outcome {
+        let to = match message.recipient.parse() {
+            Ok(to) => to,
+            Err(err) => {
+                return Outcome::Permanent {
+                    error: format!("invalid recipient '{}': {err}", message.recipient),
+                };
+            }
+        };
+        let email = lettre::Message::builder()
+            .from(self.from.clone())
+            .to(to)
+            .subject(message.subject.clone())
+            .message_id(Some(message.message_id.clone()))
+            .header(ContentType::TEXT_PLAIN)
+            .body(message.body.clone());
+        let email = match email {
+            Ok(email) => email,
+            Err(err) => {
+                return Outcome::Permanent {
+                    error: format!("cannot build the message: {err}"),
+                };
+            }
+        };
+        match self.mailer.send(email).await {
+            Ok(response) => Outcome::Sent {
+                provider_id: response.message().next().map(str::to_string),
+            },
+            Err(err) => classify_smtp(&err),
+        }
+    }
+
+    fn deduplicates(&self) -> bool {
+        false
+    }
+}
+
+fn classify_smtp(err: &lettre::transport::smtp::Error) -> Outcome {
+    let error = crate::run::error_chain(err);
+    if err.is_permanent() {
+        return Outcome::Permanent { error };
+    }
+    if err.is_transient() {
+        return Outcome::NotSent {
+            error,
+            retry_after: None,
+        };
+    }
+    // A connection that never opened sent nothing; anything later may have.
+    let mut source: Option<&dyn std::error::Error> = Some(err);
+    while let Some(inner) = source {
+        if let Some(io) = inner.downcast_ref::<std::io::Error>() {
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::AddrNotAvailable
+            ) {
+                return Outcome::NotSent {
+                    error,
+                    retry_after: None,
+                };
+            }
+        }
+        source = inner.source();
+    }
+    if err.to_string().starts_with("Connection error") {
+        return Outcome::NotSent {
+            error,
+            retry_after: None,
+        };
+    }
+    Outcome::Ambiguous { error }
+}
+
+/// An HTTP email API that honors `Idempotency-Key`: the ledger key is sent as that key,
+/// so a retry after an ambiguous outcome cannot deliver twice.
+pub struct HttpTransport {
+    client: reqwest::Client,
+    url: String,
+    token: Option<Secret>,
+    from: String,
+}
+
+impl HttpTransport {
+    pub fn new(
+        settings: &HttpEmailSettings,
+        from: &str,
+        timeout: Duration,
+    ) -> Result<Self, TransportError> {
+        let url = resolve("http.url", &settings.url)?;
+        let token = settings
+            .token
+            .as_deref()
+            .map(|t| resolve("http.token", t).map(Secret::new))
+            .transpose()?;
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .build()
+            .map_err(|e| TransportError::Invalid {
+                field: "http",
+                message: e.to_string(),
+            })?;
+        Ok(Self {
+            client,
+            url,
+            token,
+            from: from.to_string(),
+        })
+    }
+
+    async fn send(&self, message: &Message) -> Outcome {
+        let mut request = self
+            .client
+            .post(&self.url)
+            .header("Idempotency-Key", &message.key)
+            .json(&json!({
+                "from": self.from,
+                "to": message.recipient,
+                "subject": message.subject,
+                "body": message.body,
+                "message_id": message.message_id,
+            }));
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token.expose());
+        }
+        let response = match request.send().await {
+            Ok(response) => response,
+            Err(err) if err.is_connect() => {
+                return Outcome::NotSent {
+                    error: format!("cannot connect to {}: {}", self.url, err.without_url()),
+                    retry_after: None,
+                };
+            }
+            Err(err) => {
+                return Outcome::Ambiguous {
+                    error: format!("{}: {}", self.url, err.without_url()),
+                };
+            }
+        };
+        let status = response.status();
+        let retry_after = crate::http::retry_after(response.headers());
+        let body = response.text().await.unwrap_or_default();
+        let error = || {
+            format!(
+                "{}: HTTP {status}: {}",
+                self.url,
+                body.chars().take(300).collect::<String>()
+            )
+        };
+        match status.as_u16() {
+            200..=299 => Outcome::Sent {
+                provider_id: serde_json::from_str::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| v.get("id").and_then(|id| id.as_str()).map(str::to_string)),
+            },
+            429 | 503 => Outcome::NotSent {
+                error: error(),
+                retry_after,
+            },
+            400..=499 => Outcome::Permanent { error: error() },
+            _ => Outcome::Ambiguous { error: error() },
+        }
+    }
+
+    fn deduplicates(&self) -> bool {
+        true
+    }
+}
