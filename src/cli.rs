@@ -199,7 +199,10 @@ async fn execute(cli: Cli) -> anyhow::Result<u8> {
             };
             let code = run_all(&pool, &url, &selected, &options, json).await?;
             if !no_notify && !dry_run {
-                notify(&pool, &settings, &transport).await?;
+                let report = notify(&pool, &settings, &transport).await?;
+                if !json {
+                    println!("{}", notify_summary(&report));
+                }
             }
             Ok(code)
         }
@@ -220,12 +223,16 @@ async fn execute(cli: Cli) -> anyhow::Result<u8> {
                     selected.len()
                 )));
             }
-            let (from, to) = match (since, from, to) {
+            let (from, to, label) = match (since, from, to) {
                 (Some(since), None, None) => {
                     let now = Utc::now();
-                    (now - since.as_chrono(), now)
+                    (now - since.as_chrono(), now, format!("since:{since}"))
                 }
-                (None, Some(from), Some(to)) if from < to => (from, to),
+                (None, Some(from), Some(to)) if from < to => (
+                    from,
+                    to,
+                    format!("{}..{}", from.to_rfc3339(), to.to_rfc3339()),
+                ),
                 (None, Some(_), Some(_)) => return Err(usage("--from must be before --to".into())),
                 _ => {
                     return Err(usage(
@@ -238,12 +245,20 @@ async fn execute(cli: Cli) -> anyhow::Result<u8> {
             let transport =
                 AnyTransport::from_settings(&settings.notify).map_err(|e| usage(e.to_string()))?;
             let options = RunOptions {
-                mode: Mode::Replay { from, to, restart },
+                mode: Mode::Replay {
+                    from,
+                    to,
+                    label,
+                    restart,
+                },
                 dry_run: false,
             };
             let code = run_all(&pool, &url, &selected, &options, json).await?;
             if !no_notify {
-                notify(&pool, &settings, &transport).await?;
+                let report = notify(&pool, &settings, &transport).await?;
+                if !json {
+                    println!("{}", notify_summary(&report));
+                }
             }
             Ok(code)
         }
@@ -308,6 +323,13 @@ async fn notify(
         DispatchSettings::from_config(&settings.notify),
     );
     Ok(dispatcher.run_once().await?)
+}
+
+fn notify_summary(report: &DispatchReport) -> String {
+    format!(
+        "notifications: {} sent, {} to retry later, {} failed, {} need review",
+        report.sent, report.retry_later, report.failed, report.needs_review
+    )
 }
 
 async fn ledger_command(pool: &PgPool, command: LedgerCommand) -> anyhow::Result<u8> {

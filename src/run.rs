@@ -34,6 +34,9 @@ pub enum Mode {
     Replay {
         from: DateTime<Utc>,
         to: DateTime<Utc>,
+        /// Names the replay's resume point: the same arguments resume the same replay
+        /// (for `--since 7d` the window of the interrupted replay is kept).
+        label: String,
         /// Discard the replay's resume point and start the window again.
         restart: bool,
     },
@@ -182,26 +185,9 @@ impl<'a> Walk<'a> {
             table.ensure(pool).await?;
             true
         };
-        let (scope, filter_window) = match &options.mode {
-            Mode::Regular => (MAIN_SCOPE.to_string(), None),
-            Mode::Replay { from, to, .. } => {
-                let vendor_filters = matches!(
-                    &stream.incremental,
-                    IncrementalSpec::HighWaterMark {
-                        param_to: Some(_),
-                        ..
-                    }
-                );
-                if !vendor_filters {
-                    warn!(
-                        "the vendor cannot filter this stream by a window: walking the whole list and skipping records outside [{from}, {to})"
-                    );
-                }
-                (
-                    format!("replay:{}..{}", from.to_rfc3339(), to.to_rfc3339()),
-                    (!vendor_filters).then_some((*from, *to)),
-                )
-            }
+        let scope = match &options.mode {
+            Mode::Regular => MAIN_SCOPE.to_string(),
+            Mode::Replay { label, .. } => format!("replay:{label}"),
         };
         let mut checkpoint =
             state::load_checkpoint(pool, source_system, stream_name, &scope).await?;
@@ -236,6 +222,26 @@ impl<'a> Walk<'a> {
                     },
                     false,
                 )
+            }
+        };
+        let filter_window = match &options.mode {
+            Mode::Regular => None,
+            Mode::Replay { .. } => {
+                let vendor_filters = matches!(
+                    &stream.incremental,
+                    IncrementalSpec::HighWaterMark {
+                        param: Some(_),
+                        param_to: Some(_),
+                        ..
+                    }
+                );
+                let window = resume.from.zip(resume.to);
+                if let (false, Some((from, to))) = (vendor_filters, window) {
+                    warn!(
+                        "the vendor cannot filter this stream by a window: walking the whole list and skipping records outside [{from}, {to})"
+                    );
+                }
+                window.filter(|_| !vendor_filters)
             }
         };
         let mode_name = match options.mode {

@@ -13,7 +13,7 @@ use idem::ledger::transport::AnyTransport;
 
 use crate::helpers::{TestApp, spawn_app_with, stderr, stdout};
 
-fn smtp_notify(addr: std::net::SocketAddr) -> String {
+pub(crate) fn smtp_notify(addr: std::net::SocketAddr) -> String {
     format!(
         "[notify]\ntransport = \"smtp\"\nfrom = \"billing@test.example\"\nretry_backoff = \"10ms\"\n\n[notify.smtp]\nhost = \"{}\"\nport = {}\ntls = \"none\"\n",
         addr.ip(),

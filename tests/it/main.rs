@@ -3,4 +3,5 @@
 
 mod helpers;
 mod ledger;
+mod replay;
 mod sync_core;
