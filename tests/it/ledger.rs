@@ -328,3 +328,51 @@ async fn smtp_outage_keeps_rows_pending_and_sends_them_when_it_is_back() {
     assert_eq!(dispatcher.run_once().await.unwrap().sent, 0);
     assert_eq!(sink.messages().len(), 20);
 }
+
+#[tokio::test]
+async fn provider_answers_decide_retry_failure_or_success() {
+    let app = spawn_app_with(0, "").await;
+    insert_pending_rows(&app, 3).await;
+    let settings = NotifySettings {
+        transport: TransportKind::Http,
+        http: Some(idem::config::HttpEmailSettings {
+            url: format!("{}/email/send", app.vendor.base_url()),
+            token: None,
+        }),
+        retry_backoff: HumanDuration(Duration::from_millis(10)),
+        ..NotifySettings::default()
+    };
+    let transport = AnyTransport::from_settings(&settings).unwrap();
+    let dispatcher = Dispatcher::new(
+        &app.pool,
+        &transport,
+        DispatchSettings::from_config(&settings),
+    );
+
+    // Throttled: definitely not sent, retried no earlier than Retry-After.
+    app.vendor.inject(idem::fake_vendor::Fault::status(
+        "/email",
+        1,
+        429,
+        Some("30"),
+    ));
+    // Refused for good.
+    app.vendor
+        .inject(idem::fake_vendor::Fault::status("/email", 1, 400, None));
+    let report = dispatcher.run_once().await.unwrap();
+    assert_eq!(
+        (report.sent, report.retry_later, report.failed),
+        (1, 1, 1),
+        "{report:?}"
+    );
+    let (status, wait): (String, f64) = sqlx::query_as(
+        "SELECT status, extract(epoch FROM next_attempt_at - now())::float8 FROM idem_ledger WHERE last_outcome = 'not_sent'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(status, "pending");
+    assert!(wait > 25.0, "Retry-After was not honored: retry in {wait}s");
+    assert_eq!(app.count("SELECT count(*) FROM idem_ledger WHERE status = 'failed' AND last_error LIKE '%HTTP 400%'").await, 1);
+    assert_eq!(app.vendor.emails().len(), 1);
+}

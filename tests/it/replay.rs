@@ -250,3 +250,50 @@ async fn a_replay_started_while_the_nightly_run_holds_the_lock_exits_75() {
     let nightly = nightly.wait_with_output().await.unwrap();
     assert_eq!(nightly.status.code(), Some(0), "{}", stderr(&nightly));
 }
+
+#[tokio::test]
+async fn a_column_added_to_the_connector_is_filled_by_a_replay() {
+    let app = app_with_recent_invoices(250, "[notify]\ntransport = \"log\"\n").await;
+    app.run_invoices(idem::run::Mode::Regular).await;
+    let checkpoint_before = main_checkpoint(&app).await;
+
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/connectors/demo_billing.toml"
+    ))
+    .unwrap();
+    let extended = text.replacen(
+        "[[streams.invoices.columns]]",
+        "[[streams.invoices.columns]]\nname = \"customer_name\"\npointer = \"/customer_name\"\ntype = \"text\"\n\n[[streams.invoices.columns]]",
+        1,
+    );
+    let path = app.dir.path().join("extended.toml");
+    std::fs::write(&path, extended).unwrap();
+    let connector = idem::connector::load_file_with(&path, &|name| app.env(name)).unwrap();
+    let now = Utc::now();
+    let mode = idem::run::Mode::Replay {
+        from: now - chrono::Duration::days(7),
+        to: now,
+        label: "test".into(),
+        restart: false,
+    };
+    let report = app.run_connector(&connector, "invoices", mode, false).await;
+    assert_eq!(
+        (report.counters.inserted, report.counters.updated),
+        (0, 250),
+        "{report:?}"
+    );
+    assert_eq!(
+        app.count("SELECT count(*) FROM demo_invoices WHERE customer_name IS NULL")
+            .await,
+        0
+    );
+    assert_eq!(
+        app.count(
+            "SELECT count(*) FROM demo_invoices WHERE customer_name = data->>'customer_name'"
+        )
+        .await,
+        250
+    );
+    assert_eq!(main_checkpoint(&app).await, checkpoint_before);
+}
