@@ -19,7 +19,7 @@ use crate::ledger;
 use crate::normalize::{Normalizer, RecordFailure, Row};
 use crate::store::state::{self, Checkpoint, Counters, MAIN_SCOPE, Resume};
 use crate::store::table::{Compare, DestinationTable};
-use crate::store::{StoreError, StreamLock};
+use crate::store::{Context, StoreError, StreamLock};
 
 /// Pages fetched ahead of the writer: enough to keep both the network and Postgres busy,
 /// few enough that memory stays flat whatever the stream's size.
@@ -177,10 +177,7 @@ impl<'a> Walk<'a> {
                 .bind(format!("\"{}\"", stream.table))
                 .fetch_one(pool)
                 .await
-                .map_err(|source| StoreError::Query {
-                    context: "looking for the destination table".into(),
-                    source,
-                })?
+                .context(|| "looking for the destination table".into())?
         } else {
             table.ensure(pool).await?;
             true
@@ -437,10 +434,7 @@ impl<'a> Walk<'a> {
             .pool
             .begin()
             .await
-            .map_err(|source| StoreError::Query {
-                context: "starting a transaction".into(),
-                source,
-            })?;
+            .context(|| "starting a transaction".into())?;
         let written = self
             .table
             .write_page(
@@ -461,10 +455,9 @@ impl<'a> Walk<'a> {
             ..Counters::default()
         };
         state::add_counters(&mut tx, self.run_id, &counters).await?;
-        tx.commit().await.map_err(|source| StoreError::Query {
-            context: "committing retried failures".into(),
-            source,
-        })?;
+        tx.commit()
+            .await
+            .context(|| "committing retried failures".into())?;
         for key in &keys {
             self.failing_keys.remove(key);
         }
@@ -528,11 +521,11 @@ impl<'a> Walk<'a> {
             Mode::Regular => Compare::Hash,
             Mode::Replay { .. } => Compare::Content,
         };
-        let begin = |source| StoreError::Query {
-            context: "starting a page transaction".into(),
-            source,
-        };
-        let mut tx = self.pool.begin().await.map_err(begin)?;
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .context(|| "starting a page transaction".into())?;
         let written = if self.table_exists {
             self.table
                 .write_page(
@@ -618,10 +611,7 @@ impl<'a> Walk<'a> {
             )
             .await?;
             crash_point("page_before_commit", page_number);
-            tx.commit().await.map_err(|source| StoreError::Query {
-                context: "committing a page".into(),
-                source,
-            })?;
+            tx.commit().await.context(|| "committing a page".into())?;
             crash_point("page_after_commit", page_number);
             for key in &resolved {
                 self.failing_keys.remove(key);
@@ -658,10 +648,7 @@ impl<'a> Walk<'a> {
             .pool
             .begin()
             .await
-            .map_err(|source| StoreError::Query {
-                context: "starting the final transaction".into(),
-                source,
-            })?;
+            .context(|| "starting the final transaction".into())?;
         if self.scope == MAIN_SCOPE {
             let mut checkpoint = self.checkpoint.clone();
             match &self.stream.incremental {
@@ -705,7 +692,7 @@ impl<'a> Walk<'a> {
                 .bind(&self.scope)
                 .execute(&mut *tx)
                 .await
-                .map_err(|source| StoreError::Query { context: "clearing the replay's resume point".into(), source })?;
+                .context(|| "clearing the replay's resume point".into())?;
         }
         if let Some(seen) = self.seen_ids.take() {
             let deleted = self
@@ -735,10 +722,9 @@ impl<'a> Walk<'a> {
             None,
         )
         .await?;
-        tx.commit().await.map_err(|source| StoreError::Query {
-            context: "committing the end of the walk".into(),
-            source,
-        })?;
+        tx.commit()
+            .await
+            .context(|| "committing the end of the walk".into())?;
         Ok(())
     }
 }

@@ -6,7 +6,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use idem::connector::Connector;
-use idem::fake_vendor::FakeVendor;
+use idem::fake_vendor::{FakeVendor, Fault, FaultKind};
 use idem::http::{HttpSource, VendorClient};
 use idem::run::{self, Mode, RunOptions, RunReport};
 use sqlx::{Connection, PgConnection, PgPool};
@@ -167,6 +167,32 @@ impl TestApp {
             .await
             .expect("idem finishes within 2 minutes")
             .expect("idem runs")
+    }
+
+    /// Starts `idem run` as a process whose pages are slow (the vendor delays them), and
+    /// returns once it holds the stream's lock (its run is recorded), so another run can
+    /// collide with it.
+    pub async fn spawn_slow_nightly_run(&self) -> tokio::process::Child {
+        self.vendor.inject(Fault::new(
+            "/v1/invoices",
+            5,
+            FaultKind::Delay(Duration::from_millis(400)),
+        ));
+        let child = self
+            .command(&["run", "--no-notify"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("idem starts");
+        let started = tokio::time::Instant::now();
+        while self.count("SELECT count(*) FROM idem_runs").await == 0 {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "the slow run never started"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        child
     }
 
     pub async fn count(&self, sql: &str) -> i64 {

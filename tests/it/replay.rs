@@ -3,10 +3,9 @@
 
 use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
-use std::time::Duration;
 
 use chrono::Utc;
-use idem::fake_vendor::{Fault, FaultKind, SmtpSink};
+use idem::fake_vendor::SmtpSink;
 use serde_json::json;
 
 use crate::helpers::{TestApp, spawn_app_with, stderr, stdout};
@@ -219,25 +218,7 @@ async fn a_killed_replay_resumes_from_its_last_committed_page() {
 #[tokio::test]
 async fn a_replay_started_while_the_nightly_run_holds_the_lock_exits_75() {
     let app = app_with_recent_invoices(500, "[notify]\ntransport = \"log\"\n").await;
-    app.vendor.inject(Fault::new(
-        "/v1/invoices",
-        5,
-        FaultKind::Delay(Duration::from_millis(400)),
-    ));
-    let nightly = app
-        .command(&["run", "--no-notify"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let started = tokio::time::Instant::now();
-    while app.count("SELECT count(*) FROM idem_runs").await == 0 {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "the nightly run never started"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let nightly = app.spawn_slow_nightly_run().await;
     let replay = app
         .idem(&["replay", "demo_billing.invoices", "--since", "7d"])
         .await;

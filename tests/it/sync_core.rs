@@ -2,10 +2,9 @@
 //! after a crash, or twice at once.
 
 use std::os::unix::process::ExitStatusExt;
-use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use idem::fake_vendor::{Fault, FaultKind};
+use idem::fake_vendor::Fault;
 use idem::run::{Mode, RunStatus};
 use serde_json::json;
 
@@ -220,26 +219,7 @@ async fn crash_mid_page_resumes_without_duplicates() {
 #[tokio::test]
 async fn a_second_concurrent_run_exits_75_and_writes_nothing() {
     let app = spawn_app(500).await;
-    // Slow pages keep the first run busy long enough for the second to collide.
-    app.vendor.inject(Fault::new(
-        "/v1/invoices",
-        5,
-        FaultKind::Delay(Duration::from_millis(400)),
-    ));
-    let first = app
-        .command(&["run", "--no-notify"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let started = tokio::time::Instant::now();
-    while app.count("SELECT count(*) FROM idem_runs").await == 0 {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "the first run never started"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let first = app.spawn_slow_nightly_run().await;
     let second = app.idem(&["run", "--no-notify"]).await;
     assert_eq!(second.status.code(), Some(75), "{}", stderr(&second));
     assert!(
