@@ -158,13 +158,14 @@ impl VendorClient {
                             }
                             (error, retry_after(&headers))
                         }
-                        Err(err) => (transport(method_name, &shown_url, &err, attempts), None),
+                        Err(err) => (transport(method_name, &shown_url, err, attempts), None),
                     }
                 }
                 Err(err) => {
-                    let error = transport(method_name, &shown_url, &err, attempts);
-                    if !(err.is_timeout() || err.is_connect() || err.is_request() || err.is_body())
-                    {
+                    let retryable =
+                        err.is_timeout() || err.is_connect() || err.is_request() || err.is_body();
+                    let error = transport(method_name, &shown_url, err, attempts);
+                    if !retryable {
                         return Err(error);
                     }
                     (error, None)
@@ -293,14 +294,17 @@ fn is_retryable(status: StatusCode) -> bool {
         || status.is_server_error()
 }
 
-fn transport(method: &'static str, url: &str, err: &reqwest::Error, attempts: u32) -> HttpError {
+/// The reason never quotes reqwest's URL: it would carry an API key sent as a query
+/// parameter.
+fn transport(method: &'static str, url: &str, err: reqwest::Error, attempts: u32) -> HttpError {
+    let err = err.without_url();
     let reason = if err.is_timeout() {
         "timed out".to_string()
     } else if err.is_connect() {
         "could not connect".to_string()
     } else {
         let mut text = err.to_string();
-        let mut source = std::error::Error::source(err);
+        let mut source = std::error::Error::source(&err);
         while let Some(inner) = source {
             text = format!("{text}: {inner}");
             source = inner.source();
@@ -410,7 +414,9 @@ impl HttpSource {
         }
         match (&self.stream.pagination, &request.token) {
             (
-                PaginationSpec::BodyCursor { param, .. } | PaginationSpec::LastRecord { param, .. },
+                PaginationSpec::BodyCursor { param, .. }
+                | PaginationSpec::LastRecord { param, .. }
+                | PaginationSpec::FirstRecord { param, .. },
                 Some(token),
             ) => params.push((param.clone(), Value::String(token.clone()))),
             (PaginationSpec::PageNumber { param, start, .. }, token) => params.push((
@@ -466,6 +472,11 @@ impl HttpSource {
 
 impl Source for HttpSource {
     async fn fetch_page(&mut self, request: &PageRequest) -> Result<Page, SourceError> {
+        if request.token.is_none() {
+            // A new query (a run's first page, or a capped query restarted from a later
+            // mark): its cursors may repeat the previous query's ("200", "400", ...).
+            self.seen_tokens.clear();
+        }
         let (url, query, body) = self.plan(request);
         let shown = shown_url(&url, &query);
         let fetched = self
@@ -482,7 +493,7 @@ impl Source for HttpSource {
                 truncate(&String::from_utf8_lossy(&fetched.body))
             ))
         })?;
-        let records = match json.pointer(&self.stream.records) {
+        let mut records = match json.pointer(&self.stream.records) {
             Some(Value::Array(items)) => items.clone(),
             Some(other) => {
                 return Err(malformed(format!(
@@ -520,6 +531,11 @@ impl Source for HttpSource {
                     cursor: token.clone(),
                 });
             }
+        }
+        if matches!(self.stream.pagination, PaginationSpec::FirstRecord { .. }) {
+            // A newest-first page: hand it on oldest first, so that when a record appears
+            // twice the newer version is the one written.
+            records.reverse();
         }
         Ok(Page { records, next })
     }

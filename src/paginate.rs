@@ -32,6 +32,15 @@ pub fn next_token(
     match spec {
         PaginationSpec::None => Ok(None),
         PaginationSpec::BodyCursor { cursor, .. } => Ok(view.body.pointer(cursor).and_then(scalar)),
+        PaginationSpec::FirstRecord { field, .. } => {
+            let pointer = field.as_deref().unwrap_or(id_pointer);
+            let first = view.records.first().expect("records is not empty");
+            first
+                .pointer(pointer)
+                .and_then(scalar)
+                .map(Some)
+                .ok_or_else(|| format!("the first record has no cursor value at '{pointer}'"))
+        }
         PaginationSpec::LastRecord {
             field, has_more, ..
         } => {
@@ -173,6 +182,35 @@ mod tests {
         );
         let broken = json!({});
         assert!(next_token(&spec, "/id", &view(&broken, &records, None)).is_err());
+    }
+
+    #[test]
+    fn first_record_cursor_walks_a_newest_first_feed_towards_newer_records() {
+        let spec = PaginationSpec::FirstRecord {
+            param: "ending_before".into(),
+            field: None,
+        };
+        // Stripe events: newest first, so the first record is the newest of the page.
+        let records = vec![json!({"id": "evt_9"}), json!({"id": "evt_8"})];
+        let more = json!({"has_more": true});
+        assert_eq!(
+            next_token(&spec, "/id", &view(&more, &records, Some("evt_7")))
+                .unwrap()
+                .as_deref(),
+            Some("evt_9")
+        );
+        // has_more = false is not trusted: one more request keeps the newest cursor.
+        let done = json!({"has_more": false});
+        assert_eq!(
+            next_token(&spec, "/id", &view(&done, &records, None))
+                .unwrap()
+                .as_deref(),
+            Some("evt_9")
+        );
+        assert_eq!(
+            next_token(&spec, "/id", &view(&more, &[], Some("evt_9"))).unwrap(),
+            None
+        );
     }
 
     #[test]

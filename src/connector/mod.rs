@@ -320,6 +320,9 @@ fn validate_stream(
     }
     match &stream.pagination {
         PaginationSpec::BodyCursor { cursor, .. } => pointer("pagination.cursor", cursor),
+        PaginationSpec::FirstRecord {
+            field: Some(field), ..
+        } => pointer("pagination.field", field),
         PaginationSpec::LastRecord {
             field, has_more, ..
         } => {
@@ -398,12 +401,14 @@ fn validate_stream(
         IncrementalSpec::Cursor => {
             if !matches!(
                 stream.pagination,
-                PaginationSpec::BodyCursor { .. } | PaginationSpec::LastRecord { .. }
+                PaginationSpec::BodyCursor { .. }
+                    | PaginationSpec::LastRecord { .. }
+                    | PaginationSpec::FirstRecord { .. }
             ) {
                 push(
                     s,
                     "incremental.kind",
-                    "cursor needs pagination kind body_cursor or last_record".into(),
+                    "cursor needs pagination kind body_cursor, last_record or first_record".into(),
                 );
             }
         }
@@ -477,15 +482,36 @@ fn toml_contains(value: &toml::Value, needle: &str) -> bool {
     }
 }
 
-/// Turns a toml error's byte span into the stream and dotted field it falls in, best effort.
+/// Turns a toml error's byte span into the stream and dotted field it falls in, best effort:
+/// the table header above the span, then the key the span's line assigns (for inline
+/// tables, the outer and the innermost key, e.g. `pagination.kind`), or the field a
+/// "missing field" message names.
 fn locate_toml_error(text: &str, err: &toml::de::Error) -> (Option<String>, Option<String>) {
     let Some(span) = err.span() else {
         return (None, None);
     };
-    let before = &text[..span.start.min(text.len())];
-    let line = before.lines().count();
+    let mut start = span.start.min(text.len());
+    let message = err.message();
+    // Errors raised inside a tagged table (a bad duration, time format, ...) span the
+    // whole table: point at the offending value when the message quotes it.
+    if let Some(value) = message.split('\'').nth(1).filter(|v| !v.is_empty()) {
+        let spanned = &text[start..span.end.min(text.len())];
+        if let Some(offset) = spanned.find(&format!("\"{value}\"")) {
+            start += offset;
+        }
+    }
+    let before = &text[..start];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let prefix = &text[line_start..start];
     let mut section: Option<String> = None;
-    for header in before.lines().rev() {
+    let header_lines = if prefix.trim().is_empty() {
+        // The span starts a line: that line may be the header itself.
+        text[..text[start..].find('\n').map_or(text.len(), |i| start + i)].to_string()
+    } else {
+        before.to_string()
+    };
+    for header in header_lines.lines().rev() {
         let header = header.trim();
         if header.starts_with('[') {
             section = Some(
@@ -497,11 +523,38 @@ fn locate_toml_error(text: &str, err: &toml::de::Error) -> (Option<String>, Opti
             break;
         }
     }
-    let key = text[span.start.min(text.len())..span.end.min(text.len())]
-        .split('=')
-        .next()
-        .map(|k| k.trim().trim_matches('"').to_string())
-        .filter(|k| !k.is_empty() && !k.contains('\n'));
+    let missing = message
+        .strip_prefix("missing field `")
+        .and_then(|rest| rest.split('`').next())
+        .map(str::to_string);
+    let key = if missing.is_some() {
+        missing
+    } else if prefix.trim().is_empty() {
+        // The span is the key itself (an unknown field).
+        text[start..span.end.min(text.len())]
+            .split('=')
+            .next()
+            .map(|k| k.trim().trim_matches('"').to_string())
+            .filter(|k| !k.is_empty() && !k.contains('\n') && !k.starts_with('['))
+    } else {
+        // The span is a value: the key(s) assigned on this line before it.
+        let keys: Vec<&str> = prefix
+            .split('=')
+            .rev()
+            .skip(1)
+            .filter_map(|piece| {
+                piece
+                    .rsplit(|c: char| c == '{' || c == ',' || c.is_whitespace())
+                    .find(|k| !k.is_empty())
+            })
+            .map(|k| k.trim_matches('"'))
+            .collect();
+        match keys.as_slice() {
+            [] => None,
+            [only] => Some(only.to_string()),
+            [innermost, .., outer] => Some(format!("{outer}.{innermost}")),
+        }
+    };
     let (stream, prefix) = match section.as_deref().and_then(|s| s.strip_prefix("streams.")) {
         Some(rest) => {
             let mut parts = rest.splitn(2, '.');

@@ -256,6 +256,19 @@ pub enum PaginationSpec {
         #[serde(default)]
         has_more: Option<String>,
     },
+    /// The first record's id is the cursor: a newest-first feed walked towards newer
+    /// records (Stripe events: `param = "ending_before"`). The walk stops on an empty page
+    /// only (a `has_more` flag is not trusted), so the last cursor kept is the newest
+    /// record's. Each page is handed on oldest record first, so a record changed twice in
+    /// one page keeps its newest version.
+    FirstRecord {
+        /// Parameter that sends the cursor back.
+        param: String,
+        /// JSON pointer inside a record to its cursor value, e.g. `"/id"` for an event's
+        /// own id (default: the stream's `id`).
+        #[serde(default)]
+        field: Option<String>,
+    },
     /// The response carries the next page's URL (absolute, or relative to `base_url`).
     NextUrl {
         /// JSON pointer to the URL; stops when absent or null.
@@ -313,7 +326,8 @@ pub enum IncrementalSpec {
         mark_deleted: bool,
     },
     /// An opaque vendor cursor (an events feed), kept across runs: each run continues from
-    /// the last page's cursor. Needs `body_cursor` or `last_record` pagination.
+    /// the last page's cursor. Needs `body_cursor`, `last_record` or `first_record`
+    /// pagination.
     Cursor,
     /// The largest `updated_at` applied; the next run asks from `mark - overlap`, inclusive.
     HighWaterMark {

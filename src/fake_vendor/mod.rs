@@ -220,6 +220,20 @@ impl FakeVendor {
         self.lock().data.insert_invoice(inv);
     }
 
+    /// Deletes invoice `id` at the vendor (lists stop returning it) and appends an
+    /// `invoice.deleted` event. Returns false when the id is unknown.
+    pub fn remove_invoice(&self, id: &str) -> bool {
+        let mut state = self.lock();
+        let now = state.data.clock;
+        match state.data.invoices.remove(id) {
+            Some(invoice) => {
+                state.data.push_event("invoice.deleted", now, invoice);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Sets the vendor's "now" (unix seconds) used for bumps and seeding.
     pub fn set_clock(&self, unix_secs: i64) {
         self.lock().data.clock = unix_secs;
@@ -283,6 +297,14 @@ impl FakeVendor {
     pub fn inject(&self, fault: Fault) {
         if fault.times > 0 {
             self.lock().faults.push(fault);
+        }
+    }
+
+    /// Queues `fault` when the `nth` (1-based, all recorded requests) request arrives, ahead
+    /// of other queued faults, so it can hit that very request (when its path matches).
+    pub fn inject_at(&self, nth: usize, fault: Fault) {
+        if fault.times > 0 {
+            self.lock().faults_at.entry(nth).or_default().push(fault);
         }
     }
 

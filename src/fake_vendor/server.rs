@@ -63,6 +63,8 @@ pub(crate) struct State {
     pub(crate) base_url: String,
     pub(crate) auth: Auth,
     pub(crate) faults: Vec<Fault>,
+    /// Faults queued when the nth request arrives (see `FakeVendor::inject_at`).
+    pub(crate) faults_at: BTreeMap<usize, Vec<Fault>>,
     pub(crate) hooks: BTreeMap<usize, Vec<Hook>>,
     pub(crate) requests: Vec<RecordedRequest>,
     pub(crate) emails: Vec<DeliveredEmail>,
@@ -78,6 +80,7 @@ impl State {
             base_url,
             auth: Auth::None,
             faults: Vec::new(),
+            faults_at: BTreeMap::new(),
             hooks: BTreeMap::new(),
             requests: Vec::new(),
             emails: Vec::new(),
@@ -197,6 +200,11 @@ async fn gate(AxState(st): AxState<Shared>, req: Request, next: Next) -> Respons
         if let Some(hooks) = s.hooks.remove(&nth) {
             for hook in hooks {
                 s.data.run_hook(hook);
+            }
+        }
+        if let Some(faults) = s.faults_at.remove(&nth) {
+            for fault in faults.into_iter().rev() {
+                s.faults.insert(0, fault);
             }
         }
         (nth - 1, s.take_fault(&path))
@@ -421,7 +429,7 @@ fn event_seq(q: &HashMap<String, String>, key: &str) -> Res<Option<usize>> {
 }
 
 /// `GET /v1/events`: newest first; `limit`, `starting_after` (older), `ending_before`
-/// (newer), `type`.
+/// (newer), `type` (`invoice.*` matches every invoice event, as at Stripe).
 async fn events(AxState(st): AxState<Shared>, Query(q): Q, dup: DupExt) -> Res {
     let limit = num(&q, "limit", 10)?.clamp(1, 100);
     let starting_after = event_seq(&q, "starting_after")?;
@@ -431,7 +439,12 @@ async fn events(AxState(st): AxState<Shared>, Query(q): Q, dup: DupExt) -> Res {
     let kind = q.get("type");
     let seqs: Vec<usize> = (1..=evs.len())
         .rev()
-        .filter(|&i| kind.is_none_or(|k| evs[i - 1].kind == k))
+        .filter(|&i| {
+            kind.is_none_or(|k| match k.strip_suffix('*') {
+                Some(prefix) => evs[i - 1].kind.starts_with(prefix),
+                None => evs[i - 1].kind == k,
+            })
+        })
         .collect();
     let (page, has_more): (Vec<usize>, bool) = if let Some(eb) = ending_before {
         let newer = seqs.partition_point(|&i| i > eb);
