@@ -80,4 +80,5 @@ CREATE TABLE idem_ledger (
 );
 CREATE INDEX idem_ledger_due ON idem_ledger (next_attempt_at) WHERE status = 'pending';
 CREATE INDEX idem_ledger_leased ON idem_ledger (lease_expires_at) WHERE status = 'sending';
-CREATE INDEX idem_ledger_by_record ON idem_ledger (source_system, stream, rule, source_id);
+-- source_id first: the rules' NOT EXISTS probe is always by one record.
+CREATE INDEX idem_ledger_by_record ON idem_ledger (source_id, rule, stream, source_system);

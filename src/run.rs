@@ -25,6 +25,9 @@ use crate::store::{Context, StoreError, StreamLock};
 /// few enough that memory stays flat whatever the stream's size.
 const PAGES_IN_FLIGHT: usize = 2;
 
+/// Rows written by a run past which the destination table's statistics are refreshed.
+const ANALYZE_AFTER_WRITES: u64 = 1_000;
+
 /// What kind of run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Mode {
@@ -713,6 +716,11 @@ impl<'a> Walk<'a> {
             info!(
                 "this walk resumed an interrupted one, so it cannot tell which records disappeared: no deletions marked this time"
             );
+        }
+        // A large load leaves the planner with no statistics for the rules' whole-table
+        // query (a fresh table looks empty): refresh them first, cheaply (ANALYZE samples).
+        if self.counters.inserted + self.counters.updated >= ANALYZE_AFTER_WRITES {
+            self.table.analyze(&mut tx).await?;
         }
         ledger::rules::enqueue(
             &mut tx,
