@@ -15,10 +15,9 @@ use sqlx::PgPool;
 use crate::config::{ConfigError, Settings};
 use crate::connector::Connector;
 use crate::duration::HumanDuration;
-use crate::http::{HttpSource, VendorClient};
 use crate::ledger::dispatch::{DispatchReport, DispatchSettings, Dispatcher};
 use crate::ledger::transport::AnyTransport;
-use crate::run::{self, Mode, RunError, RunOptions, RunReport, RunStatus};
+use crate::run::{Mode, RunError, RunOptions, RunReport, RunStatus, StreamRunner};
 use crate::store;
 use crate::telemetry::{self, LogFormat};
 
@@ -95,6 +94,12 @@ pub enum Command {
     Checkpoint {
         #[command(subcommand)]
         command: CheckpointCommand,
+    },
+    /// Run as a service: scheduled runs, the dispatcher, /healthz and /metrics.
+    Serve {
+        /// Address for /healthz and /metrics (default: [serve] listen in idem.toml).
+        #[arg(long)]
+        listen: Option<String>,
     },
     /// Send due notifications from the ledger (also done after every run).
     Notify {
@@ -193,10 +198,7 @@ async fn execute(cli: Cli) -> anyhow::Result<u8> {
             let url = settings.database_url()?;
             let transport =
                 AnyTransport::from_settings(&settings.notify).map_err(|e| usage(e.to_string()))?;
-            let options = RunOptions {
-                mode: Mode::Regular,
-                dry_run,
-            };
+            let options = RunOptions::new(Mode::Regular, dry_run);
             let code = run_all(&pool, &url, &selected, &options, json).await?;
             if !no_notify && !dry_run {
                 let report = notify(&pool, &settings, &transport).await?;
@@ -244,15 +246,15 @@ async fn execute(cli: Cli) -> anyhow::Result<u8> {
             let url = settings.database_url()?;
             let transport =
                 AnyTransport::from_settings(&settings.notify).map_err(|e| usage(e.to_string()))?;
-            let options = RunOptions {
-                mode: Mode::Replay {
+            let options = RunOptions::new(
+                Mode::Replay {
                     from,
                     to,
                     label,
                     restart,
                 },
-                dry_run: false,
-            };
+                false,
+            );
             let code = run_all(&pool, &url, &selected, &options, json).await?;
             if !no_notify {
                 let report = notify(&pool, &settings, &transport).await?;
@@ -261,6 +263,34 @@ async fn execute(cli: Cli) -> anyhow::Result<u8> {
                 }
             }
             Ok(code)
+        }
+        Command::Serve { listen } => {
+            let connectors = settings.load_connectors()?;
+            for (index, schedule) in settings.serve.schedules.iter().enumerate() {
+                select(&connectors, &schedule.streams)
+                    .with_context(|| format!("serve.schedules[{index}].streams"))?;
+            }
+            let transport =
+                AnyTransport::from_settings(&settings.notify).map_err(|e| usage(e.to_string()))?;
+            let pool = connect(&settings).await?;
+            let url = settings.database_url()?;
+            let address = listen.unwrap_or_else(|| settings.serve.listen.clone());
+            let listener = tokio::net::TcpListener::bind(&address)
+                .await
+                .map_err(|err| usage(format!("serve.listen: cannot listen on {address}: {err}")))?;
+            println!(
+                "idem serve: {} schedule(s); health http://{addr}/healthz, metrics http://{addr}/metrics",
+                settings.serve.schedules.len(),
+                addr = listener.local_addr()?
+            );
+            use std::io::Write as _;
+            std::io::stdout().flush()?;
+            let shutdown = crate::serve::shutdown_signal();
+            crate::serve::serve(
+                settings, connectors, pool, url, transport, listener, shutdown,
+            )
+            .await?;
+            Ok(EXIT_OK)
         }
         Command::Notify { json } => {
             let transport =
@@ -395,63 +425,11 @@ fn check(settings: &Settings) -> anyhow::Result<u8> {
     Ok(EXIT_OK)
 }
 
-/// The (connector, stream) pairs named by `targets` (all when empty).
 fn select<'a>(
     connectors: &'a [Connector],
     targets: &[String],
 ) -> anyhow::Result<Vec<(&'a Connector, String)>> {
-    let mut selected = Vec::new();
-    if targets.is_empty() {
-        for connector in connectors {
-            selected.extend(
-                connector
-                    .spec
-                    .streams
-                    .keys()
-                    .map(|s| (connector, s.clone())),
-            );
-        }
-        return Ok(selected);
-    }
-    for target in targets {
-        let (source, stream) = match target.split_once('.') {
-            Some((source, stream)) => (source, Some(stream)),
-            None => (target.as_str(), None),
-        };
-        let connector = connectors
-            .iter()
-            .find(|c| c.spec.source_system == source)
-            .ok_or_else(|| {
-                let known: Vec<&str> = connectors
-                    .iter()
-                    .map(|c| c.spec.source_system.as_str())
-                    .collect();
-                usage(format!(
-                    "unknown source '{source}' (configured: {})",
-                    known.join(", ")
-                ))
-            })?;
-        match stream {
-            Some(stream) if connector.spec.streams.contains_key(stream) => {
-                selected.push((connector, stream.to_string()))
-            }
-            Some(stream) => {
-                let known: Vec<&str> = connector.spec.streams.keys().map(String::as_str).collect();
-                return Err(usage(format!(
-                    "unknown stream '{stream}' of {source} (streams: {})",
-                    known.join(", ")
-                )));
-            }
-            None => selected.extend(
-                connector
-                    .spec
-                    .streams
-                    .keys()
-                    .map(|s| (connector, s.clone())),
-            ),
-        }
-    }
-    Ok(selected)
+    crate::connector::select_streams(connectors, targets).map_err(usage)
 }
 
 async fn run_all(
@@ -461,27 +439,14 @@ async fn run_all(
     options: &RunOptions,
     json: bool,
 ) -> anyhow::Result<u8> {
-    let mut clients: Vec<(String, std::sync::Arc<VendorClient>)> = Vec::new();
+    let mut runner = StreamRunner::default();
     let mut code = EXIT_OK;
     let mut reports = Vec::new();
     for (connector, stream) in selected {
-        let client = match clients
-            .iter()
-            .find(|(name, _)| *name == connector.spec.source_system)
+        match runner
+            .run(pool, database_url, connector, stream, options)
+            .await
         {
-            Some((_, client)) => client.clone(),
-            None => {
-                let client = VendorClient::new((*connector).clone());
-                clients.push((connector.spec.source_system.clone(), client.clone()));
-                client
-            }
-        };
-        let spec = connector
-            .stream(stream)
-            .expect("selected streams exist")
-            .clone();
-        let source = HttpSource::new(client, spec);
-        match run::run_stream(pool, database_url, connector, stream, source, options).await {
             Ok(report) => {
                 let stream_code = match report.status {
                     RunStatus::Succeeded => EXIT_OK,

@@ -24,12 +24,59 @@ pub struct Settings {
     /// How reminders and other side effects are sent.
     #[serde(default)]
     pub notify: NotifySettings,
+    /// The long-running service (`idem serve`): schedules, health and metrics.
+    #[serde(default)]
+    pub serve: ServeSettings,
     /// The folder the config file is in (connector paths are relative to it).
     #[serde(skip)]
     pub base_dir: PathBuf,
     /// The config file read, if any.
     #[serde(skip)]
     pub file: Option<PathBuf>,
+}
+
+/// `idem serve`: what runs when, and where health and metrics are served.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeSettings {
+    /// Address of `/healthz` and `/metrics` (default `"127.0.0.1:9464"`; port 0 picks one).
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// How often the dispatcher sends due notifications between runs (default `"1m"`).
+    #[serde(default = "default_notify_every")]
+    pub notify_every: HumanDuration,
+    /// Scheduled runs, e.g. `{ streams = ["stripe.invoices"], every = "1h" }`.
+    #[serde(default)]
+    pub schedules: Vec<Schedule>,
+}
+
+impl Default for ServeSettings {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            notify_every: default_notify_every(),
+            schedules: Vec::new(),
+        }
+    }
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:9464".into()
+}
+fn default_notify_every() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(60))
+}
+
+/// One schedule of `idem serve`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Schedule {
+    /// `SOURCE` or `SOURCE.STREAM` targets, run one after another (empty: every stream).
+    #[serde(default)]
+    pub streams: Vec<String>,
+    /// Time from the end of one round to the start of the next, e.g. `"15m"`. The first
+    /// round starts at once.
+    pub every: HumanDuration,
 }
 
 /// The dispatcher's transport and limits.

@@ -19,6 +19,7 @@
 //! - [`run`]: one stream run, regular or replay: fetch pages, write each page atomically.
 //! - [`telemetry`]: the tracing subscriber.
 //! - [`cli`]: the command line; maps outcomes to exit codes.
+//! - [`serve`]: the long-running service: schedules, dispatcher, health and metrics.
 //! - [`fake_vendor`]: an in-project fake vendor (HTTP API + SMTP sink) for tests and the demo.
 
 pub mod cli;
@@ -33,5 +34,6 @@ pub mod normalize;
 pub mod paginate;
 pub mod run;
 pub mod secret;
+pub mod serve;
 pub mod store;
 pub mod telemetry;

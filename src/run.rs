@@ -2,6 +2,7 @@
 //! each page's rows, failures, counters and checkpoint in one transaction.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
@@ -15,6 +16,7 @@ use crate::connector::{
     Connector, IncrementalSpec, Page, PageRequest, Source, SourceError, StreamSpec,
 };
 use crate::failpoint::crash_point;
+use crate::http::{HttpSource, VendorClient};
 use crate::ledger;
 use crate::normalize::{Normalizer, RecordFailure, Row};
 use crate::store::state::{self, Checkpoint, Counters, MAIN_SCOPE, Resume};
@@ -51,6 +53,19 @@ pub struct RunOptions {
     pub mode: Mode,
     /// Fetch and compare, write nothing.
     pub dry_run: bool,
+    /// When this turns true the run stops after the page it is writing; the next run
+    /// resumes after it (graceful shutdown of `idem serve`).
+    pub stop: Option<tokio::sync::watch::Receiver<bool>>,
+}
+
+impl RunOptions {
+    pub fn new(mode: Mode, dry_run: bool) -> Self {
+        Self {
+            mode,
+            dry_run,
+            stop: None,
+        }
+    }
 }
 
 /// How a run ended.
@@ -97,6 +112,42 @@ pub enum RunError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// Runs streams one after another through the declarative HTTP source, sharing one
+/// [`VendorClient`] per vendor so its rate limit and OAuth2 token hold across streams.
+#[derive(Default)]
+pub struct StreamRunner {
+    clients: Vec<(String, Arc<VendorClient>)>,
+}
+
+impl StreamRunner {
+    pub async fn run(
+        &mut self,
+        pool: &PgPool,
+        database_url: &str,
+        connector: &Connector,
+        stream: &str,
+        options: &RunOptions,
+    ) -> Result<RunReport, RunError> {
+        let spec = connector
+            .stream(stream)
+            .ok_or_else(|| RunError::UnknownStream {
+                source_system: connector.spec.source_system.clone(),
+                stream: stream.to_string(),
+            })?;
+        let name = &connector.spec.source_system;
+        let client = match self.clients.iter().find(|(n, _)| n == name) {
+            Some((_, client)) => client.clone(),
+            None => {
+                let client = VendorClient::new(connector.clone());
+                self.clients.push((name.clone(), client.clone()));
+                client
+            }
+        };
+        let source = HttpSource::new(client, spec.clone());
+        run_stream(pool, database_url, connector, stream, source, options).await
+    }
 }
 
 /// Runs one stream of `connector`, reading pages from `source`.
@@ -321,7 +372,25 @@ impl<'a> Walk<'a> {
             .instrument(tracing::Span::current()),
         );
         let mut failure: Option<String> = None;
-        while let Some(message) = pages_rx.recv().await {
+        let mut stop = self.options.stop.clone();
+        loop {
+            let message = match &mut stop {
+                Some(stop) if *stop.borrow() => None,
+                Some(stop) => tokio::select! {
+                    message = pages_rx.recv() => message,
+                    _ = stop.changed() => None,
+                },
+                None => pages_rx.recv().await,
+            };
+            let Some(message) = message else {
+                if stop.as_ref().is_some_and(|s| *s.borrow()) {
+                    failure = Some(
+                        "stopped by shutdown; the next run resumes after the last committed page"
+                            .into(),
+                    );
+                }
+                break;
+            };
             match message {
                 Ok(fetched) => {
                     if let Err(err) = self.commit_page(fetched).await {

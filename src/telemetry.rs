@@ -16,9 +16,10 @@ pub enum LogFormat {
 }
 
 /// Installs the global subscriber, writing to stderr (stdout is for results).
-/// `RUST_LOG` filters (default `info`).
+/// `RUST_LOG` filters (default `info`, with sqlx's notices and slow-query lines at `warn`).
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
     let json = match format {
         LogFormat::Auto => !std::io::stderr().is_terminal(),
         LogFormat::Pretty => false,

@@ -575,6 +575,55 @@ fn locate_toml_error(text: &str, err: &toml::de::Error) -> (Option<String>, Opti
     (stream, field)
 }
 
+/// The (connector, stream) pairs that `targets` (`SOURCE` or `SOURCE.STREAM`) name; every
+/// stream when `targets` is empty. The error names the unknown target and what exists.
+pub fn select_streams<'a>(
+    connectors: &'a [Connector],
+    targets: &[String],
+) -> Result<Vec<(&'a Connector, String)>, String> {
+    let all_of = |connector: &'a Connector| {
+        connector
+            .spec
+            .streams
+            .keys()
+            .map(move |s| (connector, s.clone()))
+    };
+    if targets.is_empty() {
+        return Ok(connectors.iter().flat_map(all_of).collect());
+    }
+    let mut selected = Vec::new();
+    for target in targets {
+        let (source, stream) = match target.split_once('.') {
+            Some((source, stream)) => (source, Some(stream)),
+            None => (target.as_str(), None),
+        };
+        let Some(connector) = connectors.iter().find(|c| c.spec.source_system == source) else {
+            let known: Vec<&str> = connectors
+                .iter()
+                .map(|c| c.spec.source_system.as_str())
+                .collect();
+            return Err(format!(
+                "unknown source '{source}' (configured: {})",
+                known.join(", ")
+            ));
+        };
+        match stream {
+            Some(stream) if connector.spec.streams.contains_key(stream) => {
+                selected.push((connector, stream.to_string()))
+            }
+            Some(stream) => {
+                let known: Vec<&str> = connector.spec.streams.keys().map(String::as_str).collect();
+                return Err(format!(
+                    "unknown stream '{stream}' of {source} (streams: {})",
+                    known.join(", ")
+                ));
+            }
+            None => selected.extend(all_of(connector)),
+        }
+    }
+    Ok(selected)
+}
+
 /// One page as the vendor returned it.
 #[derive(Debug, Clone, Default)]
 pub struct Page {

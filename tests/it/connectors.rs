@@ -61,10 +61,7 @@ async fn run_with_client(app: &TestApp, client: &Arc<VendorClient>, stream: &str
         &connector,
         stream,
         source,
-        &RunOptions {
-            mode: Mode::Regular,
-            dry_run: false,
-        },
+        &RunOptions::new(Mode::Regular, false),
     )
     .await
     .expect("the run starts")

@@ -140,7 +140,7 @@ impl TestApp {
             connector,
             stream,
             source,
-            &RunOptions { mode, dry_run },
+            &RunOptions::new(mode, dry_run),
         )
         .await
         .expect("the run starts")

@@ -5,4 +5,5 @@ mod connectors;
 mod helpers;
 mod ledger;
 mod replay;
+mod serve;
 mod sync_core;
