@@ -421,7 +421,19 @@ fn check(settings: &Settings) -> anyhow::Result<u8> {
             streams.join(", ")
         );
     }
-    println!("{} connector file(s) valid", connectors.len());
+    // The rest of idem.toml, as a run or `serve` would read it.
+    AnyTransport::from_settings(&settings.notify).map_err(|e| usage(e.to_string()))?;
+    for (index, schedule) in settings.serve.schedules.iter().enumerate() {
+        select(&connectors, &schedule.streams)
+            .with_context(|| format!("serve.schedules[{index}].streams"))?;
+    }
+    if settings.database_url.is_some() {
+        settings.database_url()?;
+    }
+    println!(
+        "{} connector file(s) valid; notify and serve settings valid",
+        connectors.len()
+    );
     Ok(EXIT_OK)
 }
 
