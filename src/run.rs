@@ -27,9 +27,6 @@ use crate::store::{Context, StoreError, StreamLock};
 /// few enough that memory stays flat whatever the stream's size.
 const PAGES_IN_FLIGHT: usize = 2;
 
-/// Rows written by a run past which the destination table's statistics are refreshed.
-const ANALYZE_AFTER_WRITES: u64 = 1_000;
-
 /// What kind of run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Mode {
@@ -373,7 +370,10 @@ impl<'a> Walk<'a> {
         );
         let mut failure: Option<String> = None;
         let mut stop = self.options.stop.clone();
+        // Where the time goes: waiting for the vendor, or writing to Postgres.
+        let (mut waiting, mut writing) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
         loop {
+            let wait_started = Instant::now();
             let message = match &mut stop {
                 Some(stop) if *stop.borrow() => None,
                 Some(stop) => tokio::select! {
@@ -391,9 +391,13 @@ impl<'a> Walk<'a> {
                 }
                 break;
             };
+            waiting += wait_started.elapsed();
             match message {
                 Ok(fetched) => {
-                    if let Err(err) = self.commit_page(fetched).await {
+                    let write_started = Instant::now();
+                    let committed = self.commit_page(fetched).await;
+                    writing += write_started.elapsed();
+                    if let Err(err) = committed {
                         failure = Some(error_chain(&err));
                         break;
                     }
@@ -434,6 +438,7 @@ impl<'a> Walk<'a> {
             status = ?status, dry_run = self.options.dry_run, pages = c.pages, fetched = c.fetched, inserted = c.inserted,
             updated = c.updated, unchanged = c.unchanged, failed = c.failed, deleted = c.deleted,
             duration_ms = duration.as_millis() as u64, records_per_sec = per_second.round() as u64,
+            waiting_for_vendor_ms = waiting.as_millis() as u64, writing_ms = writing.as_millis() as u64,
             "run finished"
         );
         Ok(RunReport {
@@ -785,11 +790,6 @@ impl<'a> Walk<'a> {
             info!(
                 "this walk resumed an interrupted one, so it cannot tell which records disappeared: no deletions marked this time"
             );
-        }
-        // A large load leaves the planner with no statistics for the rules' whole-table
-        // query (a fresh table looks empty): refresh them first, cheaply (ANALYZE samples).
-        if self.counters.inserted + self.counters.updated >= ANALYZE_AFTER_WRITES {
-            self.table.analyze(&mut tx).await?;
         }
         ledger::rules::enqueue(
             &mut tx,

@@ -65,6 +65,9 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, StoreErr
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(10))
+        // A ping before every page transaction costs a round trip per page; a dead
+        // connection fails the page anyway, and the run resumes after the last commit.
+        .test_before_acquire(false)
         .connect_with(options)
         .await
         .map_err(|source| StoreError::Connect {

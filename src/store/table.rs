@@ -250,15 +250,6 @@ impl DestinationTable {
         Ok(counts)
     }
 
-    /// Refreshes the planner's statistics of the table.
-    pub async fn analyze(&self, connection: &mut PgConnection) -> Result<(), StoreError> {
-        sqlx::query(&format!("ANALYZE {}", quote(&self.name)))
-            .execute(connection)
-            .await
-            .context(|| format!("analyzing table {}", self.name))?;
-        Ok(())
-    }
-
     /// Marks rows that a completed full walk did not see as deleted at the vendor.
     pub async fn mark_deleted(
         &self,
