@@ -95,9 +95,15 @@ impl<'a, T: Transport> Dispatcher<'a, T> {
             needs_review: to_review,
             ..Default::default()
         };
+        // Only rows due when the pass starts: a row rescheduled during the pass waits for
+        // the next one instead of being retried again and again within it.
+        let pass_started: DateTime<Utc> = sqlx::query_scalar("SELECT now()")
+            .fetch_one(self.pool)
+            .await
+            .context(|| "reading the database clock".into())?;
         let mut sent_in_pass = 0u64;
         loop {
-            let batch = self.claim().await?;
+            let batch = self.claim(pass_started).await?;
             if batch.is_empty() {
                 break;
             }
@@ -197,11 +203,11 @@ impl<'a, T: Transport> Dispatcher<'a, T> {
 
     /// Claims a batch in one short statement (its own transaction), committed before any
     /// network call.
-    async fn claim(&self) -> Result<Vec<Claimed>, StoreError> {
+    async fn claim(&self, due_by: DateTime<Utc>) -> Result<Vec<Claimed>, StoreError> {
         sqlx::query_as(
             "UPDATE idem_ledger l SET status = 'sending', lease_owner = $1,
                lease_expires_at = now() + $2 * interval '1 millisecond', in_flight_since = NULL
-             FROM (SELECT key FROM idem_ledger WHERE status = 'pending' AND next_attempt_at <= now()
+             FROM (SELECT key FROM idem_ledger WHERE status = 'pending' AND next_attempt_at <= $4
                    ORDER BY next_attempt_at, key LIMIT $3 FOR UPDATE SKIP LOCKED) due
              WHERE l.key = due.key
              RETURNING l.key, l.recipient, l.subject, l.body, l.message_id, l.source_id, l.attempts + 1 AS attempts",
@@ -209,6 +215,7 @@ impl<'a, T: Transport> Dispatcher<'a, T> {
         .bind(&self.owner)
         .bind(self.settings.lease.as_millis() as f64)
         .bind(self.settings.batch_size as i64)
+        .bind(due_by)
         .fetch_all(self.pool)
         .await
         .context(|| "claiming due ledger rows".into())
@@ -227,7 +234,7 @@ impl<'a, T: Transport> Dispatcher<'a, T> {
             &str,
             Option<String>,
             Option<String>,
-            Option<DateTime<Utc>>,
+            Option<Duration>,
         ) = match outcome {
             Outcome::Sent { provider_id } => {
                 report.sent += 1;
@@ -239,13 +246,7 @@ impl<'a, T: Transport> Dispatcher<'a, T> {
                 report.retry_later += 1;
                 let wait = retry_after.unwrap_or_default().max(self.backoff(attempts));
                 warn!(error = %error, attempt = attempts, retry_in_ms = wait.as_millis() as u64, "not sent; will retry");
-                (
-                    "pending",
-                    "not_sent",
-                    Some(error),
-                    None,
-                    Some(Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default()),
-                )
+                ("pending", "not_sent", Some(error), None, Some(wait))
             }
             Outcome::NotSent { error, .. } => {
                 report.failed += 1;
@@ -265,11 +266,7 @@ impl<'a, T: Transport> Dispatcher<'a, T> {
                     "ambiguous",
                     Some(error),
                     None,
-                    Some(
-                        Utc::now()
-                            + chrono::Duration::from_std(self.backoff(attempts))
-                                .unwrap_or_default(),
-                    ),
+                    Some(self.backoff(attempts)),
                 )
             }
             Outcome::Ambiguous { error } => {
@@ -282,7 +279,7 @@ impl<'a, T: Transport> Dispatcher<'a, T> {
             "UPDATE idem_ledger SET status = $3, last_outcome = $4, last_error = $5,
                provider_message_id = COALESCE($6, provider_message_id),
                sent_at = CASE WHEN $3 = 'sent' THEN now() ELSE sent_at END,
-               next_attempt_at = COALESCE($7, next_attempt_at), lease_owner = NULL, lease_expires_at = NULL,
+               next_attempt_at = COALESCE(now() + $7 * interval '1 millisecond', next_attempt_at), lease_owner = NULL, lease_expires_at = NULL,
                in_flight_since = NULL
              WHERE key = $1 AND status = 'sending' AND lease_owner = $2",
         )
@@ -292,7 +289,7 @@ impl<'a, T: Transport> Dispatcher<'a, T> {
         .bind(last_outcome)
         .bind(error)
         .bind(provider_id)
-        .bind(retry_at)
+        .bind(retry_at.map(|wait| wait.as_millis() as f64))
         .execute(self.pool)
         .await
         .context(|| format!("recording the outcome of ledger row {key}"))?;

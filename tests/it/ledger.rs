@@ -318,6 +318,12 @@ async fn smtp_outage_keeps_rows_pending_and_sends_them_when_it_is_back() {
         Some(20),
         "rows were lost or given up"
     );
+    assert_eq!(
+        app.count("SELECT max(attempts)::bigint FROM idem_ledger")
+            .await,
+        1,
+        "a pass retried a row it had just rescheduled"
+    );
 
     let sink = SmtpSink::start_on(addr).await.unwrap();
     // Let the short retry backoff pass.
