@@ -174,6 +174,12 @@ async fn crash_mid_page_resumes_without_duplicates() {
         .unwrap()
         .flatten();
         assert_eq!(resume_pages.unwrap_or(0), committed_pages, "{crash_at}");
+        // The vendor's list is not sorted by `updated`: no mark before the walk completes.
+        assert_eq!(
+            high_water_mark(&app).await,
+            None,
+            "{crash_at}: the mark moved mid-walk"
+        );
 
         // The vendor moves on while we are down.
         app.vendor
