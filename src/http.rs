@@ -537,6 +537,16 @@ impl Source for HttpSource {
             // twice the newer version is the one written.
             records.reverse();
         }
+        if let Some(pointer) = &self.stream.record {
+            // Envelopes (events) paged the feed; what is stored is the record inside. An
+            // item without one is handed on whole, to be stored as a failure with its
+            // payload.
+            for item in &mut records {
+                if let Some(inner) = item.pointer_mut(pointer) {
+                    *item = inner.take();
+                }
+            }
+        }
         Ok(Page { records, next })
     }
 }

@@ -266,14 +266,27 @@ pub fn parse(
             "a connector needs at least one stream".into(),
         );
     }
-    let mut tables: BTreeMap<&str, &str> = BTreeMap::new();
+    // Two streams may fill one table (an events feed and a backfill of the same objects)
+    // when they store the same columns; anything else would fight over the table's shape.
+    let mut tables: BTreeMap<&str, (&str, &StreamSpec)> = BTreeMap::new();
     for (name, stream) in &spec.streams {
-        if let Some(other) = tables.insert(&stream.table, name) {
-            push(
-                Some(name),
-                "table",
-                format!("table '{}' is also used by stream '{other}'", stream.table),
-            );
+        if let Some((other, other_spec)) = tables.insert(&stream.table, (name, stream)) {
+            let shape = |s: &StreamSpec| -> Vec<(String, ColumnType)> {
+                s.columns
+                    .iter()
+                    .map(|c| (c.name.clone(), c.column_type))
+                    .collect()
+            };
+            if shape(stream) != shape(other_spec) {
+                push(
+                    Some(name),
+                    "table",
+                    format!(
+                        "table '{}' is also filled by stream '{other}' with other columns; streams sharing a table must declare the same columns",
+                        stream.table
+                    ),
+                );
+            }
         }
         validate_stream(name, stream, &mut push);
     }
@@ -314,6 +327,9 @@ fn validate_stream(
         }
     };
     pointer("records", &stream.records);
+    if let Some(record) = &stream.record {
+        pointer("record", record);
+    }
     pointer("id", &stream.id);
     if let Some(updated) = &stream.updated_at {
         pointer("updated_at.pointer", &updated.pointer);

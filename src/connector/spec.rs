@@ -166,6 +166,12 @@ pub struct StreamSpec {
     /// response itself is the array.
     #[serde(default)]
     pub records: String,
+    /// JSON pointer, inside each item of `records`, to the record to store, when the
+    /// items are envelopes: `"/data/object"` stores the invoice an event is about, not the
+    /// event. Pagination still reads the items (an event's id is the feed's cursor). An
+    /// item without it is stored as a failure. Default: the item itself.
+    #[serde(default)]
+    pub record: Option<String>,
     /// JSON pointer, inside a record, to its id, e.g. `"/id"`.
     pub id: String,
     /// Where a record says when it last changed. Required by `high_water_mark`.

@@ -366,14 +366,19 @@ fn stripe_list(url: &str, data: Vec<Value>, has_more: bool) -> Json<Value> {
     Json(json!({"object": "list", "url": url, "has_more": has_more, "data": data}))
 }
 
-/// `GET /v1/invoices`: ascending id, `limit`, `starting_after`, `updated[gte|gt|lt|lte]`.
+/// `GET /v1/invoices`: ascending id, `limit`, `starting_after`, `updated[gte|gt|lt|lte]`,
+/// `created[gte|lt]` (Stripe's own filter, used for backfills by creation windows).
 async fn invoices(AxState(st): AxState<Shared>, Query(q): Q, dup: DupExt) -> Res {
     let limit = num(&q, "limit", 10)?.clamp(1, 100);
     let (gte, gt) = (int(&q, "updated[gte]")?, int(&q, "updated[gt]")?);
     let (lt, lte) = (int(&q, "updated[lt]")?, int(&q, "updated[lte]")?);
+    let (created_gte, created_lt) = (int(&q, "created[gte]")?, int(&q, "created[lt]")?);
     let keep = |inv: &Value| {
         let u = inv.get("updated").and_then(Value::as_i64).unwrap_or(0);
-        gte.is_none_or(|b| u >= b)
+        let c = inv.get("created").and_then(Value::as_i64).unwrap_or(0);
+        created_gte.is_none_or(|b| c >= b)
+            && created_lt.is_none_or(|b| c < b)
+            && gte.is_none_or(|b| u >= b)
             && gt.is_none_or(|b| u > b)
             && lt.is_none_or(|b| u < b)
             && lte.is_none_or(|b| u <= b)

@@ -1052,12 +1052,11 @@ async fn stripe_events_cursor_never_skips_changes_when_a_run_fails_midway() {
         checkpoint(&app, "stripe", "invoices").await.0.as_deref(),
         Some("evt_000280")
     );
-    let stored: Vec<(String, serde_json::Value)> = sqlx::query_as(
-        "SELECT source_id, data->'data'->'object' FROM stripe_invoices ORDER BY source_id",
-    )
-    .fetch_all(&app.pool)
-    .await
-    .unwrap();
+    let stored: Vec<(String, serde_json::Value)> =
+        sqlx::query_as("SELECT source_id, data FROM stripe_invoices ORDER BY source_id")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
     let truth: Vec<(String, serde_json::Value)> = app
         .vendor
         .invoices()
@@ -1068,4 +1067,76 @@ async fn stripe_events_cursor_never_skips_changes_when_a_run_fails_midway() {
         stored, truth,
         "the table differs from the vendor's invoices"
     );
+}
+
+#[tokio::test]
+async fn stripe_history_is_backfilled_by_created_windows_into_the_events_table() {
+    let app = spawn_app(60).await;
+    let connector = shipped_with(&app, "stripe.toml");
+    let created: Vec<i64> = app
+        .vendor
+        .invoices()
+        .iter()
+        .map(|inv| inv["created"].as_i64().unwrap())
+        .collect();
+    let at = |secs: i64| DateTime::<Utc>::from_timestamp(secs, 0).unwrap();
+    let (first, last) = (created[0], created[created.len() - 1]);
+    let middle = created[25];
+    // Two adjacent half-open windows: [first, middle) and [middle, last + 1).
+    for (from, to) in [(first, middle), (middle, last + 1)] {
+        let mode = Mode::Replay {
+            from: at(from),
+            to: at(to),
+            label: format!("{from}..{to}"),
+            restart: false,
+        };
+        let report = app
+            .run_connector(&connector, "invoices_backfill", mode, false)
+            .await;
+        assert_eq!(report.status, RunStatus::Succeeded, "{report:?}");
+    }
+    assert_eq!(
+        rows(&app, "stripe_invoices").await,
+        60,
+        "a window overlapped or left a gap"
+    );
+    assert_eq!(distinct_rows(&app, "stripe_invoices").await, 60);
+    let windows: Vec<String> = queries(&app, "/v1/invoices");
+    assert!(
+        windows
+            .iter()
+            .any(|q| q.contains(&format!("created%5Bgte%5D={middle}"))
+                || q.contains(&format!("created[gte]={middle}"))),
+        "{windows:?}"
+    );
+
+    // The events feed then keeps the same rows current; the seed's events re-read by its
+    // first run change nothing.
+    let events = app
+        .run_connector(&connector, "invoices", Mode::Regular, false)
+        .await;
+    assert_eq!(events.status, RunStatus::Succeeded, "{events:?}");
+    assert_eq!(
+        (events.counters.inserted, events.counters.updated),
+        (0, 0),
+        "{events:?}"
+    );
+    app.vendor
+        .update_invoice("in_000005", |inv| inv["status"] = json!("void"));
+    let change = app
+        .run_connector(&connector, "invoices", Mode::Regular, false)
+        .await;
+    assert_eq!(change.counters.updated, 1, "{change:?}");
+    let stored: Vec<(String, serde_json::Value)> =
+        sqlx::query_as("SELECT source_id, data FROM stripe_invoices ORDER BY source_id")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    let truth: Vec<(String, serde_json::Value)> = app
+        .vendor
+        .invoices()
+        .into_iter()
+        .map(|inv| (inv["id"].as_str().unwrap().to_string(), inv))
+        .collect();
+    assert_eq!(stored, truth);
 }
