@@ -278,3 +278,61 @@ async fn a_column_added_to_the_connector_is_filled_by_a_replay() {
     );
     assert_eq!(main_checkpoint(&app).await, checkpoint_before);
 }
+
+#[tokio::test]
+async fn replaying_a_stream_the_vendor_cannot_filter_skips_records_outside_the_window() {
+    let app = app_with_recent_invoices(300, "[notify]\ntransport = \"log\"\n").await;
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/connectors/demo_billing.toml"
+    ))
+    .unwrap();
+    let start = text.find("[streams.invoices.incremental]").unwrap();
+    let end = start + text[start..].find("[[streams.invoices.columns]]").unwrap();
+    let full = format!(
+        "{}[streams.invoices.incremental]\nkind = \"full\"\n\n{}",
+        &text[..start],
+        &text[end..]
+    );
+    let path = app.dir.path().join("full.toml");
+    std::fs::write(&path, full).unwrap();
+    let connector = idem::connector::load_file_with(&path, &|name| app.env(name)).unwrap();
+
+    let mut updated: Vec<i64> = app
+        .vendor
+        .invoices()
+        .iter()
+        .map(|inv| inv["updated"].as_i64().unwrap())
+        .collect();
+    updated.sort();
+    let cut = updated[150];
+    let at = |secs: i64| chrono::DateTime::<Utc>::from_timestamp(secs, 0).unwrap();
+    let inside = updated.iter().filter(|u| **u >= cut).count() as u64;
+    let mode = idem::run::Mode::Replay {
+        from: at(cut),
+        to: at(updated[299] + 1),
+        label: "tail".into(),
+        restart: false,
+    };
+    let report = app.run_connector(&connector, "invoices", mode, false).await;
+    assert_eq!(
+        report.counters.fetched, 300,
+        "the whole list is walked: {report:?}"
+    );
+    assert_eq!(report.counters.inserted, inside, "{report:?}");
+    assert_eq!(report.skipped_outside_window, 300 - inside);
+    assert_eq!(
+        app.count(&format!(
+            "SELECT count(*) FROM demo_invoices WHERE (data->>'updated')::bigint < {cut}"
+        ))
+        .await,
+        0
+    );
+    // No query carried a window: the vendor was asked for everything.
+    assert!(
+        app.vendor
+            .requests()
+            .iter()
+            .all(|r| !r.query.as_deref().unwrap_or("").contains("updated"))
+    );
+}
