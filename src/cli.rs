@@ -576,10 +576,7 @@ async fn status(pool: &PgPool, connectors: &[Connector], json: bool) -> anyhow::
     )
     .fetch_all(pool)
     .await?;
-    let ledger: Vec<(String, i64)> =
-        sqlx::query_as("SELECT status, count(*) FROM idem_ledger GROUP BY status ORDER BY status")
-            .fetch_all(pool)
-            .await?;
+    let ledger = crate::ledger::counts_by_status(pool).await?;
     if json {
         let value = json!({
             "streams": connectors.iter().flat_map(|c| c.spec.streams.keys().map(move |s| format!("{}.{s}", c.spec.source_system))).collect::<Vec<_>>(),

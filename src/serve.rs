@@ -26,6 +26,7 @@ use crate::connector::{Connector, select_streams};
 use crate::ledger::dispatch::{DispatchSettings, Dispatcher};
 use crate::ledger::transport::AnyTransport;
 use crate::run::{Mode, RunError, RunOptions, StreamRunner};
+use crate::store::{Context, StoreError};
 
 /// Everything the service's loops share.
 struct Service {
@@ -205,29 +206,29 @@ type RunTotals = (
 );
 
 /// The Prometheus text exposition of idem's tables.
-pub async fn render_metrics(pool: &PgPool) -> Result<String, sqlx::Error> {
+pub async fn render_metrics(pool: &PgPool) -> Result<String, StoreError> {
     let runs: Vec<RunTotals> = sqlx::query_as(
         "SELECT source_system, stream, mode, status, count(*), sum(fetched)::bigint, sum(inserted)::bigint,
                 sum(updated)::bigint, sum(unchanged)::bigint, sum(failed)::bigint, sum(deleted)::bigint
          FROM idem_runs GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4",
     )
     .fetch_all(pool)
-    .await?;
+    .await
+    .context(|| "reading metrics".into())?;
     let last_success: Vec<(String, String, DateTime<Utc>)> = sqlx::query_as(
         "SELECT source_system, stream, max(finished_at) FROM idem_runs
          WHERE status IN ('succeeded', 'partial') AND finished_at IS NOT NULL GROUP BY 1, 2 ORDER BY 1, 2",
     )
     .fetch_all(pool)
-    .await?;
+    .await
+    .context(|| "reading metrics".into())?;
     let failures: Vec<(String, String, i64)> = sqlx::query_as(
         "SELECT source_system, stream, count(*) FROM idem_failures GROUP BY 1, 2 ORDER BY 1, 2",
     )
     .fetch_all(pool)
-    .await?;
-    let ledger: Vec<(String, i64)> =
-        sqlx::query_as("SELECT status, count(*) FROM idem_ledger GROUP BY 1 ORDER BY 1")
-            .fetch_all(pool)
-            .await?;
+    .await
+    .context(|| "reading metrics".into())?;
+    let ledger = crate::ledger::counts_by_status(pool).await?;
 
     let mut out = String::new();
     let _ = writeln!(

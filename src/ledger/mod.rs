@@ -66,6 +66,14 @@ pub async fn list(
         .context(|| "listing the ledger".into())
 }
 
+/// How many rows have each status.
+pub async fn counts_by_status(pool: &PgPool) -> Result<Vec<(String, i64)>, StoreError> {
+    sqlx::query_as("SELECT status, count(*) FROM idem_ledger GROUP BY status ORDER BY status")
+        .fetch_all(pool)
+        .await
+        .context(|| "counting ledger rows".into())
+}
+
 /// One row by key.
 pub async fn get(pool: &PgPool, key: &str) -> Result<Option<LedgerRow>, StoreError> {
     sqlx::query_as(&format!("SELECT {COLUMNS} FROM idem_ledger WHERE key = $1"))
