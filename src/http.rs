@@ -454,11 +454,16 @@ impl HttpSource {
                     .as_ref()
                     .map(toml_to_json)
                     .unwrap_or_else(|| Value::Object(Default::default()));
-                let from = request
-                    .from
-                    .map_or_else(|| "0".to_string(), |t| format_time(t, &format));
-                let to = request.to.map(|t| format_time(t, &format));
-                fill_window(&mut body, &from, to.as_deref());
+                // An open window still fills the template, with bounds in the vendor's own
+                // format: the epoch, and a far future.
+                let from = format_time(
+                    request.from.unwrap_or(chrono::DateTime::UNIX_EPOCH),
+                    &format,
+                );
+                let far_future = chrono::DateTime::from_timestamp(253_402_300_799, 0)
+                    .expect("9999-12-31 is a valid time");
+                let to = format_time(request.to.unwrap_or(far_future), &format);
+                fill_window(&mut body, &from, &to);
                 if let Value::Object(map) = &mut body {
                     for (k, v) in params {
                         map.insert(k, v);
@@ -572,14 +577,14 @@ pub fn format_time(time: chrono::DateTime<chrono::Utc>, format: &TimeFormat) -> 
     }
 }
 
-fn fill_window(value: &mut Value, from: &str, to: Option<&str>) {
+fn fill_window(value: &mut Value, from: &str, to: &str) {
     match value {
         Value::String(text) => {
             let compact = text.replace(' ', "");
             if compact == "{{from}}" {
                 *text = from.to_string();
             } else if compact == "{{to}}" {
-                *text = to.map_or_else(|| "9999999999999".to_string(), str::to_string);
+                *text = to.to_string();
             }
         }
         Value::Array(items) => items.iter_mut().for_each(|v| fill_window(v, from, to)),
