@@ -170,10 +170,15 @@ pub async fn enqueue(
 ) -> Result<u64, StoreError> {
     let mut inserted = 0;
     for rule in &stream.notifications {
+        // The raw record is read (and detoasted) only for templates that use it.
+        let uses_data = [&rule.key, &rule.subject, &rule.body]
+            .iter()
+            .any(|t| t.contains("data"));
         let mut sql = format!(
-            "SELECT t.source_id, t.data{} FROM {} t WHERE t.source_system = $1 AND t.deleted_at IS NULL
+            "SELECT t.source_id, {}{} FROM {} t WHERE t.source_system = $1 AND t.deleted_at IS NULL
              AND NOT EXISTS (SELECT 1 FROM idem_ledger l WHERE l.source_system = $1 AND l.stream = $2
                              AND l.rule = $3 AND l.source_id = t.source_id)",
+            if uses_data { "t.data" } else { "NULL::jsonb" },
             stream.columns.iter().map(|c| format!(", t.{}::text", quote(&c.name))).collect::<String>(),
             quote(&stream.table)
         );
@@ -251,11 +256,13 @@ pub async fn enqueue(
         let mut pending = Vec::with_capacity(matches.len());
         for row in matches {
             let source_id: String = row.get(0);
-            let data: serde_json::Value = row.get(1);
+            let data: Option<serde_json::Value> = row.get(1);
             let mut context = serde_json::Map::new();
             context.insert("source_id".into(), source_id.clone().into());
             context.insert("source_system".into(), source_system.into());
-            context.insert("data".into(), data);
+            if let Some(data) = data {
+                context.insert("data".into(), data);
+            }
             for (index, column) in stream.columns.iter().enumerate() {
                 let value: Option<String> = row.get(index + 2);
                 context.insert(
