@@ -117,6 +117,23 @@ impl TestApp {
             .expect("demo connector loads")
     }
 
+    /// The demo connector with its text changed by `edit` (which must change it), as a
+    /// variant a test runs in-process.
+    pub fn demo_connector_variant(
+        &self,
+        name: &str,
+        edit: impl FnOnce(&str) -> String,
+    ) -> Connector {
+        let shipped =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("connectors/demo_billing.toml");
+        let text = std::fs::read_to_string(shipped).expect("read the demo connector");
+        let changed = edit(&text);
+        assert_ne!(changed, text, "the variant {name} changes nothing");
+        let path = self.dir.path().join(format!("{name}.toml"));
+        std::fs::write(&path, changed).expect("write the connector variant");
+        idem::connector::load_file_with(&path, &|var| self.env(var)).expect("the variant loads")
+    }
+
     /// One run of `demo_billing.invoices` in this process.
     pub async fn run_invoices(&self, mode: Mode) -> RunReport {
         self.run_connector(&self.connector(), "invoices", mode, false)

@@ -386,19 +386,12 @@ async fn provider_answers_decide_retry_failure_or_success() {
 #[tokio::test]
 async fn templates_can_use_the_raw_record() {
     let app = spawn_app_with(30, "").await;
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/connectors/demo_billing.toml"
-    ))
-    .unwrap();
-    let raw = text.replace(
-        "subject = \"Invoice {{ number }} is overdue\"",
-        "subject = \"Invoice {{ data.number }} for {{ data.customer_name }} is overdue\"",
-    );
-    assert_ne!(raw, text);
-    let path = app.dir.path().join("raw.toml");
-    std::fs::write(&path, raw).unwrap();
-    let connector = idem::connector::load_file_with(&path, &|name| app.env(name)).unwrap();
+    let connector = app.demo_connector_variant("raw", |text| {
+        text.replace(
+            "subject = \"Invoice {{ number }} is overdue\"",
+            "subject = \"Invoice {{ data.number }} for {{ data.customer_name }} is overdue\"",
+        )
+    });
     app.run_connector(&connector, "invoices", idem::run::Mode::Regular, false)
         .await;
     let subjects: Vec<String> = sqlx::query_scalar("SELECT subject FROM idem_ledger ORDER BY key")

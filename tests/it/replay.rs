@@ -238,19 +238,13 @@ async fn a_column_added_to_the_connector_is_filled_by_a_replay() {
     app.run_invoices(idem::run::Mode::Regular).await;
     let checkpoint_before = main_checkpoint(&app).await;
 
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/connectors/demo_billing.toml"
-    ))
-    .unwrap();
-    let extended = text.replacen(
-        "[[streams.invoices.columns]]",
-        "[[streams.invoices.columns]]\nname = \"customer_name\"\npointer = \"/customer_name\"\ntype = \"text\"\n\n[[streams.invoices.columns]]",
-        1,
-    );
-    let path = app.dir.path().join("extended.toml");
-    std::fs::write(&path, extended).unwrap();
-    let connector = idem::connector::load_file_with(&path, &|name| app.env(name)).unwrap();
+    let connector = app.demo_connector_variant("extended", |text| {
+        text.replacen(
+            "[[streams.invoices.columns]]",
+            "[[streams.invoices.columns]]\nname = \"customer_name\"\npointer = \"/customer_name\"\ntype = \"text\"\n\n[[streams.invoices.columns]]",
+            1,
+        )
+    });
     let now = Utc::now();
     let mode = idem::run::Mode::Replay {
         from: now - chrono::Duration::days(7),
@@ -282,21 +276,16 @@ async fn a_column_added_to_the_connector_is_filled_by_a_replay() {
 #[tokio::test]
 async fn replaying_a_stream_the_vendor_cannot_filter_skips_records_outside_the_window() {
     let app = app_with_recent_invoices(300, "[notify]\ntransport = \"log\"\n").await;
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/connectors/demo_billing.toml"
-    ))
-    .unwrap();
-    let start = text.find("[streams.invoices.incremental]").unwrap();
-    let end = start + text[start..].find("[[streams.invoices.columns]]").unwrap();
-    let full = format!(
-        "{}[streams.invoices.incremental]\nkind = \"full\"\n\n{}",
-        &text[..start],
-        &text[end..]
-    );
-    let path = app.dir.path().join("full.toml");
-    std::fs::write(&path, full).unwrap();
-    let connector = idem::connector::load_file_with(&path, &|name| app.env(name)).unwrap();
+    let connector = app.demo_connector_variant("full", |text| {
+        let start = text.find("[streams.invoices.incremental]").unwrap();
+        let end = start + text[start..].find("[[streams.invoices.columns]]").unwrap();
+        let full = format!(
+            "{}[streams.invoices.incremental]\nkind = \"full\"\n\n{}",
+            &text[..start],
+            &text[end..]
+        );
+        full
+    });
 
     let mut updated: Vec<i64> = app
         .vendor

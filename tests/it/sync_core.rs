@@ -314,18 +314,12 @@ async fn dry_run_reports_changes_and_writes_nothing() {
 #[tokio::test]
 async fn a_vendor_outage_fails_the_run_naming_the_url_and_the_next_run_recovers() {
     let app = spawn_app(300).await;
-    let connector_text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/connectors/demo_billing.toml"
-    ))
-    .unwrap();
-    let fast_retries = connector_text.replace(
-        "[rate_limit]",
-        "[http]\nmax_attempts = 2\ninitial_backoff = \"10ms\"\n\n[rate_limit]",
-    );
-    let path = app.dir.path().join("fast.toml");
-    std::fs::write(&path, fast_retries).unwrap();
-    let connector = idem::connector::load_file_with(&path, &|name| app.env(name)).unwrap();
+    let connector = app.demo_connector_variant("fast", |connector_text| {
+        connector_text.replace(
+            "[rate_limit]",
+            "[http]\nmax_attempts = 2\ninitial_backoff = \"10ms\"\n\n[rate_limit]",
+        )
+    });
     let first = app
         .run_connector(&connector, "invoices", Mode::Regular, false)
         .await;
