@@ -545,32 +545,7 @@ pub fn summary(report: &RunReport) -> String {
 
 async fn status(pool: &PgPool, connectors: &[Connector], json: bool) -> anyhow::Result<u8> {
     let checkpoints = store::state::list_checkpoints(pool, None).await?;
-    type RunRow = (
-        uuid::Uuid,
-        String,
-        String,
-        String,
-        String,
-        Option<DateTime<Utc>>,
-        Option<DateTime<Utc>>,
-        DateTime<Utc>,
-        Option<DateTime<Utc>>,
-        i64,
-        i64,
-        i64,
-        i64,
-        i64,
-        i64,
-        Option<String>,
-    );
-    let runs: Vec<RunRow> = sqlx::query_as(
-        "SELECT id, source_system, stream, mode, status, window_from, window_to, started_at, finished_at,
-                fetched, inserted, updated, unchanged, failed, deleted, error
-         FROM (SELECT *, row_number() OVER (PARTITION BY source_system, stream ORDER BY started_at DESC) AS n FROM idem_runs) r
-         WHERE n <= 5 ORDER BY source_system, stream, started_at DESC",
-    )
-    .fetch_all(pool)
-    .await?;
+    let runs = store::state::recent_runs(pool, 5).await?;
     let failures: Vec<(String, String, String, String, i32)> = sqlx::query_as(
         "SELECT source_system, stream, record_key, error, attempts FROM idem_failures ORDER BY source_system, stream, record_key",
     )
@@ -581,10 +556,7 @@ async fn status(pool: &PgPool, connectors: &[Connector], json: bool) -> anyhow::
         let value = json!({
             "streams": connectors.iter().flat_map(|c| c.spec.streams.keys().map(move |s| format!("{}.{s}", c.spec.source_system))).collect::<Vec<_>>(),
             "checkpoints": checkpoints,
-            "runs": runs.iter().map(|r| json!({
-                "id": r.0, "source_system": r.1, "stream": r.2, "mode": r.3, "status": r.4, "window_from": r.5, "window_to": r.6,
-                "started_at": r.7, "finished_at": r.8, "fetched": r.9, "inserted": r.10, "updated": r.11,
-                "unchanged": r.12, "failed": r.13, "deleted": r.14, "error": r.15 })).collect::<Vec<_>>(),
+            "runs": runs,
             "failures": failures.iter().map(|(ss, st, key, error, attempts)| json!({
                 "source_system": ss, "stream": st, "record_key": key, "error": error, "attempts": attempts })).collect::<Vec<_>>(),
             "ledger": ledger.iter().map(|(s, n)| (s.clone(), json!(n))).collect::<serde_json::Map<_, _>>(),
@@ -614,7 +586,7 @@ async fn status(pool: &PgPool, connectors: &[Connector], json: bool) -> anyhow::
         println!("  (none yet)");
     }
     for r in &runs {
-        let window = match (r.5, r.6) {
+        let window = match (r.window_from, r.window_to) {
             (None, None) => String::new(),
             (from, to) => format!(
                 " window [{}, {})",
@@ -624,18 +596,19 @@ async fn status(pool: &PgPool, connectors: &[Connector], json: bool) -> anyhow::
         };
         println!(
             "  {}.{} {} {} {}{window}: {} fetched, {} inserted, {} updated, {} unchanged, {} failed, {} deleted{}",
-            r.1,
-            r.2,
-            r.3,
-            r.4,
-            r.7.to_rfc3339(),
-            r.9,
-            r.10,
-            r.11,
-            r.12,
-            r.13,
-            r.14,
-            r.15.as_ref()
+            r.source_system,
+            r.stream,
+            r.mode,
+            r.status,
+            r.started_at.to_rfc3339(),
+            r.fetched,
+            r.inserted,
+            r.updated,
+            r.unchanged,
+            r.failed,
+            r.deleted,
+            r.error
+                .as_ref()
                 .map_or(String::new(), |e| format!("\n    error: {e}"))
         );
     }

@@ -271,6 +271,42 @@ pub async fn finish_run(
     Ok(())
 }
 
+/// A recorded run, for `idem status`.
+#[derive(Debug, Clone, sqlx::FromRow, Serialize)]
+pub struct RunSummary {
+    pub id: Uuid,
+    pub source_system: String,
+    pub stream: String,
+    pub mode: String,
+    pub status: String,
+    pub window_from: Option<DateTime<Utc>>,
+    pub window_to: Option<DateTime<Utc>>,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub fetched: i64,
+    pub inserted: i64,
+    pub updated: i64,
+    pub unchanged: i64,
+    pub failed: i64,
+    pub deleted: i64,
+    pub error: Option<String>,
+}
+
+/// The latest `per_stream` runs of every stream, newest first within a stream.
+pub async fn recent_runs(pool: &PgPool, per_stream: i64) -> Result<Vec<RunSummary>, StoreError> {
+    sqlx::query_as(
+        "SELECT id, source_system, stream, mode, status, window_from, window_to, started_at, finished_at,
+                fetched, inserted, updated, unchanged, failed, deleted, error
+         FROM (SELECT *, row_number() OVER (PARTITION BY source_system, stream ORDER BY started_at DESC) AS n
+               FROM idem_runs) r
+         WHERE n <= $1 ORDER BY source_system, stream, started_at DESC",
+    )
+    .bind(per_stream)
+    .fetch_all(pool)
+    .await
+    .context(|| "listing recent runs".into())
+}
+
 /// Records failed records (attempts counted), inside the page's transaction.
 pub async fn record_failures(
     connection: &mut PgConnection,

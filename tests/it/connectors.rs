@@ -1052,21 +1052,7 @@ async fn stripe_events_cursor_never_skips_changes_when_a_run_fails_midway() {
         checkpoint(&app, "stripe", "invoices").await.0.as_deref(),
         Some("evt_000280")
     );
-    let stored: Vec<(String, serde_json::Value)> =
-        sqlx::query_as("SELECT source_id, data FROM stripe_invoices ORDER BY source_id")
-            .fetch_all(&app.pool)
-            .await
-            .unwrap();
-    let truth: Vec<(String, serde_json::Value)> = app
-        .vendor
-        .invoices()
-        .into_iter()
-        .map(|inv| (inv["id"].as_str().unwrap().to_string(), inv))
-        .collect();
-    assert_eq!(
-        stored, truth,
-        "the table differs from the vendor's invoices"
-    );
+    app.assert_table_matches_vendor("stripe_invoices").await;
 }
 
 #[tokio::test]
@@ -1127,16 +1113,5 @@ async fn stripe_history_is_backfilled_by_created_windows_into_the_events_table()
         .run_connector(&connector, "invoices", Mode::Regular, false)
         .await;
     assert_eq!(change.counters.updated, 1, "{change:?}");
-    let stored: Vec<(String, serde_json::Value)> =
-        sqlx::query_as("SELECT source_id, data FROM stripe_invoices ORDER BY source_id")
-            .fetch_all(&app.pool)
-            .await
-            .unwrap();
-    let truth: Vec<(String, serde_json::Value)> = app
-        .vendor
-        .invoices()
-        .into_iter()
-        .map(|inv| (inv["id"].as_str().unwrap().to_string(), inv))
-        .collect();
-    assert_eq!(stored, truth);
+    app.assert_table_matches_vendor("stripe_invoices").await;
 }

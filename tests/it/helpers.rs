@@ -219,17 +219,19 @@ impl TestApp {
             .unwrap_or_else(|e| panic!("{sql}: {e}"))
     }
 
-    /// Every stored invoice as (id, raw data), sorted.
-    pub async fn stored_invoices(&self) -> Vec<(String, serde_json::Value)> {
-        sqlx::query_as("SELECT source_id, data FROM demo_invoices WHERE source_system = 'demo_billing' ORDER BY source_id")
-            .fetch_all(&self.pool)
-            .await
-            .expect("read invoices")
+    /// Asserts `demo_invoices` holds exactly the vendor's invoices, each once.
+    pub async fn assert_matches_vendor(&self) {
+        self.assert_table_matches_vendor("demo_invoices").await;
     }
 
-    /// Asserts the table holds exactly the vendor's invoices, each once.
-    pub async fn assert_matches_vendor(&self) {
-        let stored = self.stored_invoices().await;
+    /// Asserts `table` holds exactly the vendor's invoices (as raw `data`), each once.
+    pub async fn assert_table_matches_vendor(&self, table: &str) {
+        let stored: Vec<(String, serde_json::Value)> = sqlx::query_as(&format!(
+            "SELECT source_id, data FROM {table} ORDER BY source_id"
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .expect("read invoices");
         let truth: Vec<(String, serde_json::Value)> = self
             .vendor
             .invoices()
@@ -255,13 +257,11 @@ impl TestApp {
             );
         }
         let distinct = self
-            .count("SELECT count(DISTINCT (source_system, source_id)) FROM demo_invoices")
+            .count(&format!(
+                "SELECT count(DISTINCT (source_system, source_id)) FROM {table}"
+            ))
             .await;
-        assert_eq!(
-            distinct as usize,
-            truth.len(),
-            "duplicates in demo_invoices"
-        );
+        assert_eq!(distinct as usize, truth.len(), "duplicates in {table}");
     }
 }
 

@@ -28,6 +28,16 @@ async fn main_checkpoint(app: &TestApp) -> (Option<chrono::DateTime<Utc>>, bool)
     .unwrap()
 }
 
+/// Every ledger row's identity, frozen payload, state and version.
+async fn ledger_rows(app: &TestApp) -> Vec<(String, String, String, String, String, String)> {
+    sqlx::query_as(
+        "SELECT key, subject, body, message_id, status, xmin::text FROM idem_ledger ORDER BY key",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap()
+}
+
 async fn row_versions(app: &TestApp) -> BTreeMap<String, String> {
     sqlx::query_as::<_, (String, String)>("SELECT source_id, xmin::text FROM demo_invoices")
         .fetch_all(&app.pool)
@@ -87,6 +97,7 @@ async fn replay_last_week_repairs_drift_and_sends_nothing_twice() {
         "in_000011",
     ];
     let versions_before = row_versions(&app).await;
+    let ledger_before = ledger_rows(&app).await;
 
     let replay = app
         .idem(&["replay", "demo_billing.invoices", "--since", "7d", "--json"])
@@ -122,6 +133,13 @@ async fn replay_last_week_repairs_drift_and_sends_nothing_twice() {
         }
     }
     assert_eq!(sink.messages().len(), reminders, "a replay sent email");
+    // Ledger rows are frozen: in_000010's amount changed, yet its reminder keeps the payload
+    // it was sent with (an insert is ON CONFLICT DO NOTHING, never DO UPDATE).
+    assert_eq!(
+        ledger_rows(&app).await,
+        ledger_before,
+        "a replay rewrote ledger rows"
+    );
     assert_eq!(
         main_checkpoint(&app).await,
         checkpoint_before,
