@@ -223,7 +223,12 @@ fn parse_time_unchecked(value: &Value, format: &TimeFormat) -> Result<DateTime<U
                     NaiveDate::parse_from_str(text, pattern)
                         .map(|d| d.and_hms_opt(0, 0, 0).expect("midnight").and_utc())
                 })
-                .map_err(|err| format!("'{}' does not match '{pattern}': {err}", values::cut(text, 80)))
+                .map_err(|err| {
+                    format!(
+                        "'{}' does not match '{pattern}': {err}",
+                        values::cut(text, 80)
+                    )
+                })
         }
     }
 }

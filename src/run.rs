@@ -630,7 +630,9 @@ impl<'a> Walk<'a> {
             match position.get(&key) {
                 Some(&index) => {
                     let keep_earlier = match (&merged[index], &copy) {
-                        (Copy::Row(earlier), Copy::Row(later)) => earlier.updated_at > later.updated_at,
+                        (Copy::Row(earlier), Copy::Row(later)) => {
+                            earlier.updated_at > later.updated_at
+                        }
                         _ => false,
                     };
                     if !keep_earlier {

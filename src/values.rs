@@ -111,8 +111,7 @@ fn repair(body: &[u8]) -> String {
             i += 1;
         } else if c == '-' || c.is_ascii_digit() {
             let start = i;
-            while i < chars.len() && matches!(chars[i], '0'..='9' | '-' | '+' | '.' | 'e' | 'E')
-            {
+            while i < chars.len() && matches!(chars[i], '0'..='9' | '-' | '+' | '.' | 'e' | 'E') {
                 i += 1;
             }
             let token: String = chars[start..i].iter().collect();
@@ -149,7 +148,13 @@ pub fn refused_value(record: &Value, serialized: &str) -> Option<String> {
 }
 
 fn find_refused(value: &Value, path: &mut String) -> Option<String> {
-    let at = |path: &str| if path.is_empty() { "/".to_string() } else { path.to_string() };
+    let at = |path: &str| {
+        if path.is_empty() {
+            "/".to_string()
+        } else {
+            path.to_string()
+        }
+    };
     match value {
         Value::String(text) => describe_refused(text).map(|why| format!("{why} at '{}'", at(path))),
         Value::Array(items) => items.iter().enumerate().find_map(|(index, item)| {
@@ -244,13 +249,24 @@ pub fn double_text(raw: &str) -> Result<String, String> {
     }
     if number.is_infinite() {
         if literal_special {
-            return Ok(if number > 0.0 { "Infinity" } else { "-Infinity" }.into());
+            return Ok(if number > 0.0 {
+                "Infinity"
+            } else {
+                "-Infinity"
+            }
+            .into());
         }
-        return Err(format!("{} is out of range for double precision", cut(raw, 80)));
+        return Err(format!(
+            "{} is out of range for double precision",
+            cut(raw, 80)
+        ));
     }
     let mantissa = trimmed.split(['e', 'E']).next().unwrap_or("");
     if number == 0.0 && mantissa.chars().any(|c| matches!(c, '1'..='9')) {
-        return Err(format!("{} is out of range for double precision (too small)", cut(raw, 80)));
+        return Err(format!(
+            "{} is out of range for double precision (too small)",
+            cut(raw, 80)
+        ));
     }
     Ok(format!("{number:?}"))
 }
@@ -306,7 +322,10 @@ mod tests {
         let a = &value["data"][0];
         let b = &value["data"][1];
         let why = refused_value(a, &a.to_string()).unwrap();
-        assert!(why.contains("lone UTF-16 surrogate (\\ud800)") && why.contains("/n"), "{why}");
+        assert!(
+            why.contains("lone UTF-16 surrogate (\\ud800)") && why.contains("/n"),
+            "{why}"
+        );
         assert_eq!(b["n"], "😀 \\ud800");
         assert_eq!(refused_value(b, &b.to_string()), None);
         let low = parse_body(br#"[{"id":"\udc00"}]"#).unwrap();
@@ -318,7 +337,11 @@ mod tests {
         let value = parse_body(b"[{\"a\":1e400,\"b\":-1e999},{\"s\":\"ok\xff\"}]").unwrap();
         let why = refused_value(&value[0], &value[0].to_string()).unwrap();
         assert!(why.contains("1e400"), "{why}");
-        assert!(refused_value(&value[1], &value[1].to_string()).unwrap().contains("0xff"));
+        assert!(
+            refused_value(&value[1], &value[1].to_string())
+                .unwrap()
+                .contains("0xff")
+        );
         assert!(parse_body(b"{\"data\": [").is_err());
         assert!(parse_body(b"\xff{}").is_err());
     }
@@ -327,10 +350,17 @@ mod tests {
     fn nul_is_found_in_values_and_keys_and_stored_as_a_marker() {
         let record = serde_json::json!({"id": "a", "deep": [{"k\u{0}": 1}]});
         let why = refused_value(&record, &record.to_string()).unwrap();
-        assert!(why.contains("NUL") && why.contains("/deep/0/k\\u0000"), "{why}");
+        assert!(
+            why.contains("NUL") && why.contains("/deep/0/k\\u0000"),
+            "{why}"
+        );
         let stored = storable_payload(record);
         assert!(!stored.to_string().contains("\\u0000"));
-        assert!(refused_value(&stored, &stored.to_string()).unwrap().contains("NUL"));
+        assert!(
+            refused_value(&stored, &stored.to_string())
+                .unwrap()
+                .contains("NUL")
+        );
     }
 
     #[test]

@@ -171,7 +171,12 @@ impl DestinationTable {
         .bind(&declared)
         .fetch_all(pool)
         .await
-        .context(|| format!("comparing the columns of table {} with the connector", self.name))?;
+        .context(|| {
+            format!(
+                "comparing the columns of table {} with the connector",
+                self.name
+            )
+        })?;
         if drift.is_empty() {
             return Ok(());
         }
