@@ -33,6 +33,10 @@ pub struct RecordFailure {
     pub error: String,
 }
 
+/// The longest id a row may have: `UNIQUE (source_system, source_id)` is a btree index,
+/// whose entries Postgres caps at 2704 bytes.
+const MAX_ID_BYTES: usize = 2000;
+
 /// Normalizes the records of one stream.
 pub struct Normalizer {
     id: String,
@@ -75,13 +79,17 @@ impl Normalizer {
         let fail = |source_id: Option<String>, record: Value, error: String| {
             // What goes into idem_failures must itself be storable: no NUL in the key, the
             // error or the payload.
+            let payload_hash =
+                || hex(&xxhash_rust::xxh3::xxh3_128(data.as_bytes()).to_be_bytes()[..8]);
             let source_id = source_id.map(|id| values::sanitize_text(&id));
-            let record_key = source_id.clone().unwrap_or_else(|| {
-                format!(
-                    "no-id:{}",
-                    hex(&xxhash_rust::xxh3::xxh3_128(data.as_bytes()).to_be_bytes()[..8])
-                )
-            });
+            let record_key = match &source_id {
+                None => format!("no-id:{}", payload_hash()),
+                // The key is in idem_failures' primary key, which has the same size limit.
+                Some(id) if id.len() > MAX_ID_BYTES => {
+                    format!("long-id:{}…{}", values::cut(id, 100), payload_hash())
+                }
+                Some(id) => id.clone(),
+            };
             RecordFailure {
                 record_key,
                 source_id,
@@ -97,6 +105,13 @@ impl Normalizer {
                 return Err(fail(None, record, error));
             }
         };
+        if source_id.len() > MAX_ID_BYTES {
+            let error = format!(
+                "the id is {} bytes long; Postgres cannot index ids longer than {MAX_ID_BYTES} bytes",
+                source_id.len()
+            );
+            return Err(fail(Some(source_id), record, error));
+        }
         if let Some(why) = values::refused_value(&record, &data) {
             let error = format!("the record holds {why}");
             return Err(fail(Some(source_id), record, error));

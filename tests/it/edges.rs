@@ -212,6 +212,12 @@ async fn values_postgres_refuses_fail_the_record_not_the_page() {
         .insert_invoice(invoice("in_bad_id_@LONE_HIGH@", json!({})));
     app.vendor
         .insert_invoice(invoice("in_bad_id_\u{0}", json!({})));
+    // An id too long for the unique index (random, so Postgres cannot compress it).
+    let long_id: String = (0..200u8)
+        .map(|i| format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&[i])))
+        .collect();
+    let long_id = format!("in_bad_long_{long_id}");
+    app.vendor.insert_invoice(invoice(&long_id, json!({})));
     // JSON no serde_json `Value` can hold, served as raw text.
     app.vendor.rewrite_bodies("@LONE_HIGH@", "\\ud800");
     app.vendor.rewrite_bodies("@LONE_LOW@", "x\\udfffy");
@@ -227,7 +233,7 @@ async fn values_postgres_refuses_fail_the_record_not_the_page() {
     let report = run(&app, &connector, "invoices").await;
     assert_eq!(report.status, RunStatus::Partial, "{report:?}");
     assert_eq!(report.counters.pages, 1, "{report:?}");
-    assert_eq!(report.counters.failed, bad.len() as u64 + 2, "{report:?}");
+    assert_eq!(report.counters.failed, bad.len() as u64 + 3, "{report:?}");
     assert_eq!(report.counters.inserted, 21, "{report:?}");
     let ids = stored_ids(&app).await;
     assert_eq!(ids.len(), 21, "{ids:?}");
@@ -241,7 +247,14 @@ async fn values_postgres_refuses_fail_the_record_not_the_page() {
     assert_eq!(double, 1e-310);
 
     let stored_failures = failures(&app).await;
-    assert_eq!(stored_failures.len(), bad.len() + 2, "{stored_failures:#?}");
+    assert_eq!(stored_failures.len(), bad.len() + 3, "{stored_failures:#?}");
+    assert!(
+        stored_failures
+            .iter()
+            .any(|(key, error, _)| key.starts_with("long-id:in_bad_long_")
+                && error.contains("bytes long")),
+        "{stored_failures:#?}"
+    );
     for (id, _, why) in &bad {
         let (_, error, _) = stored_failures
             .iter()
@@ -282,7 +295,7 @@ async fn values_postgres_refuses_fail_the_record_not_the_page() {
     assert_eq!(again.status, RunStatus::Partial, "{again:?}");
     assert_eq!(stored(&app, "in_000007").await["status"], "paid");
     let retried = failures(&app).await;
-    assert_eq!(retried.len(), bad.len() + 2);
+    assert_eq!(retried.len(), bad.len() + 3);
     assert!(
         retried.iter().all(|(_, _, attempts)| *attempts == 2),
         "{retried:#?}"
