@@ -261,10 +261,12 @@ pub async fn finish_run(
     status: &str,
     error: Option<&str>,
 ) -> Result<(), StoreError> {
+    // The error may quote a vendor's body: a NUL in it would make the run's end
+    // unrecordable, leaving it `running`.
     sqlx::query("UPDATE idem_runs SET status = $2, error = $3, finished_at = now() WHERE id = $1")
         .bind(run_id)
         .bind(status)
-        .bind(error)
+        .bind(error.map(crate::values::sanitize_text))
         .execute(pool)
         .await
         .context(|| format!("recording the end of run {run_id}"))?;

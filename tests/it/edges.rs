@@ -610,3 +610,27 @@ async fn an_invalid_time_format_is_refused_when_the_connector_is_loaded() {
     .expect_err("a chrono format with an unknown specifier is refused");
     assert!(issues.to_string().contains("%Q"), "{issues}");
 }
+
+#[tokio::test]
+async fn a_vendor_error_holding_a_nul_is_still_recorded_as_the_runs_error() {
+    let app = spawn_app(3).await;
+    let connector = edge_connector(&app, &["invoices"]);
+    app.vendor.inject(idem::fake_vendor::Fault::new(
+        "/v1/invoices",
+        1,
+        idem::fake_vendor::FaultKind::Status {
+            code: 400,
+            retry_after: None,
+            body: Some("{\"error\": \"no such param\u{0}\"}".into()),
+        },
+    ));
+    let failed = run(&app, &connector, "invoices").await;
+    assert_eq!(failed.status, RunStatus::Failed, "{failed:?}");
+    let (status, error): (String, Option<String>) =
+        sqlx::query_as("SELECT status, error FROM idem_runs WHERE stream = 'invoices'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(status, "failed");
+    assert!(error.is_some_and(|e| e.contains("no such param")));
+}
