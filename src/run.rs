@@ -376,7 +376,11 @@ impl<'a> Walk<'a> {
     async fn execute<S: Source + 'static>(mut self, source: S) -> Result<RunReport, RunError> {
         let started = Instant::now();
         if !self.options.dry_run && self.options.mode == Mode::Regular {
-            self.retry_stored_failures().await?;
+            // A retry Postgres refuses must not stop the stream: the failures stay stored
+            // and the walk goes on.
+            if let Err(err) = self.retry_stored_failures().await {
+                warn!(error = %error_chain(&err), "retrying stored failures failed; they stay in the failures table");
+            }
         }
         let (pages_tx, mut pages_rx) = mpsc::channel::<FetcherMessage>(PAGES_IN_FLIGHT);
         let fetcher = tokio::spawn(
@@ -672,7 +676,7 @@ impl<'a> Walk<'a> {
             results_in_query,
         } = fetched_page;
         let fetched = page.records.len() as u64;
-        let (rows, failures) = self.normalize(page.records);
+        let (mut rows, mut failures) = self.normalize(page.records);
         let page_number = self.resume.pages + 1;
         let compare = match self.options.mode {
             Mode::Regular => Compare::Hash,
@@ -684,7 +688,8 @@ impl<'a> Walk<'a> {
             .await
             .context(|| "starting a page transaction".into())?;
         let written = if self.table_exists {
-            self.table
+            let page_write = self
+                .table
                 .write_page(
                     &mut tx,
                     self.source_system,
@@ -693,7 +698,23 @@ impl<'a> Walk<'a> {
                     compare,
                     self.options.dry_run,
                 )
-                .await?
+                .await;
+            match page_write {
+                Ok(written) => written,
+                Err(err) if refused_by_postgres(&err) => {
+                    tx.rollback()
+                        .await
+                        .context(|| "rolling back a refused page".into())?;
+                    tx = self
+                        .pool
+                        .begin()
+                        .await
+                        .context(|| "starting a page transaction".into())?;
+                    self.write_one_by_one(&mut tx, &mut rows, &mut failures, compare, &err)
+                        .await?
+                }
+                Err(err) => return Err(err),
+            }
         } else {
             crate::store::table::WriteCounts {
                 inserted: rows.len() as u64,
@@ -804,6 +825,69 @@ impl<'a> Walk<'a> {
             );
         }
         Ok(())
+    }
+
+    /// A page Postgres refused although every record passed normalization (a constraint
+    /// the user added to the table, a limit idem does not know): the rows are written one
+    /// by one, each under a savepoint, and the ones refused become record failures, so the
+    /// page still commits. Only this rare path pays the round trips.
+    async fn write_one_by_one(
+        &mut self,
+        tx: &mut sqlx::PgConnection,
+        rows: &mut Vec<Row>,
+        failures: &mut Vec<RecordFailure>,
+        compare: Compare,
+        page_error: &StoreError,
+    ) -> Result<crate::store::table::WriteCounts, StoreError> {
+        warn!(error = %error_chain(page_error), rows = rows.len(), "Postgres refused the page; writing its rows one by one to find the records it refuses");
+        let mut total = crate::store::table::WriteCounts::default();
+        let mut kept = Vec::with_capacity(rows.len());
+        for row in rows.drain(..) {
+            sqlx::query("SAVEPOINT idem_one_row")
+                .execute(&mut *tx)
+                .await
+                .context(|| "setting a savepoint".into())?;
+            let single = std::slice::from_ref(&row);
+            match self
+                .table
+                .write_page(tx, self.source_system, self.run_id, single, compare, false)
+                .await
+            {
+                Ok(written) => {
+                    sqlx::query("RELEASE SAVEPOINT idem_one_row")
+                        .execute(&mut *tx)
+                        .await
+                        .context(|| "releasing a savepoint".into())?;
+                    total.inserted += written.inserted;
+                    total.updated += written.updated;
+                    total.unchanged += written.unchanged;
+                    kept.push(row);
+                }
+                Err(err) if refused_by_postgres(&err) => {
+                    sqlx::query("ROLLBACK TO SAVEPOINT idem_one_row")
+                        .execute(&mut *tx)
+                        .await
+                        .context(|| "rolling back to a savepoint".into())?;
+                    let reason = match &err {
+                        StoreError::Query { source, .. } => source.to_string(),
+                        other => other.to_string(),
+                    };
+                    let failure = RecordFailure {
+                        record_key: row.source_id.clone(),
+                        source_id: Some(row.source_id.clone()),
+                        payload: serde_json::from_str(&row.data).unwrap_or(Value::Null),
+                        error: crate::values::sanitize_text(&format!(
+                            "Postgres refused the record: {reason}"
+                        )),
+                    };
+                    warn!(record_key = %failure.record_key, error = %failure.error, "record failed; it goes to the failures table and is retried next run");
+                    failures.push(failure);
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        *rows = kept;
+        Ok(total)
     }
 
     /// The walk is complete: clear the resume point, advance the mark or cursor, mark
@@ -972,6 +1056,21 @@ struct Fetched {
     page: Page,
     next: Option<PageRequest>,
     results_in_query: u64,
+}
+
+/// Whether Postgres refused the data itself (a data exception, a constraint, a size
+/// limit), as opposed to the connection or the server failing: only then is one record to
+/// blame.
+fn refused_by_postgres(err: &StoreError) -> bool {
+    let StoreError::Query { source, .. } = err else {
+        return false;
+    };
+    source
+        .as_database_error()
+        .and_then(|e| e.code())
+        .is_some_and(|code| {
+            code.starts_with("22") || code.starts_with("23") || code.starts_with("54")
+        })
 }
 
 /// An error and its sources, on one line.
