@@ -850,7 +850,14 @@ impl<'a> Walk<'a> {
             let single = std::slice::from_ref(&row);
             match self
                 .table
-                .write_page(tx, self.source_system, self.run_id, single, compare, false)
+                .write_page(
+                    tx,
+                    self.source_system,
+                    self.run_id,
+                    single,
+                    compare,
+                    self.options.dry_run,
+                )
                 .await
             {
                 Ok(written) => {
