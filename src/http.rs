@@ -552,7 +552,17 @@ impl Source for HttpSource {
                 }
             }
         }
-        Ok(Page { records, next })
+        let vendor_time = fetched
+            .headers
+            .get(reqwest::header::DATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| chrono::DateTime::parse_from_rfc2822(v).ok())
+            .map(|t| t.with_timezone(&chrono::Utc));
+        Ok(Page {
+            records,
+            next,
+            vendor_time,
+        })
     }
 }
 
