@@ -919,20 +919,28 @@ async fn fetch_pages<S: Source>(
         };
         let page_max = page.records.iter().filter_map(time_of).max();
         max_updated = max_updated.max(page_max);
-        let next = match (&keyset, page.next.clone()) {
-            (_, None) => None,
-            (Some(id_pointer), Some(next)) => {
-                let id_of = |record: &Value| record.pointer(id_pointer).and_then(id_text);
-                let moved = ties
-                    .iter()
-                    .filter(|(at, ids)| {
-                        page.records.iter().any(|record| {
-                            time_of(record).is_some_and(|t| t > *at)
-                                && id_of(record).is_some_and(|id| ids.contains(&id))
-                        })
+        // A record of a tie paged by position seen again with a newer time moved while we
+        // paged; a record after it may have slid into a position already read.
+        let moved = keyset.as_ref().and_then(|id_pointer| {
+            ties.iter()
+                .filter(|(at, ids)| {
+                    page.records.iter().any(|record| {
+                        time_of(record).is_some_and(|t| t > *at)
+                            && record
+                                .pointer(id_pointer)
+                                .and_then(id_text)
+                                .is_some_and(|id| ids.contains(&id))
                     })
-                    .map(|(at, _)| *at)
-                    .min();
+                })
+                .map(|(at, _)| *at)
+                .min()
+        });
+        let next = match (&keyset, page.next.clone()) {
+            (Some(_), None) if moved.is_none() => None,
+            (None, None) => None,
+            (Some(id_pointer), next) => {
+                let id_of = |record: &Value| record.pointer(id_pointer).and_then(id_text);
+                let next = next.unwrap_or_default();
                 match moved {
                     Some(at) => {
                         info!(tie = %at, "a record of a tie paged by position moved while we walked: reading the tie again");
