@@ -367,10 +367,17 @@ impl<'a> Walk<'a> {
         })
     }
 
-    async fn execute<S: Source + 'static>(mut self, source: S) -> Result<RunReport, RunError> {
+    async fn execute<S: Source + 'static>(mut self, mut source: S) -> Result<RunReport, RunError> {
         let started = Instant::now();
         if !self.options.dry_run && self.options.mode == Mode::Regular {
             self.retry_stored_failures().await?;
+        }
+        let mut failure: Option<String> = None;
+        if self.replays_a_feed() && self.resume.next_page.is_none() {
+            match self.find_oldest_feed_page(&mut source).await {
+                Ok(token) => self.resume.next_page = Some(token),
+                Err(err) => failure = Some(err),
+            }
         }
         let (pages_tx, mut pages_rx) =
             mpsc::channel::<Result<Fetched, SourceError>>(PAGES_IN_FLIGHT);
@@ -386,11 +393,10 @@ impl<'a> Walk<'a> {
             )
             .instrument(tracing::Span::current()),
         );
-        let mut failure: Option<String> = None;
         let mut stop = self.options.stop.clone();
         // Where the time goes: waiting for the vendor, or writing to Postgres.
         let (mut waiting, mut writing) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
-        loop {
+        while failure.is_none() {
             let wait_started = Instant::now();
             let message = match &mut stop {
                 Some(stop) if *stop.borrow() => None,
@@ -511,6 +517,60 @@ impl<'a> Walk<'a> {
             .updated_at
             .as_ref()
             .map(|u| (u.pointer.clone(), u.format.clone()))
+    }
+
+    /// A replay of a newest-first feed (events): "no cursor" is only the newest page, so
+    /// the walk must first find the feed's oldest page.
+    fn replays_a_feed(&self) -> bool {
+        matches!(self.options.mode, Mode::Replay { .. })
+            && matches!(self.stream.pagination, PaginationSpec::FirstRecord { .. })
+    }
+
+    /// Walks a newest-first feed back to its oldest page (writing nothing) and returns the
+    /// token that fetches that page and then walks forward, oldest record first, as a
+    /// regular run does: a record changed twice keeps its newest version. The feed goes
+    /// back as far as the vendor keeps it (Stripe: 30 days), which covers any window in it.
+    async fn find_oldest_feed_page<S: Source>(&self, source: &mut S) -> Result<String, String> {
+        let PaginationSpec::FirstRecord {
+            backward_param: Some(_),
+            ..
+        } = &self.stream.pagination
+        else {
+            return Err(format!(
+                "a replay of {}.{} (a newest-first feed) needs pagination.backward_param (Stripe: \"starting_after\") to find the oldest page of the window; without it only the newest page could be read",
+                self.source_system, self.stream_name
+            ));
+        };
+        let mut token = crate::paginate::FEED_OLDER.to_string();
+        let mut oldest = token.clone();
+        let mut probes = 0u64;
+        loop {
+            let request = PageRequest {
+                token: Some(token.clone()),
+                from: None,
+                to: None,
+            };
+            let page = source
+                .fetch_page(&request)
+                .await
+                .map_err(|e| e.to_string())?;
+            probes += 1;
+            if !page.records.is_empty() {
+                oldest = token.clone();
+            }
+            match page.next {
+                Some(next) => token = next,
+                None => break,
+            }
+        }
+        info!(
+            pages = probes,
+            "found the oldest page of the feed; the replay walks forward from it"
+        );
+        let cursor = oldest
+            .strip_prefix(crate::paginate::FEED_OLDER)
+            .unwrap_or_default();
+        Ok(format!("{}{cursor}", crate::paginate::FEED_OLDEST))
     }
 
     /// Aborts the transaction's work unless this run still owns the stream.

@@ -469,3 +469,65 @@ async fn checkpoint_reset_and_set_exit_75_while_a_run_holds_the_stream() {
     assert_eq!(reset.status.code(), Some(0), "{}", stderr(&reset));
     assert_eq!(checkpoint(&app, "demo_billing", "invoices").await.1, None);
 }
+
+#[tokio::test]
+async fn a_replay_of_a_newest_first_feed_reads_the_whole_window() {
+    let app = spawn_app(30).await;
+    let stripe = shipped_variant(&app, "stripe.toml", str::to_string);
+    let first = app
+        .run_connector(&stripe, "invoices", Mode::Regular, false)
+        .await;
+    assert_eq!(first.status, RunStatus::Succeeded, "{first:?}");
+    // 150 more events, all about one invoice: the feed's newest page holds nothing else.
+    for n in 0..150 {
+        app.vendor
+            .update_invoice("in_000001", |inv| inv["amount_due"] = json!(70_000 + n));
+    }
+    // The table drifts: every row is lost.
+    sqlx::query("DELETE FROM stripe_invoices")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let week = Mode::Replay {
+        from: "2026-11-13T00:00:00Z".parse().unwrap(),
+        to: "2026-11-21T00:00:00Z".parse().unwrap(),
+        label: "last-week".into(),
+        restart: false,
+    };
+    let replay = app
+        .run_connector(&stripe, "invoices", week.clone(), false)
+        .await;
+    assert_eq!(replay.status, RunStatus::Succeeded, "{replay:?}");
+    assert_eq!(replay.counters.fetched, 180, "{replay:?}");
+    app.assert_table_matches_vendor("stripe_invoices").await;
+    assert_eq!(
+        checkpoint(&app, "stripe", "invoices").await.0.as_deref(),
+        Some("evt_000030"),
+        "a replay moved the stream's cursor"
+    );
+    assert!(
+        app.vendor.requests().iter().any(|r| r
+            .query
+            .as_deref()
+            .unwrap_or("")
+            .contains("starting_after=evt_")),
+        "the replay never paged back"
+    );
+
+    // A feed that cannot be paged back cannot be replayed: the replay says so.
+    let forward_only = shipped_variant(&app, "stripe.toml", |text| {
+        text.replace("backward_param = \"starting_after\"", "")
+    });
+    let refused = app
+        .run_connector(&forward_only, "invoices", week, false)
+        .await;
+    assert_eq!(refused.status, RunStatus::Failed, "{refused:?}");
+    assert!(
+        refused
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("backward_param"),
+        "{refused:?}"
+    );
+}
