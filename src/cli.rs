@@ -27,6 +27,9 @@ pub const EXIT_CONFIG: u8 = 2;
 pub const EXIT_PARTIAL: u8 = 3;
 pub const EXIT_LOCKED: u8 = 75;
 
+/// What `idem check` says about connection poolers (it cannot tell from here).
+pub const POOLING_NOTE: &str = "note: one run per stream relies on a Postgres session advisory lock: DATABASE_URL must reach Postgres directly or through a session-mode pool, not a transaction-pooling proxy (PgBouncer pool_mode=transaction), where the lock can stay held by a pooled server connection or be taken twice. Writes stay fenced either way: a run commits only while it owns the stream.";
+
 /// idem imports records from vendor APIs into Postgres; every job is safe to run twice.
 #[derive(Debug, Parser)]
 #[command(name = "idem", version, about)]
@@ -435,6 +438,7 @@ fn check(settings: &Settings) -> anyhow::Result<u8> {
         "{} connector file(s) valid; notify and serve settings valid",
         connectors.len()
     );
+    println!("{POOLING_NOTE}");
     Ok(EXIT_OK)
 }
 

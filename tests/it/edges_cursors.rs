@@ -468,6 +468,15 @@ async fn checkpoint_reset_and_set_exit_75_while_a_run_holds_the_stream() {
         .await;
     assert_eq!(reset.status.code(), Some(0), "{}", stderr(&reset));
     assert_eq!(checkpoint(&app, "demo_billing", "invoices").await.1, None);
+
+    // `idem check` says what the lock needs from a connection pooler.
+    let check = app.idem(&["check"]).await;
+    assert_eq!(check.status.code(), Some(0), "{}", stderr(&check));
+    assert!(
+        crate::helpers::stdout(&check).contains("not a transaction-pooling proxy"),
+        "{}",
+        crate::helpers::stdout(&check)
+    );
 }
 
 #[tokio::test]
