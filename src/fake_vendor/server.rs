@@ -212,9 +212,16 @@ async fn gate(AxState(st): AxState<Shared>, req: Request, next: Next) -> Respons
         }
         (nth - 1, s.take_fault(&path))
     };
-    let resp = serve(&st, &path, req, next, fault).await;
-    if let Some(r) = lock(&st).requests.get_mut(idx) {
+    let mut resp = serve(&st, &path, req, next, fault).await;
+    let mut s = lock(&st);
+    if let Some(r) = s.requests.get_mut(idx) {
         r.status = resp.status().as_u16();
+    }
+    // The vendor's own clock (see `FakeVendor::set_clock`), as a real vendor's `Date` is.
+    if let Some(date) = chrono::DateTime::from_timestamp(s.data.clock, 0).and_then(|t| {
+        HeaderValue::from_str(&t.format("%a, %d %b %Y %H:%M:%S GMT").to_string()).ok()
+    }) {
+        resp.headers_mut().insert(header::DATE, date);
     }
     resp
 }
@@ -618,7 +625,9 @@ fn parse_filter_groups(body: &Value) -> Res<Vec<Vec<Filter>>> {
 const SEARCH_CAP: usize = 10_000;
 
 /// `POST /crm/v3/objects/contacts/search`: HubSpot search with filters, one sort,
-/// offset-style `after`, and the 10,000-result cap.
+/// offset-style `after`, and the 10,000-result cap. As at HubSpot, `after` is a position
+/// in the result sorted now (by the sort property, then id): a contact edited between two
+/// pages moves to the end and every later one shifts down a place.
 async fn contacts_search(AxState(st): AxState<Shared>, dup: DupExt, body: Bytes) -> Res {
     let body: Value = serde_json::from_slice(&body)
         .map_err(|e| hs_error(format!("Invalid input JSON on line 1: {e}")))?;
