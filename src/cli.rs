@@ -170,7 +170,10 @@ pub async fn main() -> ExitCode {
             } else {
                 EXIT_FAILED
             };
-            eprintln!("error: {err:#}");
+            eprintln!(
+                "error: {}",
+                crate::redact::for_terminal(&crate::redact::vendor_text(&format!("{err:#}")))
+            );
             ExitCode::from(code)
         }
     }
@@ -385,7 +388,7 @@ async fn ledger_command(pool: &PgPool, command: LedgerCommand) -> anyhow::Result
                         row.key,
                         row.recipient,
                         row.attempts,
-                        row.last_error.map_or(String::new(), |e| format!(": {e}"))
+                        row.last_error.map_or(String::new(), |e| format!(": {}", crate::redact::for_terminal(&e)))
                     );
                 }
             }
@@ -574,7 +577,7 @@ async fn status(pool: &PgPool, connectors: &[Connector], json: bool) -> anyhow::
             line.push_str(&format!(" high-water mark {}", hwm.to_rfc3339()));
         }
         if let Some(cursor) = &cp.cursor {
-            line.push_str(&format!(" cursor {cursor}"));
+            line.push_str(&format!(" cursor {}", crate::redact::for_terminal(cursor)));
         }
         if cp.resume.is_some() {
             line.push_str(" (an interrupted walk will resume)");
@@ -609,12 +612,19 @@ async fn status(pool: &PgPool, connectors: &[Connector], json: bool) -> anyhow::
             r.deleted,
             r.error
                 .as_ref()
-                .map_or(String::new(), |e| format!("\n    error: {e}"))
+                .map_or(String::new(), |e| format!(
+                    "\n    error: {}",
+                    crate::redact::for_terminal(&crate::redact::redact(e))
+                ))
         );
     }
     println!("Record failures: {}", failures.len());
     for (ss, st, key, error, attempts) in failures.iter().take(20) {
-        println!("  {ss}.{st} {key} (attempts {attempts}): {error}");
+        println!(
+            "  {ss}.{st} {} (attempts {attempts}): {}",
+            crate::redact::for_terminal(key),
+            crate::redact::for_terminal(&crate::redact::redact(error))
+        );
     }
     let counts: Vec<String> = ledger.iter().map(|(s, n)| format!("{s} {n}")).collect();
     println!(

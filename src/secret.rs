@@ -11,8 +11,12 @@ use std::fmt;
 pub struct Secret(String);
 
 impl Secret {
+    /// Wraps `value` and registers it with the redactor, so it is masked wherever a
+    /// vendor or a provider echoes it.
     pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
+        let value = value.into();
+        crate::redact::register(&value);
+        Self(value)
     }
 
     /// The value, for the one place that must send it (an HTTP header, an SMTP login).

@@ -71,6 +71,8 @@ pub(crate) struct State {
     /// Idempotency key → (payload, message id).
     pub(crate) email_keys: HashMap<String, (Value, String)>,
     pub(crate) mailbox: Option<Arc<Mutex<Vec<ReceivedMail>>>>,
+    /// Base of the `/paged` endpoints' next links, when not this vendor.
+    pub(crate) link_base: Option<String>,
 }
 
 impl State {
@@ -86,6 +88,7 @@ impl State {
             emails: Vec::new(),
             email_keys: HashMap::new(),
             mailbox: None,
+            link_base: None,
         }
     }
 
@@ -102,6 +105,27 @@ impl State {
             self.faults.remove(i);
         }
         Some(kind)
+    }
+
+    /// Where next links point.
+    fn link_base(&self) -> &str {
+        self.link_base.as_deref().unwrap_or(&self.base_url)
+    }
+
+    /// `&name=key` when the request carried the query API key: next links repeat it.
+    fn echoed_key(&self, q: &HashMap<String, String>) -> String {
+        match &self.auth {
+            Auth::ApiKey(ApiKeyPlace::Query(name), _) => q
+                .get(name)
+                .map(|key| {
+                    format!(
+                        "&{name}={}",
+                        url::form_urlencoded::byte_serialize(key.as_bytes()).collect::<String>()
+                    )
+                })
+                .unwrap_or_default(),
+            _ => String::new(),
+        }
     }
 
     fn check_auth(&self, headers: &HeaderMap, query: Option<&str>) -> Result<(), Reject> {
@@ -193,6 +217,10 @@ async fn gate(AxState(st): AxState<Shared>, req: Request, next: Next) -> Respons
             query: req.uri().query().map(str::to_owned),
             authorization: hv("authorization"),
             idempotency_key: hv("idempotency-key"),
+            headers: h
+                .iter()
+                .map(|(k, v)| (k.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+                .collect(),
             status: 0,
             received: Instant::now(),
         });
@@ -229,6 +257,33 @@ async fn serve(
             retry_after,
             body,
         }) => return status_fault(*code, retry_after.as_deref(), body.clone()),
+        Some(FaultKind::EchoRequest { code }) => return echo_request(*code, &req),
+        Some(FaultKind::RawBody {
+            code,
+            content_type,
+            body,
+        }) => {
+            let status = StatusCode::from_u16(*code).unwrap_or(StatusCode::BAD_REQUEST);
+            return (
+                status,
+                [(header::CONTENT_TYPE, content_type.clone())],
+                body.clone(),
+            )
+                .into_response();
+        }
+        Some(FaultKind::HugeBody { bytes }) => return huge_body(*bytes),
+        Some(FaultKind::Redirect { code, to_base }) => {
+            let status = StatusCode::from_u16(*code).unwrap_or(StatusCode::FOUND);
+            let location = match req.uri().query() {
+                Some(q) => format!("{to_base}{path}?{q}"),
+                None => format!("{to_base}{path}"),
+            };
+            let mut resp = status.into_response();
+            if let Ok(v) = HeaderValue::from_str(&location) {
+                resp.headers_mut().insert(header::LOCATION, v);
+            }
+            return resp;
+        }
         Some(FaultKind::Delay(d)) => tokio::time::sleep(*d).await,
         Some(FaultKind::DuplicateRecords) => {
             req.extensions_mut().insert(Dup);
@@ -247,6 +302,54 @@ async fn serve(
         Some(FaultKind::WrongShape) => wrong_shape(resp).await,
         _ => resp,
     }
+}
+
+/// An error that quotes the request back, credentials and all, plus a terminal escape.
+fn echo_request(code: u16, req: &Request) -> Response {
+    let status = StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_REQUEST);
+    let headers: Vec<String> = req
+        .headers()
+        .iter()
+        .map(|(k, v)| format!("{k}: {}", String::from_utf8_lossy(v.as_bytes())))
+        .collect();
+    let body = json!({"error": {
+        "type": "invalid_request_error",
+        "message": format!("\u{1b}[2J\u{1b}[31mbad request\u{7} {} {}", req.method(), req.uri()),
+        "request_headers": headers.join("\r\n"),
+    }});
+    (status, Json(body)).into_response()
+}
+
+/// `{"data": [{"id": "big_0000001", ...}, ...` of exactly `bytes` bytes (valid JSON when
+/// it ends on a record boundary), generated chunk by chunk as the client reads.
+fn huge_body(bytes: u64) -> Response {
+    const RECORD: usize = 64;
+    let chunk_records = 1024;
+    let stream = futures_util::stream::unfold(0u64, move |sent| async move {
+        if sent >= bytes {
+            return None;
+        }
+        let mut chunk = String::with_capacity(RECORD * chunk_records + 16);
+        if sent == 0 {
+            chunk.push_str("{\"data\": [");
+        }
+        let mut n = sent / RECORD as u64;
+        while chunk.len() < RECORD * chunk_records {
+            let record = format!("{{\"id\": \"big_{n:010}\", \"amount_due\": 1}},");
+            chunk.push_str(&format!("{record:<width$}", width = RECORD));
+            n += 1;
+        }
+        let remaining = (bytes - sent) as usize;
+        chunk.truncate(remaining.min(chunk.len()));
+        let len = chunk.len() as u64;
+        Some((Ok::<_, std::io::Error>(Bytes::from(chunk)), sent + len))
+    });
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response()
 }
 
 fn status_fault(code: u16, retry_after: Option<&str>, body: Option<String>) -> Response {
@@ -696,8 +799,9 @@ async fn paged_next_url(AxState(st): AxState<Shared>, Query(q): Q, dup: DupExt) 
         Some(last) if more => {
             let id = last["id"].as_str().unwrap_or_default();
             json!(format!(
-                "{}/paged/next_url?per_page={pp}&after={id}",
-                s.base_url
+                "{}/paged/next_url?per_page={pp}&after={id}{}",
+                s.link_base(),
+                s.echoed_key(&q)
             ))
         }
         _ => Value::Null,
@@ -722,9 +826,10 @@ async fn paged_link(AxState(st): AxState<Shared>, Query(q): Q, dup: DupExt) -> R
     let mut resp = Json(json!({"items": items})).into_response();
     if more {
         let link = format!(
-            "<{}/paged/link?per_page={pp}&page={}>; rel=\"next\"",
-            s.base_url,
-            page + 1
+            "<{}/paged/link?per_page={pp}&page={}{}>; rel=\"next\"",
+            s.link_base(),
+            page + 1,
+            s.echoed_key(&q)
         );
         if let Ok(v) = HeaderValue::from_str(&link) {
             resp.headers_mut().insert(header::LINK, v);
