@@ -163,9 +163,18 @@ impl VendorClient {
                 Method::Get => "GET",
                 Method::Post => "POST",
             };
-            let shown_url = crate::redact::url(&shown_url(&url, query));
             let credentials = self.may_carry_credentials(&url);
-            if !credentials && http.cross_host == CrossHost::Refuse {
+            if !credentials {
+                // A link or Location built by the vendor may repeat the API key: it is
+                // taken out, and a URL still holding a credential is never sent.
+                url = self.strip_key_param(&url);
+            }
+            let full_url = shown_url(&url, query);
+            let shown_url = crate::redact::url(&full_url);
+            if !credentials
+                && (http.cross_host == CrossHost::Refuse
+                    || crate::redact::contains_secret(&full_url))
+            {
                 return Err(HttpError::CrossHost {
                     method: method_name,
                     url: shown_url,
@@ -297,11 +306,16 @@ impl VendorClient {
     /// connector's API-key parameter removed (it is added again when the link is fetched
     /// from `base_url`'s host) and any other known secret masked.
     pub fn clean_link(&self, link: &str) -> String {
+        crate::redact::vendor_text(&self.strip_key_param(link))
+    }
+
+    /// `link` without the connector's API-key query parameter.
+    fn strip_key_param(&self, link: &str) -> String {
         let param = match &self.connector.auth {
             Some(Auth::QueryKey { param, .. }) => Some(param.as_str()),
             _ => None,
         };
-        let stripped = match (param, url::Url::parse(link)) {
+        match (param, url::Url::parse(link)) {
             (Some(param), Ok(mut parsed)) if parsed.query_pairs().any(|(k, _)| k == param) => {
                 let kept: Vec<(String, String)> = parsed
                     .query_pairs()
@@ -316,8 +330,7 @@ impl VendorClient {
                 parsed.to_string()
             }
             _ => link.to_string(),
-        };
-        crate::redact::vendor_text(&stripped)
+        }
     }
 
     async fn build(
@@ -418,6 +431,8 @@ impl VendorClient {
             .and_then(Value::as_str)
             .ok_or_else(|| token_error(format!("HTTP {status}, no access_token in the answer")))?
             .to_string();
+        // An issued token is a credential like the configured ones.
+        crate::redact::register(&token);
         let lifetime = body
             .get("expires_in")
             .and_then(Value::as_u64)

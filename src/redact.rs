@@ -112,6 +112,15 @@ pub fn redact(text: &str) -> String {
     mask_query_params(&out)
 }
 
+/// True when `text` holds a registered secret value (in any registered form).
+pub fn contains_secret(text: &str) -> bool {
+    SECRETS
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .any(|secret| text.contains(secret.as_str()))
+}
+
 /// Text a vendor or provider wrote, made safe to store and show: redacted, without NUL
 /// (Postgres text refuses it).
 pub fn vendor_text(text: &str) -> String {

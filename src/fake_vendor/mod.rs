@@ -50,7 +50,8 @@ pub enum ApiKeyPlace {
 /// `path_prefix` (faults are consumed in the order injected).
 #[derive(Debug, Clone)]
 pub struct Fault {
-    /// Path prefix the fault matches, e.g. `/v1/invoices` or `/email`.
+    /// Path prefix the fault matches, e.g. `/v1/invoices` or `/email`; with a `?`, a
+    /// prefix of the path and query, e.g. `/paged/next_url?per_page=10&after=`.
     pub path_prefix: String,
     /// How many matching requests it applies to.
     pub times: usize,

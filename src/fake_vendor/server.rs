@@ -92,12 +92,17 @@ impl State {
         }
     }
 
-    /// Consumes one application of the first queued fault matching `path`.
-    fn take_fault(&mut self, path: &str) -> Option<FaultKind> {
-        let i = self
-            .faults
-            .iter()
-            .position(|f| path.starts_with(&f.path_prefix))?;
+    /// Consumes one application of the first queued fault matching `path` (or, for a
+    /// prefix with a `?`, matching `path?query`).
+    fn take_fault(&mut self, path: &str, path_and_query: &str) -> Option<FaultKind> {
+        let i = self.faults.iter().position(|f| {
+            let target = if f.path_prefix.contains('?') {
+                path_and_query
+            } else {
+                path
+            };
+            target.starts_with(&f.path_prefix)
+        })?;
         let f = &mut self.faults[i];
         f.times -= 1;
         let kind = f.kind.clone();
@@ -235,7 +240,11 @@ async fn gate(AxState(st): AxState<Shared>, req: Request, next: Next) -> Respons
                 s.faults.insert(0, fault);
             }
         }
-        (nth - 1, s.take_fault(&path))
+        let path_and_query = req
+            .uri()
+            .path_and_query()
+            .map_or(path.clone(), |pq| pq.as_str().to_owned());
+        (nth - 1, s.take_fault(&path, &path_and_query))
     };
     let resp = serve(&st, &path, req, next, fault).await;
     if let Some(r) = lock(&st).requests.get_mut(idx) {
@@ -304,7 +313,8 @@ async fn serve(
     }
 }
 
-/// An error that quotes the request back, credentials and all, plus a terminal escape.
+/// An error that quotes the request back, credentials and all, as plain text with a raw
+/// terminal escape sequence in it.
 fn echo_request(code: u16, req: &Request) -> Response {
     let status = StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_REQUEST);
     let headers: Vec<String> = req
@@ -312,12 +322,13 @@ fn echo_request(code: u16, req: &Request) -> Response {
         .iter()
         .map(|(k, v)| format!("{k}: {}", String::from_utf8_lossy(v.as_bytes())))
         .collect();
-    let body = json!({"error": {
-        "type": "invalid_request_error",
-        "message": format!("\u{1b}[2J\u{1b}[31mbad request\u{7} {} {}", req.method(), req.uri()),
-        "request_headers": headers.join("\r\n"),
-    }});
-    (status, Json(body)).into_response()
+    let body = format!(
+        "\u{1b}[2J\u{1b}[31mbad request\u{7}: {} {}\r\nrequest headers:\r\n{}",
+        req.method(),
+        req.uri(),
+        headers.join("\r\n")
+    );
+    (status, [(header::CONTENT_TYPE, "text/plain")], body).into_response()
 }
 
 /// `{"data": [{"id": "big_0000001", ...}, ...` of exactly `bytes` bytes (valid JSON when

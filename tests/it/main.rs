@@ -5,5 +5,6 @@ mod connectors;
 mod helpers;
 mod ledger;
 mod replay;
+mod security;
 mod serve;
 mod sync_core;
