@@ -181,8 +181,17 @@ pub async fn main() -> ExitCode {
 
 async fn execute(cli: Cli) -> anyhow::Result<u8> {
     let settings = Settings::load(cli.config.as_deref())?;
+    let insecure = insecure_files(&settings);
+    for warning in &insecure {
+        tracing::warn!("{warning}");
+    }
     match cli.command {
-        Command::Check => check(&settings),
+        Command::Check => {
+            for warning in &insecure {
+                println!("warning: {warning}");
+            }
+            check(&settings)
+        }
         Command::Migrate => {
             let pool = connect(&settings).await?;
             store::migrate(&pool).await?;
@@ -411,6 +420,13 @@ async fn ledger_command(pool: &PgPool, command: LedgerCommand) -> anyhow::Result
             }
         }
     }
+}
+
+/// The config file and connector files that hold a plaintext secret others may read.
+fn insecure_files(settings: &Settings) -> Vec<String> {
+    let mut files: Vec<std::path::PathBuf> = settings.file.iter().cloned().collect();
+    files.extend(settings.connector_files().unwrap_or_default());
+    crate::secret::insecure_secret_files(&files)
 }
 
 fn check(settings: &Settings) -> anyhow::Result<u8> {

@@ -86,8 +86,10 @@ pub fn register_url(url: &str) {
     };
     if let Some(password) = parsed.password() {
         register(password);
+        let user = percent_decode(parsed.username()).unwrap_or_default();
         if let Ok(decoded) = percent_decode(password) {
-            register(&decoded);
+            // An HTTP client sends URL credentials as basic auth.
+            register_basic(&user, &decoded);
         }
     }
     for (name, value) in parsed.query_pairs() {

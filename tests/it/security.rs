@@ -63,6 +63,8 @@ async fn a_vendor_error_that_echoes_credentials_is_redacted() {
     const QUERY_KEY: &str = "qk_ECHOED query&7f3b";
     const CLIENT_SECRET: &str = "cs_ECHOED_oauth_2b8c";
     const EXTRA: &str = "xh_ECHOED_extra_64d9";
+    const URL_PASSWORD: &str = "up_ECHOED_url_4e1f";
+    const DB_PASSWORD: &str = "dbpw_ECHOED_9a7c";
     let app = spawn_app(5).await;
     app.vendor
         .require_oauth2("idem", CLIENT_SECRET, Duration::from_secs(600));
@@ -109,6 +111,18 @@ async fn a_vendor_error_that_echoes_credentials_is_redacted() {
             path.display().to_string()
         })
         .collect();
+    // A password in base_url itself.
+    let mut files = files;
+    let userinfo = app.dir.path().join("userinfo.toml");
+    std::fs::write(
+        &userinfo,
+        connector_text("userinfo_vendor", "", "", stream).replace(
+            "${VENDOR_URL}",
+            &format!("http://idem:${{T_URL_PASSWORD}}@{}", app.vendor.addr()),
+        ),
+    )
+    .unwrap();
+    files.push(userinfo.display().to_string());
     std::fs::write(
         &app.config_path,
         format!("connectors = {files:?}\n[notify]\ntransport = \"log\"\n"),
@@ -124,6 +138,7 @@ async fn a_vendor_error_that_echoes_credentials_is_redacted() {
             .env("T_QUERY_KEY", QUERY_KEY)
             .env("T_CLIENT_SECRET", CLIENT_SECRET)
             .env("T_EXTRA", EXTRA)
+            .env("T_URL_PASSWORD", URL_PASSWORD)
             .env("RUST_LOG", "debug");
         command
     };
@@ -152,7 +167,7 @@ async fn a_vendor_error_that_echoes_credentials_is_redacted() {
             .fetch_all(&app.pool)
             .await
             .unwrap();
-    assert_eq!(errors.len(), kinds.len(), "{errors:?}");
+    assert_eq!(errors.len(), kinds.len() + 1, "{errors:?}");
     for (system, error) in &errors {
         assert!(
             error.contains("HTTP 400") && error.contains("request headers"),
@@ -160,7 +175,34 @@ async fn a_vendor_error_that_echoes_credentials_is_redacted() {
         );
         assert!(error.contains("***"), "{system}: nothing masked: {error}");
     }
+    // A database password, in the URL's userinfo or as `?password=`, is not shown by
+    // the connection error.
+    // (Both at once: the pool keeps retrying a refused connection for its 10 s timeout.)
+    let (userinfo, query) = tokio::join!(
+        idem(&["status"])
+            .env(
+                "DATABASE_URL",
+                format!("postgres://postgres:{DB_PASSWORD}@127.0.0.1:1/idem"),
+            )
+            .output(),
+        idem(&["status"])
+            .env(
+                "DATABASE_URL",
+                format!("postgres://postgres@127.0.0.1:1/idem?password={DB_PASSWORD}"),
+            )
+            .output()
+    );
+    let mut db_errors = Vec::new();
+    for failed in [userinfo.unwrap(), query.unwrap()] {
+        assert_ne!(failed.status.code(), Some(0));
+        let text = stderr(&failed);
+        assert!(text.contains("127.0.0.1:1"), "{text}");
+        db_errors.push(text);
+    }
     let mut secrets = vec![
+        DB_PASSWORD.to_string(),
+        URL_PASSWORD.to_string(),
+        base64(&format!("idem:{URL_PASSWORD}")),
         TOKEN.to_string(),
         PASSWORD.to_string(),
         base64(&format!("{USER}:{PASSWORD}")),
@@ -185,6 +227,7 @@ async fn a_vendor_error_that_echoes_credentials_is_redacted() {
             ("status logs", stderr(&status)),
             ("status --json", stdout(&status_json)),
             ("idem_runs.error", run_errors.clone()),
+            ("database connection errors", db_errors.join("\n")),
         ] {
             assert!(!text.contains(secret.as_str()), "{what} leaks {secret}:\n{text}");
         }
@@ -657,4 +700,48 @@ async fn a_response_over_the_size_cap_fails_the_page_with_bounded_memory() {
         "{error}"
     );
     assert_eq!(app.count("SELECT count(*) FROM demo_invoices").await, 0);
+}
+
+// ---------------------------------------------------------------------------------------
+// Config hygiene
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_plaintext_secret_in_a_file_others_can_read_is_flagged() {
+    use std::os::unix::fs::PermissionsExt;
+    let app = spawn_app(0).await;
+    let connector = app.dir.path().join("plain.toml");
+    std::fs::write(
+        &connector,
+        "source_system = \"plain\"\nbase_url = \"http://127.0.0.1:9\"\n[auth]\nkind = \"bearer\"\ntoken = \"sk_live_plaintext\"\n[streams.items]\npath = \"/v1/invoices\"\nid = \"/id\"\ntable = \"items\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        &app.config_path,
+        format!(
+            "connectors = [{:?}]\n[notify]\ntransport = \"log\"\n",
+            connector.display().to_string()
+        ),
+    )
+    .unwrap();
+    let set_mode = |mode: u32| {
+        std::fs::set_permissions(&connector, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    set_mode(0o644);
+    let check = app.idem(&["check"]).await;
+    assert_eq!(check.status.code(), Some(0), "{}", stderr(&check));
+    let out = stdout(&check);
+    assert!(
+        out.contains("plain.toml holds a plaintext secret (auth.token)")
+            && out.contains("mode 0644"),
+        "{out}"
+    );
+    assert!(!out.contains("sk_live_plaintext"), "{out}");
+    // The same warning at start-up of any command, in the log.
+    let status = app.idem(&["status"]).await;
+    assert!(stderr(&status).contains("holds a plaintext secret"), "{}", stderr(&status));
+    set_mode(0o600);
+    let check = app.idem(&["check"]).await;
+    assert_eq!(check.status.code(), Some(0), "{}", stderr(&check));
+    assert!(!stdout(&check).contains("plaintext"), "{}", stdout(&check));
 }
