@@ -397,7 +397,10 @@ async fn ledger_command(pool: &PgPool, command: LedgerCommand) -> anyhow::Result
                         row.key,
                         row.recipient,
                         row.attempts,
-                        row.last_error.map_or(String::new(), |e| format!(": {}", crate::redact::for_terminal(&e)))
+                        row.last_error.map_or(String::new(), |e| format!(
+                            ": {}",
+                            crate::redact::for_terminal(&e)
+                        ))
                     );
                 }
             }
@@ -626,12 +629,10 @@ async fn status(pool: &PgPool, connectors: &[Connector], json: bool) -> anyhow::
             r.unchanged,
             r.failed,
             r.deleted,
-            r.error
-                .as_ref()
-                .map_or(String::new(), |e| format!(
-                    "\n    error: {}",
-                    crate::redact::for_terminal(&crate::redact::redact(e))
-                ))
+            r.error.as_ref().map_or(String::new(), |e| format!(
+                "\n    error: {}",
+                crate::redact::for_terminal(&crate::redact::redact(e))
+            ))
         );
     }
     println!("Record failures: {}", failures.len());

@@ -227,7 +227,12 @@ impl VendorClient {
                     let headers = response.headers().clone();
                     if status.is_success() {
                         match read_capped(&mut response, http.max_response_bytes).await {
-                            Ok(Some(bytes)) => return Ok(Fetched { headers, body: bytes }),
+                            Ok(Some(bytes)) => {
+                                return Ok(Fetched {
+                                    headers,
+                                    body: bytes,
+                                });
+                            }
                             Ok(None) => {
                                 return Err(HttpError::TooLarge {
                                     method: method_name,
@@ -492,7 +497,10 @@ async fn read_capped(
     response: &mut reqwest::Response,
     limit: u64,
 ) -> Result<Option<Vec<u8>>, reqwest::Error> {
-    if response.content_length().is_some_and(|length| length > limit) {
+    if response
+        .content_length()
+        .is_some_and(|length| length > limit)
+    {
         return Ok(None);
     }
     let expected = response.content_length().unwrap_or(64 * 1024).min(limit);

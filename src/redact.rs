@@ -174,7 +174,9 @@ fn mask_userinfo(text: &str) -> String {
         out.push_str(&rest[..authority_start]);
         let after = &rest[authority_start..];
         let end = after
-            .find(|c: char| matches!(c, '/' | '?' | '#' | '"' | '\'' | '<' | '>') || c.is_whitespace())
+            .find(|c: char| {
+                matches!(c, '/' | '?' | '#' | '"' | '\'' | '<' | '>') || c.is_whitespace()
+            })
             .unwrap_or(after.len());
         let authority = &after[..end];
         match authority.rfind('@') {
@@ -229,8 +231,18 @@ fn mask_query_params(text: &str) -> String {
         while value_end < bytes.len()
             && !matches!(
                 bytes[value_end],
-                b'&' | b'#' | b'"' | b'\'' | b'<' | b'>' | b' ' | b'\t' | b'\n' | b'\r' | b','
-                    | b';' | b')'
+                b'&' | b'#'
+                    | b'"'
+                    | b'\''
+                    | b'<'
+                    | b'>'
+                    | b' '
+                    | b'\t'
+                    | b'\n'
+                    | b'\r'
+                    | b','
+                    | b';'
+                    | b')'
             )
         {
             value_end += 1;
@@ -343,7 +355,10 @@ mod tests {
             "GET https://x.test/a?page=2&api_key=***&b=1 failed"
         );
         assert_eq!(vendor_text("a\0b"), "ab");
-        assert_eq!(for_terminal("red\x1b[31m\r\n"), "red\\u{1b}[31m\\u{d}\\u{a}");
+        assert_eq!(
+            for_terminal("red\x1b[31m\r\n"),
+            "red\\u{1b}[31m\\u{d}\\u{a}"
+        );
         assert_eq!(base64(b"ab"), "YWI=");
     }
 }

@@ -178,10 +178,7 @@ pub fn parse(
         push(
             None,
             "base_url",
-            format!(
-                "'{}' is not an absolute URL",
-                crate::redact::url(&base_url)
-            ),
+            format!("'{}' is not an absolute URL", crate::redact::url(&base_url)),
         );
     }
     let auth = spec.auth.as_ref().map(|auth| match auth {

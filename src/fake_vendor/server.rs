@@ -224,7 +224,12 @@ async fn gate(AxState(st): AxState<Shared>, req: Request, next: Next) -> Respons
             idempotency_key: hv("idempotency-key"),
             headers: h
                 .iter()
-                .map(|(k, v)| (k.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+                .map(|(k, v)| {
+                    (
+                        k.as_str().to_owned(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
                 .collect(),
             status: 0,
             received: Instant::now(),
