@@ -172,9 +172,18 @@ impl VendorClient {
             let full_url = shown_url(&url, query);
             let shown_url = crate::redact::url(&full_url);
             if !credentials
-                && (http.cross_host == CrossHost::Refuse
-                    || crate::redact::contains_secret(&full_url))
+                && http.cross_host == CrossHost::WithoutCredentials
+                && crate::redact::contains_secret(&full_url)
             {
+                return Err(HttpError::Redirect {
+                    method: method_name,
+                    url: shown_url,
+                    reason: format!(
+                        "{what} points at another host than base_url and still carries a credential; refused"
+                    ),
+                });
+            }
+            if !credentials && http.cross_host == CrossHost::Refuse {
                 return Err(HttpError::CrossHost {
                     method: method_name,
                     url: shown_url,

@@ -456,6 +456,32 @@ async fn credentials_never_leave_the_base_url_host() {
             }
         }
     }
+    // Even when cross-host links may be followed, a URL that itself carries a credential
+    // (a Location quoting the token) is never sent there.
+    let text = format!(
+        "source_system = \"leaky_redirect\"\nbase_url = \"${{VENDOR_URL}}\"\n[http]\nmax_attempts = 1\ncross_host = \"without_credentials\"\n{}\n[streams.items]\n{}\nid = \"/id\"\ntable = \"items\"\n",
+        auths[2].1, paths[2].1
+    );
+    let connector = idem::connector::parse(&app.dir.path().join("leaky.toml"), &text, &env)
+        .expect("the connector loads");
+    app.vendor.inject(Fault::new(
+        "/paged/page",
+        1,
+        FaultKind::Redirect {
+            code: 302,
+            to_base: format!("{}/paged/page?leak={TOKEN}&x=", other.base_url()),
+        },
+    ));
+    let theirs_before = other.requests().len();
+    let report = app
+        .run_connector(&connector, "items", Mode::Regular, false)
+        .await;
+    assert_eq!(report.status, RunStatus::Failed, "{report:?}");
+    let error = report.error.unwrap_or_default();
+    assert!(error.contains("still carries a credential"), "{error}");
+    assert!(!error.contains(TOKEN), "{error}");
+    assert_eq!(other.requests().len(), theirs_before);
+
     for secret in secrets {
         let holding = tables_holding(&app, secret).await;
         assert!(holding.is_empty(), "tables hold {secret}: {holding:?}");
