@@ -336,29 +336,31 @@ fn echo_request(code: u16, req: &Request) -> Response {
     (status, [(header::CONTENT_TYPE, "text/plain")], body).into_response()
 }
 
-/// `{"data": [{"id": "big_0000001", ...}, ...` of exactly `bytes` bytes (valid JSON when
-/// it ends on a record boundary), generated chunk by chunk as the client reads.
+/// `{"data": [{"id": "big_0000000000", "amount_due": 1}, ...]}` of about `bytes` bytes
+/// (64 bytes a record), valid JSON, generated chunk by chunk as the client reads.
 fn huge_body(bytes: u64) -> Response {
-    const RECORD: usize = 64;
-    let chunk_records = 1024;
-    let stream = futures_util::stream::unfold(0u64, move |sent| async move {
-        if sent >= bytes {
-            return None;
-        }
-        let mut chunk = String::with_capacity(RECORD * chunk_records + 16);
-        if sent == 0 {
+    const RECORD: u64 = 64;
+    const CHUNK_RECORDS: u64 = 1024;
+    let records = bytes.saturating_sub(16) / RECORD;
+    let stream = futures_util::stream::unfold(Some(0u64), move |next| async move {
+        let first = next?;
+        let mut chunk = String::with_capacity((RECORD * CHUNK_RECORDS) as usize + 16);
+        if first == 0 {
             chunk.push_str("{\"data\": [");
         }
-        let mut n = sent / RECORD as u64;
-        while chunk.len() < RECORD * chunk_records {
-            let record = format!("{{\"id\": \"big_{n:010}\", \"amount_due\": 1}},");
-            chunk.push_str(&format!("{record:<width$}", width = RECORD));
-            n += 1;
+        let last = (first + CHUNK_RECORDS).min(records);
+        for n in first..last {
+            let separator = if n == 0 { "" } else { "," };
+            let record = format!("{separator}{{\"id\": \"big_{n:010}\", \"amount_due\": 1}}");
+            chunk.push_str(&format!("{record:<width$}", width = RECORD as usize));
         }
-        let remaining = (bytes - sent) as usize;
-        chunk.truncate(remaining.min(chunk.len()));
-        let len = chunk.len() as u64;
-        Some((Ok::<_, std::io::Error>(Bytes::from(chunk)), sent + len))
+        let next = if last >= records {
+            chunk.push_str("]}");
+            None
+        } else {
+            Some(last)
+        };
+        Some((Ok::<_, std::io::Error>(Bytes::from(chunk)), next))
     });
     (
         StatusCode::OK,

@@ -644,7 +644,7 @@ async fn http_mail_recipients_are_validated_like_smtp() {
 
 /// Runs the real binary to its end and returns (exit code, stdout, stderr, peak RSS in
 /// KiB) of that process alone (`wait4`), while this process keeps serving the vendor.
-async fn run_measured(
+pub(crate) async fn run_measured(
     app: &TestApp,
     args: &[&str],
     env: &[(&str, String)],
