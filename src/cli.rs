@@ -560,7 +560,10 @@ pub fn summary(report: &RunReport) -> String {
         c.fetched as f64 / seconds.max(0.001)
     ));
     if let Some(error) = &report.error {
-        line.push_str(&format!("\n  error: {error}"));
+        line.push_str(&format!(
+            "\n  error: {}",
+            crate::redact::for_terminal(&crate::redact::redact(error))
+        ));
     }
     line
 }

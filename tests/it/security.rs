@@ -147,6 +147,8 @@ async fn a_vendor_error_that_echoes_credentials_is_redacted() {
         .await
         .unwrap();
     assert_eq!(run.status.code(), Some(1), "{}", stderr(&run));
+    let run_text = idem(&["run", "--no-notify"]).output().await.unwrap();
+    assert_eq!(run_text.status.code(), Some(1), "{}", stderr(&run_text));
     let status = idem(&["status"]).output().await.unwrap();
     assert_eq!(status.status.code(), Some(0), "{}", stderr(&status));
     let status_json = idem(&["status", "--json"]).output().await.unwrap();
@@ -166,13 +168,9 @@ async fn a_vendor_error_that_echoes_credentials_is_redacted() {
         .filter_map(|a| a.strip_prefix("Bearer ").map(str::to_string))
         .filter(|t| t != TOKEN)
         .collect();
-    assert_eq!(
-        issued.len(),
-        1,
-        "the OAuth2 token was used once: {issued:?}"
-    );
+    assert_eq!(issued.len(), 2, "one OAuth2 token per run: {issued:?}");
     let errors: Vec<(String, String)> =
-        sqlx::query_as("SELECT source_system, error FROM idem_runs ORDER BY source_system")
+        sqlx::query_as("SELECT DISTINCT ON (source_system) source_system, error FROM idem_runs ORDER BY source_system, started_at")
             .fetch_all(&app.pool)
             .await
             .unwrap();
@@ -232,6 +230,7 @@ async fn a_vendor_error_that_echoes_credentials_is_redacted() {
         for (what, text) in [
             ("run --json", stdout(&run)),
             ("run logs", stderr(&run)),
+            ("run", stdout(&run_text)),
             ("status", stdout(&status)),
             ("status logs", stderr(&status)),
             ("status --json", stdout(&status_json)),
@@ -247,6 +246,12 @@ async fn a_vendor_error_that_echoes_credentials_is_redacted() {
         assert!(holding.is_empty(), "tables hold {secret}: {holding:?}");
     }
     // The vendor's terminal escapes are shown escaped, never interpreted.
+    let printed = stdout(&run_text);
+    assert!(printed.contains("bad request"), "{printed}");
+    assert!(
+        !printed.contains('\u{1b}'),
+        "run prints raw escapes: {printed:?}"
+    );
     let shown = stdout(&status);
     assert!(shown.contains("bad request"), "{shown}");
     assert!(
