@@ -253,8 +253,7 @@ impl VendorClient {
                         }
                     } else {
                         let bytes = read_prefix(&mut response, ERROR_BODY_READ_LIMIT).await;
-                        let body_text =
-                            crate::redact::vendor_text(&truncate(&String::from_utf8_lossy(&bytes)));
+                        let body_text = quote_vendor(&bytes);
                         let error = HttpError::Status {
                             method: method_name,
                             url: shown_url.clone(),
@@ -535,6 +534,17 @@ async fn read_prefix(response: &mut reqwest::Response, limit: usize) -> Vec<u8> 
     body
 }
 
+/// The start of a vendor's body, for an error: redacted before it is cut, so a secret
+/// straddling the cut cannot leave its first half behind.
+fn quote_vendor(bytes: &[u8]) -> String {
+    let head = &bytes[..bytes.len().min(ERROR_BODY_READ_LIMIT)];
+    let mut text = truncate(&crate::redact::vendor_text(&String::from_utf8_lossy(head)));
+    if bytes.len() > head.len() && !text.ends_with(" bytes)") {
+        text.push_str(&format!(" … ({} bytes)", bytes.len()));
+    }
+    text
+}
+
 fn truncate(text: &str) -> String {
     let text = text.trim();
     if text.len() <= ERROR_BODY_LIMIT {
@@ -701,7 +711,7 @@ impl Source for HttpSource {
         let mut json: Value = serde_json::from_slice(&body).map_err(|err| {
             malformed(format!(
                 "the body is not JSON ({err}): {}",
-                truncate(&String::from_utf8_lossy(&body))
+                quote_vendor(&body)
             ))
         })?;
         // Peak memory for a page is its bytes plus its parsed form; the bytes go first.

@@ -374,7 +374,11 @@ impl HttpTransport {
             format!(
                 "{}: HTTP {status}: {}",
                 self.url,
-                body.chars().take(300).collect::<String>()
+                // Redacted before it is cut: no half of a secret is left at the cut.
+                crate::redact::vendor_text(&body)
+                    .chars()
+                    .take(300)
+                    .collect::<String>()
             )
         };
         match status.as_u16() {

@@ -624,7 +624,7 @@ async fn http_mail_recipients_are_validated_like_smtp() {
     // Ambiguous answers are retried under the same key only up to max_attempts (2).
     let key = "email:reminder:ambiguous";
     insert_row(&app, key, "ok3@example.com").await;
-    app.vendor.inject(Fault::status("/email", 10, 502, None));
+    app.vendor.inject(Fault::status("/email", 2, 502, None));
     let mut rounds = 0;
     loop {
         dispatcher.run_once().await.unwrap();
@@ -641,6 +641,39 @@ async fn http_mail_recipients_are_validated_like_smtp() {
         tokio::time::sleep(Duration::from_millis(60)).await;
     }
     assert_eq!(app.vendor.emails().len(), 1);
+
+    // A provider that quotes the request (and its token) back in an error: the ledger row
+    // keeps the reason, redacted.
+    const MAIL_TOKEN: &str = "mt_PROVIDER_token_e5f6";
+    let with_token = NotifySettings {
+        http: Some(HttpEmailSettings {
+            url: format!("{}/email/send", app.vendor.base_url()),
+            token: Some(MAIL_TOKEN.into()),
+        }),
+        ..http_settings.clone()
+    };
+    let transport = AnyTransport::from_settings(&with_token).unwrap();
+    let dispatcher = Dispatcher::new(
+        &app.pool,
+        &transport,
+        DispatchSettings::from_config(&with_token),
+    );
+    let echoed = "email:reminder:echoed";
+    insert_row(&app, echoed, "ok4@example.com").await;
+    app.vendor.inject(Fault::new(
+        "/email",
+        1,
+        FaultKind::EchoRequest { code: 400 },
+    ));
+    dispatcher.run_once().await.unwrap();
+    let (status, error, _) = row_outcome(&app, echoed).await;
+    let error = error.unwrap_or_default();
+    assert_eq!(status, "failed", "{error}");
+    assert!(
+        error.contains("HTTP 400") && error.contains("Bearer ***"),
+        "{error}"
+    );
+    assert!(tables_holding(&app, MAIL_TOKEN).await.is_empty());
 }
 
 // ---------------------------------------------------------------------------------------
