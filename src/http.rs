@@ -317,9 +317,11 @@ impl VendorClient {
 
     /// A `next` link or `Link` target as it is kept in a checkpoint and shown: the
     /// connector's API-key parameter removed (it is added again when the link is fetched
-    /// from `base_url`'s host) and any other known secret masked.
+    /// from `base_url`'s host) and any other known secret value masked. The vendor's own
+    /// parameters stay as they are, even when named like secrets (`token=`, `key=`), so the
+    /// link still fetches the next page.
     pub fn clean_link(&self, link: &str) -> String {
-        crate::redact::vendor_text(&self.strip_key_param(link))
+        crate::redact::mask_known(&self.strip_key_param(link)).replace('\0', "")
     }
 
     /// `link` without the connector's API-key query parameter.
@@ -848,6 +850,34 @@ pub fn toml_to_json(value: &toml::Value) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kept_links_lose_the_api_key_but_keep_the_vendors_own_parameters() {
+        let text = "source_system = \"links\"\nbase_url = \"https://api.vendor.test\"\n[auth]\nkind = \"api_key\"\nquery_param = \"api_key\"\nvalue = \"${KEY}\"\n[streams.items]\npath = \"/items\"\nid = \"/id\"\ntable = \"items\"\n";
+        let env = |name: &str| (name == "KEY").then(|| "k3y_links_SECRET".to_string());
+        let connector =
+            crate::connector::parse(std::path::Path::new("links.toml"), text, &env).unwrap();
+        let client = VendorClient::new(connector);
+        assert_eq!(
+            client.clean_link(
+                "https://api.vendor.test/items?token=c9&api_key=k3y_links_SECRET&key=7"
+            ),
+            "https://api.vendor.test/items?token=c9&key=7"
+        );
+        assert_eq!(
+            client.clean_link("https://api.vendor.test/items?api_key=k3y_links_SECRET"),
+            "https://api.vendor.test/items"
+        );
+        assert_eq!(
+            client.clean_link("https://api.vendor.test/items?sig=k3y_links_SECRET"),
+            "https://api.vendor.test/items?sig=***"
+        );
+        assert!(client.may_carry_credentials("https://api.vendor.test/items?page=2"));
+        assert!(client.may_carry_credentials("https://API.vendor.test:443/x"));
+        assert!(!client.may_carry_credentials("http://api.vendor.test/items"));
+        assert!(!client.may_carry_credentials("https://api.vendor.test:8443/items"));
+        assert!(!client.may_carry_credentials("https://api.vendor.test@evil.test/items"));
+    }
 
     #[test]
     fn retry_after_reads_seconds_and_http_dates() {

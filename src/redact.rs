@@ -101,17 +101,23 @@ pub fn register_url(url: &str) {
 
 /// `text` with every known secret, URL password and secret query parameter masked.
 pub fn redact(text: &str) -> String {
-    let mut out = text.to_string();
-    {
-        let secrets = SECRETS.read().unwrap_or_else(|e| e.into_inner());
-        for secret in secrets.iter() {
-            if out.contains(secret.as_str()) {
-                out = out.replace(secret.as_str(), MASK);
-            }
-        }
-    }
+    let out = mask_known(text);
     let out = mask_userinfo(&out);
     mask_query_params(&out)
+}
+
+/// `text` with the registered secret values masked, and nothing else changed: for a
+/// vendor's link that idem must keep usable (a `token=` or `key=` cursor in it is the
+/// vendor's, not idem's).
+pub fn mask_known(text: &str) -> String {
+    let mut out = text.to_string();
+    let secrets = SECRETS.read().unwrap_or_else(|e| e.into_inner());
+    for secret in secrets.iter() {
+        if out.contains(secret.as_str()) {
+            out = out.replace(secret.as_str(), MASK);
+        }
+    }
+    out
 }
 
 /// True when `text` holds a registered secret value (in any registered form).
