@@ -173,7 +173,10 @@ pub async fn main() -> ExitCode {
             } else {
                 EXIT_FAILED
             };
-            eprintln!("error: {err:#}");
+            eprintln!(
+                "error: {}",
+                crate::redact::for_terminal(&crate::redact::vendor_text(&format!("{err:#}")))
+            );
             ExitCode::from(code)
         }
     }
@@ -181,8 +184,17 @@ pub async fn main() -> ExitCode {
 
 async fn execute(cli: Cli) -> anyhow::Result<u8> {
     let settings = Settings::load(cli.config.as_deref())?;
+    let insecure = insecure_files(&settings);
+    for warning in &insecure {
+        tracing::warn!("{warning}");
+    }
     match cli.command {
-        Command::Check => check(&settings),
+        Command::Check => {
+            for warning in &insecure {
+                println!("warning: {warning}");
+            }
+            check(&settings)
+        }
         Command::Migrate => {
             let pool = connect(&settings).await?;
             store::migrate(&pool).await?;
@@ -389,7 +401,10 @@ async fn ledger_command(pool: &PgPool, command: LedgerCommand) -> anyhow::Result
                         row.key,
                         row.recipient,
                         row.attempts,
-                        row.last_error.map_or(String::new(), |e| format!(": {e}"))
+                        row.last_error.map_or(String::new(), |e| format!(
+                            ": {}",
+                            crate::redact::for_terminal(&e)
+                        ))
                     );
                 }
             }
@@ -412,6 +427,13 @@ async fn ledger_command(pool: &PgPool, command: LedgerCommand) -> anyhow::Result
             }
         }
     }
+}
+
+/// The config file and connector files that hold a plaintext secret others may read.
+fn insecure_files(settings: &Settings) -> Vec<String> {
+    let mut files: Vec<std::path::PathBuf> = settings.file.iter().cloned().collect();
+    files.extend(settings.connector_files().unwrap_or_default());
+    crate::secret::insecure_secret_files(&files)
 }
 
 fn check(settings: &Settings) -> anyhow::Result<u8> {
@@ -543,7 +565,10 @@ pub fn summary(report: &RunReport) -> String {
         c.fetched as f64 / seconds.max(0.001)
     ));
     if let Some(error) = &report.error {
-        line.push_str(&format!("\n  error: {error}"));
+        line.push_str(&format!(
+            "\n  error: {}",
+            crate::redact::for_terminal(&crate::redact::redact(error))
+        ));
     }
     line
 }
@@ -579,7 +604,7 @@ async fn status(pool: &PgPool, connectors: &[Connector], json: bool) -> anyhow::
             line.push_str(&format!(" high-water mark {}", hwm.to_rfc3339()));
         }
         if let Some(cursor) = &cp.cursor {
-            line.push_str(&format!(" cursor {cursor}"));
+            line.push_str(&format!(" cursor {}", crate::redact::for_terminal(cursor)));
         }
         if cp.resume.is_some() {
             line.push_str(" (an interrupted walk will resume)");
@@ -612,14 +637,19 @@ async fn status(pool: &PgPool, connectors: &[Connector], json: bool) -> anyhow::
             r.unchanged,
             r.failed,
             r.deleted,
-            r.error
-                .as_ref()
-                .map_or(String::new(), |e| format!("\n    error: {e}"))
+            r.error.as_ref().map_or(String::new(), |e| format!(
+                "\n    error: {}",
+                crate::redact::for_terminal(&crate::redact::redact(e))
+            ))
         );
     }
     println!("Record failures: {}", failures.len());
     for (ss, st, key, error, attempts) in failures.iter().take(20) {
-        println!("  {ss}.{st} {key} (attempts {attempts}): {error}");
+        println!(
+            "  {ss}.{st} {} (attempts {attempts}): {}",
+            crate::redact::for_terminal(key),
+            crate::redact::for_terminal(&crate::redact::redact(error))
+        );
     }
     let counts: Vec<String> = ledger.iter().map(|(s, n)| format!("{s} {n}")).collect();
     println!(

@@ -268,7 +268,12 @@ impl Settings {
             .database_url
             .as_deref()
             .ok_or(ConfigError::NoDatabase)?;
-        crate::secret::resolve(raw).map_err(|err| ConfigError::File {
+        let resolved = crate::secret::resolve(raw);
+        if let Ok(url) = &resolved {
+            // Its password (in `user:password@` or `?password=`) is masked in every error.
+            crate::redact::register_url(url);
+        }
+        resolved.map_err(|err| ConfigError::File {
             file: self
                 .file
                 .as_ref()

@@ -9,12 +9,12 @@ use std::time::{Duration, Instant, SystemTime};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use reqwest::StatusCode;
-use reqwest::header::{HeaderMap, RETRY_AFTER};
+use reqwest::header::{HeaderMap, LOCATION, RETRY_AFTER};
 use serde_json::Value;
 use tokio::sync::Mutex;
 
 use crate::connector::{
-    Auth, Connector, IncrementalSpec, Method, Page, PageRequest, PaginationSpec, Source,
+    Auth, Connector, CrossHost, IncrementalSpec, Method, Page, PageRequest, PaginationSpec, Source,
     SourceError, StreamSpec, TimeFormat,
 };
 use crate::paginate::{self, ResponseView};
@@ -51,7 +51,35 @@ pub enum HttpError {
     },
     #[error("OAuth2 token request to {url} failed: {reason}")]
     Token { url: String, reason: String },
+    #[error(
+        "{method} {url}: the response is larger than the connector's http.max_response_bytes ({limit} bytes); raise the limit if the vendor really sends pages this big"
+    )]
+    TooLarge {
+        method: &'static str,
+        url: String,
+        limit: u64,
+    },
+    #[error(
+        "{method} {url}: {what} points at another host than base_url ({base}); refused, so no credential leaves the vendor's host (set http.cross_host = \"without_credentials\" to follow such links without credentials)"
+    )]
+    CrossHost {
+        method: &'static str,
+        url: String,
+        base: String,
+        what: &'static str,
+    },
+    #[error("{method} {url}: {reason}")]
+    Redirect {
+        method: &'static str,
+        url: String,
+        reason: String,
+    },
 }
+
+/// Most redirects one request follows.
+const MAX_REDIRECTS: u32 = 10;
+/// How much of an error body is read (the rest is never downloaded).
+const ERROR_BODY_READ_LIMIT: usize = 64 * 1024;
 
 /// A successful response: headers and body.
 pub struct Fetched {
@@ -64,6 +92,8 @@ pub struct Fetched {
 pub struct VendorClient {
     client: reqwest::Client,
     connector: Connector,
+    /// The origin of `base_url`: the only one that receives credentials.
+    origin: Option<url::Origin>,
     limiter: Option<DefaultDirectRateLimiter>,
     oauth_token: Mutex<Option<(String, Instant)>>,
 }
@@ -74,6 +104,9 @@ impl VendorClient {
             .timeout(connector.spec.http.timeout.0)
             .connect_timeout(connector.spec.http.timeout.0.min(Duration::from_secs(10)))
             .user_agent(concat!("idem/", env!("CARGO_PKG_VERSION")))
+            // Redirects are followed by `send`, which decides per hop whether the target
+            // may see credentials (reqwest keeps API-key and custom headers across hosts).
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .expect("the TLS backend initializes");
         let limiter = connector.spec.rate_limit.as_ref().map(|limit| {
@@ -81,9 +114,14 @@ impl VendorClient {
             let burst = NonZeroU32::new(limit.burst.unwrap_or(1).max(1)).expect("at least 1");
             RateLimiter::direct(Quota::per_second(rate).allow_burst(burst))
         });
+        let origin = url::Url::parse(&connector.base_url)
+            .ok()
+            .map(|url| url.origin())
+            .filter(url::Origin::is_tuple);
         Arc::new(Self {
             client,
             connector,
+            origin,
             limiter,
             oauth_token: Mutex::new(None),
         })
@@ -95,7 +133,9 @@ impl VendorClient {
 
     /// Sends a request built by `build` (called once per attempt), retrying connect
     /// errors, timeouts, 429 and 5xx with exponential backoff and jitter, waiting at least
-    /// what `Retry-After` asks. `shown_url` is what errors and logs name.
+    /// what `Retry-After` asks. Redirects are followed here, hop by hop: credentials go
+    /// only to `base_url`'s origin (see [`crate::connector::CrossHost`]). The body is read
+    /// up to `http.max_response_bytes`. Errors and logs name the URL redacted.
     pub async fn send(
         &self,
         method: Method,
@@ -103,11 +143,12 @@ impl VendorClient {
         query: &[(String, String)],
         body: Option<&Value>,
     ) -> Result<Fetched, HttpError> {
-        let method_name = match method {
-            Method::Get => "GET",
-            Method::Post => "POST",
-        };
-        let shown_url = shown_url(url, query);
+        let mut method = method;
+        let mut body = body;
+        let mut url = url.to_string();
+        let mut query = query;
+        let mut what = "the URL";
+        let mut redirects = 0;
         let http = &self.connector.spec.http;
         let mut delays = ExponentialBuilder::default()
             .with_min_delay(http.initial_backoff.0)
@@ -118,47 +159,123 @@ impl VendorClient {
         let mut attempts = 0;
         let mut refreshed_token = false;
         loop {
+            let method_name = match method {
+                Method::Get => "GET",
+                Method::Post => "POST",
+            };
+            let credentials = self.may_carry_credentials(&url);
+            if !credentials {
+                // A link or Location built by the vendor may repeat the API key: it is
+                // taken out, and a URL still holding a credential is never sent.
+                url = self.strip_key_param(&url);
+            }
+            let full_url = shown_url(&url, query);
+            let shown_url = crate::redact::url(&full_url);
+            if !credentials
+                && http.cross_host == CrossHost::WithoutCredentials
+                && crate::redact::contains_secret(&full_url)
+            {
+                return Err(HttpError::Redirect {
+                    method: method_name,
+                    url: shown_url,
+                    reason: format!(
+                        "{what} points at another host than base_url and still carries a credential; refused"
+                    ),
+                });
+            }
+            if !credentials && http.cross_host == CrossHost::Refuse {
+                return Err(HttpError::CrossHost {
+                    method: method_name,
+                    url: shown_url,
+                    base: crate::redact::url(&self.connector.base_url),
+                    what,
+                });
+            }
             if let Some(limiter) = &self.limiter {
                 limiter.until_ready().await;
             }
             attempts += 1;
-            let request = self.build(method, url, query, body).await?;
+            let request = self.build(method, &url, query, body, credentials).await?;
             let (failure, retry_after) = match request.send().await {
-                Ok(response) => {
+                Ok(mut response) => {
                     let status = response.status();
+                    if status.is_redirection() && status != StatusCode::NOT_MODIFIED {
+                        redirects += 1;
+                        let target = response
+                            .headers()
+                            .get(LOCATION)
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|location| url::Url::parse(&url).ok()?.join(location).ok());
+                        let redirect_error = |reason: String| HttpError::Redirect {
+                            method: method_name,
+                            url: shown_url.clone(),
+                            reason,
+                        };
+                        let Some(target) = target else {
+                            return Err(redirect_error(format!(
+                                "HTTP {status} without a usable Location"
+                            )));
+                        };
+                        if redirects > MAX_REDIRECTS {
+                            return Err(redirect_error(format!(
+                                "more than {MAX_REDIRECTS} redirects"
+                            )));
+                        }
+                        if matches!(status.as_u16(), 301..=303) && method == Method::Post {
+                            method = Method::Get;
+                            body = None;
+                        }
+                        url = target.to_string();
+                        // The Location is the whole URL; the API key (if any) is added
+                        // again by `build` when the target may see it.
+                        query = &[];
+                        what = "a redirect";
+                        attempts -= 1;
+                        continue;
+                    }
                     let headers = response.headers().clone();
-                    match response.bytes().await {
-                        Ok(bytes) if status.is_success() => {
-                            return Ok(Fetched {
-                                headers,
-                                body: bytes.to_vec(),
-                            });
-                        }
-                        Ok(bytes) => {
-                            let body_text = truncate(&String::from_utf8_lossy(&bytes));
-                            let error = HttpError::Status {
-                                method: method_name,
-                                url: shown_url.clone(),
-                                status: status.as_u16(),
-                                body: body_text,
-                                attempts,
-                            };
-                            if status == StatusCode::UNAUTHORIZED
-                                && matches!(self.connector.auth, Some(Auth::Oauth2 { .. }))
-                                && !refreshed_token
-                            {
-                                // The token may have been revoked before its expiry: fetch a
-                                // new one once, right away.
-                                refreshed_token = true;
-                                *self.oauth_token.lock().await = None;
-                                continue;
+                    if status.is_success() {
+                        match read_capped(&mut response, http.max_response_bytes).await {
+                            Ok(Some(bytes)) => {
+                                return Ok(Fetched {
+                                    headers,
+                                    body: bytes,
+                                });
                             }
-                            if !is_retryable(status) {
-                                return Err(error);
+                            Ok(None) => {
+                                return Err(HttpError::TooLarge {
+                                    method: method_name,
+                                    url: shown_url,
+                                    limit: http.max_response_bytes,
+                                });
                             }
-                            (error, retry_after(&headers))
+                            Err(err) => (transport(method_name, &shown_url, err, attempts), None),
                         }
-                        Err(err) => (transport(method_name, &shown_url, err, attempts), None),
+                    } else {
+                        let bytes = read_prefix(&mut response, ERROR_BODY_READ_LIMIT).await;
+                        let body_text = quote_vendor(&bytes);
+                        let error = HttpError::Status {
+                            method: method_name,
+                            url: shown_url.clone(),
+                            status: status.as_u16(),
+                            body: body_text,
+                            attempts,
+                        };
+                        if status == StatusCode::UNAUTHORIZED
+                            && matches!(self.connector.auth, Some(Auth::Oauth2 { .. }))
+                            && credentials
+                            && !refreshed_token
+                        {
+                            // The token may have been revoked before its expiry: fetch a
+                            // new one once, right away.
+                            refreshed_token = true;
+                            *self.oauth_token.lock().await = None;
+                            continue;
+                        }
+                        if !is_retryable(status) {
+                            return Err(error);
+                        }
+                        (error, retry_after(&headers))
                     }
                 }
                 Err(err) => {
@@ -189,12 +306,55 @@ impl VendorClient {
         }
     }
 
+    /// True when `url` is on `base_url`'s origin (scheme, host and port), the only place
+    /// idem's credentials and configured headers go.
+    pub fn may_carry_credentials(&self, url: &str) -> bool {
+        let Some(origin) = &self.origin else {
+            return false;
+        };
+        url::Url::parse(url).is_ok_and(|url| url.origin() == *origin)
+    }
+
+    /// A `next` link or `Link` target as it is kept in a checkpoint and shown: the
+    /// connector's API-key parameter removed (it is added again when the link is fetched
+    /// from `base_url`'s host) and any other known secret value masked. The vendor's own
+    /// parameters stay as they are, even when named like secrets (`token=`, `key=`), so the
+    /// link still fetches the next page.
+    pub fn clean_link(&self, link: &str) -> String {
+        crate::redact::mask_known(&self.strip_key_param(link)).replace('\0', "")
+    }
+
+    /// `link` without the connector's API-key query parameter.
+    fn strip_key_param(&self, link: &str) -> String {
+        let param = match &self.connector.auth {
+            Some(Auth::QueryKey { param, .. }) => Some(param.as_str()),
+            _ => None,
+        };
+        match (param, url::Url::parse(link)) {
+            (Some(param), Ok(mut parsed)) if parsed.query_pairs().any(|(k, _)| k == param) => {
+                let kept: Vec<(String, String)> = parsed
+                    .query_pairs()
+                    .filter(|(k, _)| k != param)
+                    .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                    .collect();
+                if kept.is_empty() {
+                    parsed.set_query(None);
+                } else {
+                    parsed.query_pairs_mut().clear().extend_pairs(kept);
+                }
+                parsed.to_string()
+            }
+            _ => link.to_string(),
+        }
+    }
+
     async fn build(
         &self,
         method: Method,
         url: &str,
         query: &[(String, String)],
         body: Option<&Value>,
+        credentials: bool,
     ) -> Result<reqwest::RequestBuilder, HttpError> {
         let mut request = match method {
             Method::Get => self.client.get(url),
@@ -204,6 +364,15 @@ impl VendorClient {
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
+        if !credentials {
+            if !query.is_empty() {
+                request = request.query(&query);
+            }
+            if let Some(body) = body {
+                request = request.json(body);
+            }
+            return Ok(request);
+        }
         for (name, value) in &self.connector.headers {
             request = request.header(name, value.expose());
         }
@@ -245,10 +414,6 @@ impl VendorClient {
                 return Ok(token.clone());
             }
         }
-        let token_error = |reason: String| HttpError::Token {
-            url: token_url.clone(),
-            reason,
-        };
         let mut form = vec![
             ("grant_type", "client_credentials"),
             ("client_id", client_id.as_str()),
@@ -257,6 +422,11 @@ impl VendorClient {
         if let Some(scope) = scope {
             form.push(("scope", scope));
         }
+        let token_url_shown = crate::redact::url(token_url);
+        let token_error = |reason: String| HttpError::Token {
+            url: token_url_shown.clone(),
+            reason: crate::redact::vendor_text(&reason),
+        };
         let response = self
             .client
             .post(token_url)
@@ -276,6 +446,8 @@ impl VendorClient {
             .and_then(Value::as_str)
             .ok_or_else(|| token_error(format!("HTTP {status}, no access_token in the answer")))?
             .to_string();
+        // An issued token is a credential like the configured ones.
+        crate::redact::register(&token);
         let lifetime = body
             .get("expires_in")
             .and_then(Value::as_u64)
@@ -309,7 +481,7 @@ fn transport(method: &'static str, url: &str, err: reqwest::Error, attempts: u32
             text = format!("{text}: {inner}");
             source = inner.source();
         }
-        text.replace(url, "<url>")
+        crate::redact::vendor_text(&text.replace(url, "<url>"))
     };
     HttpError::Transport {
         method,
@@ -327,6 +499,52 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     }
     let when = httpdate::parse_http_date(value).ok()?;
     Some(when.duration_since(SystemTime::now()).unwrap_or_default())
+}
+
+/// The body, or `None` when it is longer than `limit` (checked against `Content-Length`
+/// first, then while it streams in, so a huge body is never held).
+async fn read_capped(
+    response: &mut reqwest::Response,
+    limit: u64,
+) -> Result<Option<Vec<u8>>, reqwest::Error> {
+    if response
+        .content_length()
+        .is_some_and(|length| length > limit)
+    {
+        return Ok(None);
+    }
+    let expected = response.content_length().unwrap_or(64 * 1024).min(limit);
+    let mut body = Vec::with_capacity(expected as usize);
+    while let Some(chunk) = response.chunk().await? {
+        if (body.len() + chunk.len()) as u64 > limit {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(body))
+}
+
+/// The first `limit` bytes or so of an error body; the rest is never downloaded.
+async fn read_prefix(response: &mut reqwest::Response, limit: usize) -> Vec<u8> {
+    let mut body = Vec::new();
+    while body.len() < limit {
+        match response.chunk().await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+            _ => break,
+        }
+    }
+    body
+}
+
+/// The start of a vendor's body, for an error: redacted before it is cut, so a secret
+/// straddling the cut cannot leave its first half behind.
+fn quote_vendor(bytes: &[u8]) -> String {
+    let head = &bytes[..bytes.len().min(ERROR_BODY_READ_LIMIT)];
+    let mut text = truncate(&crate::redact::vendor_text(&String::from_utf8_lossy(head)));
+    if bytes.len() > head.len() && !text.ends_with(" bytes)") {
+        text.push_str(&format!(" … ({} bytes)", bytes.len()));
+    }
+    text
 }
 
 fn truncate(text: &str) -> String {
@@ -498,24 +716,26 @@ impl Source for HttpSource {
             self.seen_tokens.clear();
         }
         let (url, query, body) = self.plan(request);
-        let shown = shown_url(&url, &query);
-        let fetched = self
+        let shown = crate::redact::url(&shown_url(&url, &query));
+        let Fetched { headers, body } = self
             .client
             .send(self.stream.method, &url, &query, body.as_ref())
             .await?;
         let malformed = |reason: String| SourceError::Malformed {
             url: shown.clone(),
-            reason,
+            reason: crate::redact::vendor_text(&reason),
         };
         // A lone surrogate or an out-of-range number fails its record, not the page.
-        let json: Value = crate::values::parse_body(&fetched.body).map_err(|err| {
+        let mut json: Value = crate::values::parse_body(&body).map_err(|err| {
             malformed(format!(
                 "the body is not JSON ({err}): {}",
-                truncate(&String::from_utf8_lossy(&fetched.body))
+                quote_vendor(&body)
             ))
         })?;
-        let mut records = match json.pointer(&self.stream.records) {
-            Some(Value::Array(items)) => items.clone(),
+        // Peak memory for a page is its bytes plus its parsed form; the bytes go first.
+        drop(body);
+        match json.pointer(&self.stream.records) {
+            Some(Value::Array(_)) => {}
             Some(other) => {
                 return Err(malformed(format!(
                     "records pointer '{}' points at {}, not an array",
@@ -529,22 +749,38 @@ impl Source for HttpSource {
                     self.stream.records
                 )));
             }
-        };
-        let link = fetched
-            .headers
+        }
+        let link = headers
             .get(reqwest::header::LINK)
             .and_then(|v| v.to_str().ok());
+        let records_view = match json.pointer(&self.stream.records) {
+            Some(Value::Array(items)) => items.as_slice(),
+            _ => &[],
+        };
         let next = paginate::next_token(
             &self.stream.pagination,
             &self.stream.id,
             &ResponseView {
                 body: &json,
                 link_header: link,
-                records: &records,
+                records: records_view,
                 token: request.token.as_deref(),
             },
         )
         .map_err(malformed)?;
+        // A next link may repeat the API key: it is kept, logged and shown without it.
+        let next = match self.stream.pagination {
+            PaginationSpec::NextUrl { .. } | PaginationSpec::LinkHeader => {
+                next.map(|link| self.client.clean_link(&link))
+            }
+            _ => next,
+        };
+        // The records move out of the parsed body: no copy of the page is made.
+        let mut records = match json.pointer_mut(&self.stream.records) {
+            Some(Value::Array(items)) => std::mem::take(items),
+            _ => Vec::new(),
+        };
+        drop(json);
         // Walking back to find a feed's oldest page: the next token is the oldest record's.
         let next = match (
             request.token.as_deref().map(paginate::FeedToken::parse),
@@ -577,7 +813,7 @@ impl Source for HttpSource {
             if request.token.as_deref() == Some(token) || !self.seen_tokens.insert(token.clone()) {
                 return Err(SourceError::RepeatedCursor {
                     url: shown,
-                    cursor: token.clone(),
+                    cursor: crate::redact::vendor_text(token),
                 });
             }
         }
@@ -596,8 +832,7 @@ impl Source for HttpSource {
                 }
             }
         }
-        let vendor_time = fetched
-            .headers
+        let vendor_time = headers
             .get(reqwest::header::DATE)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| chrono::DateTime::parse_from_rfc2822(v).ok())
@@ -668,6 +903,34 @@ pub fn toml_to_json(value: &toml::Value) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kept_links_lose_the_api_key_but_keep_the_vendors_own_parameters() {
+        let text = "source_system = \"links\"\nbase_url = \"https://api.vendor.test\"\n[auth]\nkind = \"api_key\"\nquery_param = \"api_key\"\nvalue = \"${KEY}\"\n[streams.items]\npath = \"/items\"\nid = \"/id\"\ntable = \"items\"\n";
+        let env = |name: &str| (name == "KEY").then(|| "k3y_links_SECRET".to_string());
+        let connector =
+            crate::connector::parse(std::path::Path::new("links.toml"), text, &env).unwrap();
+        let client = VendorClient::new(connector);
+        assert_eq!(
+            client.clean_link(
+                "https://api.vendor.test/items?token=c9&api_key=k3y_links_SECRET&key=7"
+            ),
+            "https://api.vendor.test/items?token=c9&key=7"
+        );
+        assert_eq!(
+            client.clean_link("https://api.vendor.test/items?api_key=k3y_links_SECRET"),
+            "https://api.vendor.test/items"
+        );
+        assert_eq!(
+            client.clean_link("https://api.vendor.test/items?sig=k3y_links_SECRET"),
+            "https://api.vendor.test/items?sig=***"
+        );
+        assert!(client.may_carry_credentials("https://api.vendor.test/items?page=2"));
+        assert!(client.may_carry_credentials("https://API.vendor.test:443/x"));
+        assert!(!client.may_carry_credentials("http://api.vendor.test/items"));
+        assert!(!client.may_carry_credentials("https://api.vendor.test:8443/items"));
+        assert!(!client.may_carry_credentials("https://api.vendor.test@evil.test/items"));
+    }
 
     #[test]
     fn retry_after_reads_seconds_and_http_dates() {

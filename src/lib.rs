@@ -11,6 +11,7 @@
 //! - [`config`]: idem.toml + environment, typed and validated.
 //! - [`connector`]: the declarative connector files and their validation; the [`connector::Source`] trait.
 //! - [`secret`]: `${ENV}` references resolved into values that never print.
+//! - [`redact`]: the one redaction point for vendor text, URLs and log lines.
 //! - [`http`]: the vendor HTTP client: auth, rate limit, retry/backoff honoring `Retry-After`.
 //! - [`paginate`]: the pagination kinds, each a small strategy over one response.
 //! - [`normalize`]: raw record → row: id, updated_at, typed columns, content hash.
@@ -33,6 +34,7 @@ pub mod http;
 pub mod ledger;
 pub mod normalize;
 pub mod paginate;
+pub mod redact;
 pub mod run;
 pub mod secret;
 pub mod serve;

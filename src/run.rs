@@ -499,6 +499,9 @@ impl<'a> Walk<'a> {
             (None, 0) => RunStatus::Succeeded,
             (None, _) => RunStatus::Partial,
         };
+        // Vendor text may echo credentials or carry a NUL (which Postgres refuses): the
+        // run's end must always be recordable.
+        let failure = failure.map(|text| crate::redact::vendor_text(&text));
         if !self.options.dry_run {
             let name = match status {
                 RunStatus::Succeeded => "succeeded",

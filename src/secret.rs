@@ -11,8 +11,12 @@ use std::fmt;
 pub struct Secret(String);
 
 impl Secret {
+    /// Wraps `value` and registers it with the redactor, so it is masked wherever a
+    /// vendor or a provider echoes it.
     pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
+        let value = value.into();
+        crate::redact::register(&value);
+        Self(value)
     }
 
     /// The value, for the one place that must send it (an HTTP header, an SMTP login).
@@ -89,6 +93,66 @@ fn resolve_one(
         (_, Some(default)) => Ok(default.to_string()),
         (Some(value), None) => Ok(value),
         (None, None) => Err(ResolveError::MissingEnv(name.to_string())),
+    }
+}
+
+/// A warning for each file that holds a plaintext secret (a credential written as is,
+/// not as a `${...}` reference) while others than its owner may read or write it — the
+/// check ssh does on its keys and libpq on `.pgpass`.
+pub fn insecure_secret_files(files: &[std::path::PathBuf]) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut warnings = Vec::new();
+    for file in files {
+        let Ok(text) = std::fs::read_to_string(file) else {
+            continue;
+        };
+        let Ok(value) = text.parse::<toml::Table>() else {
+            continue;
+        };
+        let mut found = Vec::new();
+        plaintext_secrets(&value, "", &mut found);
+        if found.is_empty() {
+            continue;
+        }
+        let Ok(metadata) = std::fs::metadata(file) else {
+            continue;
+        };
+        let mode = metadata.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            warnings.push(format!(
+                "{} holds a plaintext secret ({}) and others than its owner may read or write it (mode {mode:04o}): run `chmod 600` on it, or use a ${{ENV}} or ${{file:/path}} reference",
+                file.display(),
+                found.join(", ")
+            ));
+        }
+    }
+    warnings
+}
+
+/// Dotted names of the keys under `table` that hold a literal credential.
+fn plaintext_secrets(table: &toml::Table, prefix: &str, found: &mut Vec<String>) {
+    for (key, value) in table {
+        let name = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        match value {
+            toml::Value::Table(inner) => plaintext_secrets(inner, &name, found),
+            toml::Value::String(text) if !text.is_empty() && !text.contains("${") => {
+                let credential = matches!(key.as_str(), "token" | "password" | "client_secret")
+                    || (key == "value" && prefix.ends_with("auth"))
+                    || (matches!(key.as_str(), "database_url" | "base_url" | "url")
+                        && url::Url::parse(text).is_ok_and(|url| {
+                            url.password().is_some()
+                                || url.query_pairs().any(|(k, _)| k == "password")
+                        }));
+                if credential {
+                    found.push(name);
+                }
+            }
+            _ => {}
+        }
     }
 }
 

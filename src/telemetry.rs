@@ -15,7 +15,8 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global subscriber, writing to stderr (stdout is for results).
+/// Installs the global subscriber, writing to stderr (stdout is for results), every line
+/// through the redactor.
 /// `RUST_LOG` filters (default `info`, with sqlx's notices and slow-query lines at `warn`).
 pub fn init(format: LogFormat) {
     let filter =
@@ -27,7 +28,7 @@ pub fn init(format: LogFormat) {
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(crate::redact::RedactingStderr);
     let _ = if json {
         builder
             .json()

@@ -172,21 +172,25 @@ pub fn parse(
         );
     }
     let base_url = resolve("base_url", &spec.base_url, &mut push);
+    // A `user:password@` in the URL is a credential like any other.
+    crate::redact::register_url(&base_url);
     if !base_url.is_empty() && url::Url::parse(&base_url).is_err() {
         push(
             None,
             "base_url",
-            format!("'{base_url}' is not an absolute URL"),
+            format!("'{}' is not an absolute URL", crate::redact::url(&base_url)),
         );
     }
     let auth = spec.auth.as_ref().map(|auth| match auth {
         AuthSpec::Bearer { token } => {
             Auth::Bearer(Secret::new(resolve("auth.token", token, &mut push)))
         }
-        AuthSpec::Basic { username, password } => Auth::Basic {
-            username: resolve("auth.username", username, &mut push),
-            password: Secret::new(resolve("auth.password", password, &mut push)),
-        },
+        AuthSpec::Basic { username, password } => {
+            let username = resolve("auth.username", username, &mut push);
+            let password = Secret::new(resolve("auth.password", password, &mut push));
+            crate::redact::register_basic(&username, password.expose());
+            Auth::Basic { username, password }
+        }
         AuthSpec::ApiKey {
             header,
             query_param,
@@ -198,10 +202,13 @@ pub fn parse(
                     header: header.clone(),
                     value,
                 },
-                (None, Some(param)) => Auth::QueryKey {
-                    param: param.clone(),
-                    value,
-                },
+                (None, Some(param)) => {
+                    crate::redact::register_param(param);
+                    Auth::QueryKey {
+                        param: param.clone(),
+                        value,
+                    }
+                }
                 _ => {
                     push(
                         None,

@@ -109,6 +109,28 @@ pub struct HttpSpec {
     /// Longest delay between two attempts (default `"60s"`).
     #[serde(default = "default_max_backoff")]
     pub max_backoff: HumanDuration,
+    /// Largest response body idem reads, in bytes (default 67108864, 64 MiB). It is
+    /// enforced while the body streams in; a larger page fails its stream with an error
+    /// naming the URL and the limit, before it can exhaust memory.
+    #[serde(default = "default_max_response_bytes")]
+    pub max_response_bytes: u64,
+    /// What to do with a `next` link, `Link` header or redirect that points at another
+    /// origin (scheme, host and port) than `base_url`: `"refuse"` (default) stops the
+    /// stream with an error; `"without_credentials"` follows it with no auth, no API key
+    /// and none of the connector's `headers`. Credentials never leave `base_url`'s origin.
+    #[serde(default)]
+    pub cross_host: CrossHost,
+}
+
+/// What a link or redirect to another origin than `base_url` gets.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum CrossHost {
+    /// Stop the stream with an error naming the URL.
+    #[default]
+    Refuse,
+    /// Follow it without any credential or configured header.
+    WithoutCredentials,
 }
 
 impl Default for HttpSpec {
@@ -118,6 +140,8 @@ impl Default for HttpSpec {
             max_attempts: default_max_attempts(),
             initial_backoff: default_initial_backoff(),
             max_backoff: default_max_backoff(),
+            max_response_bytes: default_max_response_bytes(),
+            cross_host: CrossHost::default(),
         }
     }
 }
@@ -133,6 +157,9 @@ fn default_initial_backoff() -> HumanDuration {
 }
 fn default_max_backoff() -> HumanDuration {
     HumanDuration(std::time::Duration::from_secs(60))
+}
+fn default_max_response_bytes() -> u64 {
+    64 * 1024 * 1024
 }
 
 /// HTTP method of a stream's requests.

@@ -9,7 +9,8 @@
 //! - `POST /crm/v3/objects/contacts/search` and `GET /crm/v3/objects/contacts`:
 //!   HubSpot-shaped; the search caps `after + limit` at 10,000 with HTTP 400.
 //! - `GET /paged/{next_url,link,page,offset,stuck}`: one endpoint per pagination kind over
-//!   the invoices.
+//!   the invoices. Their next links repeat an API key given as a query parameter, as many
+//!   vendors' do, and may point at another host ([`FakeVendor::set_link_base`]).
 //! - `POST /oauth/token`: client-credentials tokens (see [`FakeVendor::require_oauth2`]).
 //! - `POST /email/send`: an email API honoring `Idempotency-Key`.
 //! - `GET /_fake/state`, `POST /_fake/update_invoice/{id}`, `GET /_fake/mailbox`,
@@ -49,7 +50,8 @@ pub enum ApiKeyPlace {
 /// `path_prefix` (faults are consumed in the order injected).
 #[derive(Debug, Clone)]
 pub struct Fault {
-    /// Path prefix the fault matches, e.g. `/v1/invoices` or `/email`.
+    /// Path prefix the fault matches, e.g. `/v1/invoices` or `/email`; with a `?`, a
+    /// prefix of the path and query, e.g. `/paged/next_url?per_page=10&after=`.
     pub path_prefix: String,
     /// How many matching requests it applies to.
     pub times: usize,
@@ -107,6 +109,36 @@ pub enum FaultKind {
     WrongShape,
     /// Repeat the previous page's last record at the start of this page.
     DuplicateRecords,
+    /// Answer `code` with an error body that quotes the request back (method, URL with
+    /// its query, every header), as many APIs do in 400/401/403 messages, with a terminal
+    /// escape sequence in it.
+    EchoRequest {
+        /// HTTP status code.
+        code: u16,
+    },
+    /// Answer `code` with these exact bytes (a NUL, a gzip blob, ...).
+    RawBody {
+        /// HTTP status code.
+        code: u16,
+        /// `Content-Type` header value.
+        content_type: String,
+        /// The body, verbatim.
+        body: Vec<u8>,
+    },
+    /// Answer 200 with a JSON list body of `bytes` bytes, streamed without a
+    /// `Content-Length` and generated as it is sent (the fake never holds it).
+    HugeBody {
+        /// Body size in bytes.
+        bytes: u64,
+    },
+    /// Answer `code` with `Location: <to_base><path>?<query>` (the request's own path and
+    /// query on another base URL).
+    Redirect {
+        /// 301, 302, 303, 307 or 308.
+        code: u16,
+        /// Base URL the client is sent to, e.g. another fake vendor's.
+        to_base: String,
+    },
 }
 
 /// One request the fake received (control endpoints under `/_fake/` excluded).
@@ -122,6 +154,8 @@ pub struct RecordedRequest {
     pub authorization: Option<String>,
     /// The `Idempotency-Key` header, if any.
     pub idempotency_key: Option<String>,
+    /// Every header, as (lowercase name, value).
+    pub headers: Vec<(String, String)>,
     /// Status answered; 0 while in flight or when the client went away before the answer.
     pub status: u16,
     /// When the request arrived.
@@ -291,6 +325,12 @@ impl FakeVendor {
             "Basic {}",
             server::base64(format!("{user}:{pass}").as_bytes())
         ));
+    }
+
+    /// `next` URLs and `Link` headers of the `/paged` endpoints then point at `base`
+    /// (another vendor's host) instead of this vendor.
+    pub fn set_link_base(&self, base: &str) {
+        self.lock().link_base = Some(base.trim_end_matches('/').to_owned());
     }
 
     /// Queues a fault (see [`Fault`]).

@@ -73,6 +73,8 @@ pub(crate) struct State {
     pub(crate) mailbox: Option<Arc<Mutex<Vec<ReceivedMail>>>>,
     /// Text replacements applied to every response body (see `FakeVendor::rewrite_bodies`).
     pub(crate) body_rewrites: Vec<(String, String)>,
+    /// Base of the `/paged` endpoints' next links, when not this vendor.
+    pub(crate) link_base: Option<String>,
 }
 
 impl State {
@@ -89,15 +91,21 @@ impl State {
             email_keys: HashMap::new(),
             mailbox: None,
             body_rewrites: Vec::new(),
+            link_base: None,
         }
     }
 
-    /// Consumes one application of the first queued fault matching `path`.
-    fn take_fault(&mut self, path: &str) -> Option<FaultKind> {
-        let i = self
-            .faults
-            .iter()
-            .position(|f| path.starts_with(&f.path_prefix))?;
+    /// Consumes one application of the first queued fault matching `path` (or, for a
+    /// prefix with a `?`, matching `path?query`).
+    fn take_fault(&mut self, path: &str, path_and_query: &str) -> Option<FaultKind> {
+        let i = self.faults.iter().position(|f| {
+            let target = if f.path_prefix.contains('?') {
+                path_and_query
+            } else {
+                path
+            };
+            target.starts_with(&f.path_prefix)
+        })?;
         let f = &mut self.faults[i];
         f.times -= 1;
         let kind = f.kind.clone();
@@ -105,6 +113,27 @@ impl State {
             self.faults.remove(i);
         }
         Some(kind)
+    }
+
+    /// Where next links point.
+    fn link_base(&self) -> &str {
+        self.link_base.as_deref().unwrap_or(&self.base_url)
+    }
+
+    /// `&name=key` when the request carried the query API key: next links repeat it.
+    fn echoed_key(&self, q: &HashMap<String, String>) -> String {
+        match &self.auth {
+            Auth::ApiKey(ApiKeyPlace::Query(name), _) => q
+                .get(name)
+                .map(|key| {
+                    format!(
+                        "&{name}={}",
+                        url::form_urlencoded::byte_serialize(key.as_bytes()).collect::<String>()
+                    )
+                })
+                .unwrap_or_default(),
+            _ => String::new(),
+        }
     }
 
     fn check_auth(&self, headers: &HeaderMap, query: Option<&str>) -> Result<(), Reject> {
@@ -196,6 +225,15 @@ async fn gate(AxState(st): AxState<Shared>, req: Request, next: Next) -> Respons
             query: req.uri().query().map(str::to_owned),
             authorization: hv("authorization"),
             idempotency_key: hv("idempotency-key"),
+            headers: h
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.as_str().to_owned(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
+                .collect(),
             status: 0,
             received: Instant::now(),
         });
@@ -210,7 +248,11 @@ async fn gate(AxState(st): AxState<Shared>, req: Request, next: Next) -> Respons
                 s.faults.insert(0, fault);
             }
         }
-        (nth - 1, s.take_fault(&path))
+        let path_and_query = req
+            .uri()
+            .path_and_query()
+            .map_or(path.clone(), |pq| pq.as_str().to_owned());
+        (nth - 1, s.take_fault(&path, &path_and_query))
     };
     let mut resp = serve(&st, &path, req, next, fault).await;
     let mut s = lock(&st);
@@ -239,6 +281,33 @@ async fn serve(
             retry_after,
             body,
         }) => return status_fault(*code, retry_after.as_deref(), body.clone()),
+        Some(FaultKind::EchoRequest { code }) => return echo_request(*code, &req),
+        Some(FaultKind::RawBody {
+            code,
+            content_type,
+            body,
+        }) => {
+            let status = StatusCode::from_u16(*code).unwrap_or(StatusCode::BAD_REQUEST);
+            return (
+                status,
+                [(header::CONTENT_TYPE, content_type.clone())],
+                body.clone(),
+            )
+                .into_response();
+        }
+        Some(FaultKind::HugeBody { bytes }) => return huge_body(*bytes),
+        Some(FaultKind::Redirect { code, to_base }) => {
+            let status = StatusCode::from_u16(*code).unwrap_or(StatusCode::FOUND);
+            let location = match req.uri().query() {
+                Some(q) => format!("{to_base}{path}?{q}"),
+                None => format!("{to_base}{path}"),
+            };
+            let mut resp = status.into_response();
+            if let Ok(v) = HeaderValue::from_str(&location) {
+                resp.headers_mut().insert(header::LOCATION, v);
+            }
+            return resp;
+        }
         Some(FaultKind::Delay(d)) => tokio::time::sleep(*d).await,
         Some(FaultKind::DuplicateRecords) => {
             req.extensions_mut().insert(Dup);
@@ -276,6 +345,58 @@ async fn rewrite_body(resp: Response, rewrites: &[(String, String)]) -> Response
     }
     parts.headers.remove(header::CONTENT_LENGTH);
     Response::from_parts(parts, axum::body::Body::from(text))
+}
+
+/// An error that quotes the request back, credentials and all, as plain text with a raw
+/// terminal escape sequence in it.
+fn echo_request(code: u16, req: &Request) -> Response {
+    let status = StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_REQUEST);
+    let headers: Vec<String> = req
+        .headers()
+        .iter()
+        .map(|(k, v)| format!("{k}: {}", String::from_utf8_lossy(v.as_bytes())))
+        .collect();
+    let body = format!(
+        "\u{1b}[2J\u{1b}[31mbad request\u{7}: {} {}\r\nrequest headers:\r\n{}",
+        req.method(),
+        req.uri(),
+        headers.join("\r\n")
+    );
+    (status, [(header::CONTENT_TYPE, "text/plain")], body).into_response()
+}
+
+/// `{"data": [{"id": "big_0000000000", "amount_due": 1}, ...]}` of about `bytes` bytes
+/// (64 bytes a record), valid JSON, generated chunk by chunk as the client reads.
+fn huge_body(bytes: u64) -> Response {
+    const RECORD: u64 = 64;
+    const CHUNK_RECORDS: u64 = 1024;
+    let records = bytes.saturating_sub(16) / RECORD;
+    let stream = futures_util::stream::unfold(Some(0u64), move |next| async move {
+        let first = next?;
+        let mut chunk = String::with_capacity((RECORD * CHUNK_RECORDS) as usize + 16);
+        if first == 0 {
+            chunk.push_str("{\"data\": [");
+        }
+        let last = (first + CHUNK_RECORDS).min(records);
+        for n in first..last {
+            let separator = if n == 0 { "" } else { "," };
+            let record = format!("{separator}{{\"id\": \"big_{n:010}\", \"amount_due\": 1}}");
+            chunk.push_str(&format!("{record:<width$}", width = RECORD as usize));
+        }
+        let next = if last >= records {
+            chunk.push_str("]}");
+            None
+        } else {
+            Some(last)
+        };
+        Some((Ok::<_, std::io::Error>(Bytes::from(chunk)), next))
+    });
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response()
 }
 
 fn status_fault(code: u16, retry_after: Option<&str>, body: Option<String>) -> Response {
@@ -727,8 +848,9 @@ async fn paged_next_url(AxState(st): AxState<Shared>, Query(q): Q, dup: DupExt) 
         Some(last) if more => {
             let id = last["id"].as_str().unwrap_or_default();
             json!(format!(
-                "{}/paged/next_url?per_page={pp}&after={id}",
-                s.base_url
+                "{}/paged/next_url?per_page={pp}&after={id}{}",
+                s.link_base(),
+                s.echoed_key(&q)
             ))
         }
         _ => Value::Null,
@@ -753,9 +875,10 @@ async fn paged_link(AxState(st): AxState<Shared>, Query(q): Q, dup: DupExt) -> R
     let mut resp = Json(json!({"items": items})).into_response();
     if more {
         let link = format!(
-            "<{}/paged/link?per_page={pp}&page={}>; rel=\"next\"",
-            s.base_url,
-            page + 1
+            "<{}/paged/link?per_page={pp}&page={}{}>; rel=\"next\"",
+            s.link_base(),
+            page + 1,
+            s.echoed_key(&q)
         );
         if let Ok(v) = HeaderValue::from_str(&link) {
             resp.headers_mut().insert(header::LINK, v);

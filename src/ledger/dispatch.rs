@@ -258,7 +258,10 @@ impl<'a, T: Transport> Dispatcher<'a, T> {
                 warn!(error = %error, "the provider refused the message for good");
                 ("failed", "permanent", Some(error), None, None)
             }
-            Outcome::Ambiguous { error } if self.transport.deduplicates() => {
+            Outcome::Ambiguous { error }
+                if self.transport.deduplicates()
+                    && (attempts as u32) < self.settings.max_attempts =>
+            {
                 report.retry_later += 1;
                 warn!(error = %error, "outcome unknown; retrying under the same idempotency key");
                 (

@@ -95,14 +95,9 @@ impl AnyTransport {
 
 impl Transport for AnyTransport {
     async fn send(&self, message: &Message) -> Outcome {
-        match self {
-            AnyTransport::Log => {
-                tracing::info!(key = %message.key, to = %message.recipient, subject = %message.subject, "log transport: would send");
-                Outcome::Sent { provider_id: None }
-            }
-            AnyTransport::Smtp(smtp) => smtp.send(message).await,
-            AnyTransport::Http(http) => http.send(message).await,
-        }
+        // A provider's answer may echo the credentials it was sent: what is stored in the
+        // ledger row and logged is redacted.
+        redact_outcome(self.send_unredacted(message).await)
     }
 
     fn deduplicates(&self) -> bool {
@@ -110,6 +105,58 @@ impl Transport for AnyTransport {
             AnyTransport::Log => true,
             AnyTransport::Smtp(smtp) => smtp.deduplicates(),
             AnyTransport::Http(http) => http.deduplicates(),
+        }
+    }
+}
+
+fn redact_outcome(outcome: Outcome) -> Outcome {
+    let clean = |error: String| crate::redact::vendor_text(&error);
+    match outcome {
+        Outcome::Sent { provider_id } => Outcome::Sent {
+            provider_id: provider_id.map(clean),
+        },
+        Outcome::NotSent { error, retry_after } => Outcome::NotSent {
+            error: clean(error),
+            retry_after,
+        },
+        Outcome::Permanent { error } => Outcome::Permanent {
+            error: clean(error),
+        },
+        Outcome::Ambiguous { error } => Outcome::Ambiguous {
+            error: clean(error),
+        },
+    }
+}
+
+/// The one rule for a recipient, whatever the transport: exactly one syntactically valid
+/// address (lettre's parser, as SMTP uses), so a `to` carrying CR/LF, a second header or a
+/// comma list cannot reach more people than the rule meant.
+pub fn validate_recipient(recipient: &str) -> Result<lettre::Address, String> {
+    recipient
+        .parse::<lettre::Address>()
+        .map_err(|err| format!("invalid recipient '{}': {err}", recipient.escape_debug()))
+}
+
+/// A ledger key must travel as a header (`Idempotency-Key`): visible ASCII only.
+pub fn validate_key(key: &str) -> Result<(), String> {
+    if key.is_empty() || key.len() > 255 || !key.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+        return Err(format!(
+            "ledger key '{}' cannot be sent as a header: it must be 1-255 visible ASCII characters",
+            key.escape_debug()
+        ));
+    }
+    Ok(())
+}
+
+impl AnyTransport {
+    async fn send_unredacted(&self, message: &Message) -> Outcome {
+        match self {
+            AnyTransport::Log => {
+                tracing::info!(key = %message.key, to = %message.recipient, subject = %message.subject, "log transport: would send");
+                Outcome::Sent { provider_id: None }
+            }
+            AnyTransport::Smtp(smtp) => smtp.send(message).await,
+            AnyTransport::Http(http) => http.send(message).await,
         }
     }
 }
@@ -171,13 +218,9 @@ impl SmtpTransport {
     }
 
     async fn send(&self, message: &Message) -> Outcome {
-        let to = match message.recipient.parse() {
-            Ok(to) => to,
-            Err(err) => {
-                return Outcome::Permanent {
-                    error: format!("invalid recipient '{}': {err}", message.recipient),
-                };
-            }
+        let to = match validate_recipient(&message.recipient) {
+            Ok(address) => lettre::message::Mailbox::new(None, address),
+            Err(error) => return Outcome::Permanent { error },
         };
         let email = lettre::Message::builder()
             .from(self.from.clone())
@@ -280,13 +323,20 @@ impl HttpTransport {
     }
 
     async fn send(&self, message: &Message) -> Outcome {
+        let recipient = match validate_recipient(&message.recipient) {
+            Ok(address) => address.to_string(),
+            Err(error) => return Outcome::Permanent { error },
+        };
+        if let Err(error) = validate_key(&message.key) {
+            return Outcome::Permanent { error };
+        }
         let mut request = self
             .client
             .post(&self.url)
             .header("Idempotency-Key", &message.key)
             .json(&json!({
                 "from": self.from,
-                "to": message.recipient,
+                "to": recipient,
                 "subject": message.subject,
                 "body": message.body,
                 "message_id": message.message_id,
@@ -310,12 +360,25 @@ impl HttpTransport {
         };
         let status = response.status();
         let retry_after = crate::http::retry_after(response.headers());
-        let body = response.text().await.unwrap_or_default();
+        let mut body = Vec::new();
+        let mut response = response;
+        // Only the start of a provider's answer is kept; a huge one is never downloaded.
+        while body.len() < 64 * 1024 {
+            match response.chunk().await {
+                Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+                _ => break,
+            }
+        }
+        let body = String::from_utf8_lossy(&body).into_owned();
         let error = || {
             format!(
                 "{}: HTTP {status}: {}",
                 self.url,
-                body.chars().take(300).collect::<String>()
+                // Redacted before it is cut: no half of a secret is left at the cut.
+                crate::redact::vendor_text(&body)
+                    .chars()
+                    .take(300)
+                    .collect::<String>()
             )
         };
         match status.as_u16() {

@@ -54,14 +54,15 @@ impl<T> Context<T> for Result<T, sqlx::Error> {
     }
 }
 
-/// Where a database URL points, without its password.
+/// Where a database URL points, without its password (`user:password@` or `?password=`).
 pub fn describe_url(url: &str) -> String {
+    crate::redact::register_url(url);
     match url::Url::parse(url) {
         Ok(mut parsed) => {
             if parsed.password().is_some() {
                 let _ = parsed.set_password(Some("***"));
             }
-            parsed.to_string()
+            crate::redact::url(parsed.as_ref())
         }
         Err(_) => "<unparsable DATABASE_URL>".to_string(),
     }

@@ -633,9 +633,20 @@ async fn secrets_never_reach_logs_errors_status_or_the_database() {
     const CLIENT_SECRET: &str = "cs_SECREToauth_1a2b3c";
     const QUERY_KEY: &str = "qk_SECRETquery_4d5e6f";
     let app = spawn_app(25).await;
-    app.vendor.require_bearer("the-right-token");
+    // The API wants the query key: the bearer connector is refused (401). The `/paged`
+    // endpoints repeat the key in their next links, as many vendors do.
+    app.vendor
+        .require_api_key(ApiKeyPlace::Query("api_key".into()), QUERY_KEY);
     app.vendor
         .inject(Fault::status("/v1/customers", 10, 500, None));
+    // The walk by next link fails on its second page, so its next link is kept in the
+    // checkpoint for the next run.
+    app.vendor.inject(Fault::status(
+        "/paged/next_url?per_page=10&after=",
+        2,
+        500,
+        None,
+    ));
     let write = |name: &str, text: String| {
         let path = app.dir.path().join(name);
         std::fs::write(&path, text).unwrap();
@@ -674,6 +685,13 @@ async fn secrets_never_reach_logs_errors_status_or_the_database() {
                 "[auth]\nkind = \"api_key\"\nquery_param = \"api_key\"\nvalue = \"${VENDOR_QUERY_KEY}\"",
             ) + &stream("/v1/customers"),
         ),
+        write(
+            "link.toml",
+            head(
+                "link_vendor",
+                "[auth]\nkind = \"api_key\"\nquery_param = \"api_key\"\nvalue = \"${VENDOR_QUERY_KEY}\"",
+            ) + "[streams.items]\npath = \"/paged/next_url\"\nparams = { per_page = \"10\" }\nrecords = \"/items\"\nid = \"/id\"\ntable = \"paged\"\npagination = { kind = \"next_url\", pointer = \"/next\" }\n",
+        ),
     ];
     std::fs::write(
         &app.config_path,
@@ -711,13 +729,37 @@ async fn secrets_never_reach_logs_errors_status_or_the_database() {
             .into_iter()
             .flatten()
             .collect();
-    assert_eq!(errors.len(), 3, "{errors:?}");
+    assert_eq!(errors.len(), 4, "{errors:?}");
     assert!(errors.iter().any(|e| e.contains("HTTP 401")), "{errors:?}");
     assert!(
         errors.iter().any(|e| e.contains("OAuth2 token request")),
         "{errors:?}"
     );
     assert!(errors.iter().any(|e| e.contains("HTTP 500")), "{errors:?}");
+    // The vendor's next link repeated the key; idem kept the link without it, and sent
+    // the key again itself (same host) when following it.
+    let resume: String = sqlx::query_scalar(
+        "SELECT resume::text FROM idem_checkpoints WHERE source_system = 'link_vendor'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert!(resume.contains("after=in_000010"), "{resume}");
+    let second_pages: Vec<String> = app
+        .vendor
+        .requests()
+        .into_iter()
+        .filter(|r| r.path == "/paged/next_url")
+        .filter_map(|r| r.query)
+        .filter(|q| q.contains("after="))
+        .collect();
+    assert_eq!(second_pages.len(), 2, "{second_pages:?}");
+    assert!(
+        second_pages
+            .iter()
+            .all(|q| q.matches(&format!("api_key={QUERY_KEY}")).count() == 1),
+        "the key is sent once, by idem: {second_pages:?}"
+    );
     // The requests did carry the secrets.
     let sent = app.vendor.requests();
     assert!(
@@ -754,6 +796,14 @@ async fn secrets_never_reach_logs_errors_status_or_the_database() {
             assert_eq!(found, 0, "table {table} holds {secret}");
         }
     }
+    // The kept link still works: the next run resumes from it, with the key added back.
+    let resumed = idem(&["run", "--no-notify", "link_vendor"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(resumed.status.code(), Some(0), "{}", stderr(&resumed));
+    assert!(!stderr(&resumed).contains(QUERY_KEY));
+    assert_eq!(app.count("SELECT count(*) FROM paged").await, 25);
 }
 
 // ---------------------------------------------------------------------------------------

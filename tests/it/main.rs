@@ -7,5 +7,6 @@ mod edges_cursors;
 mod helpers;
 mod ledger;
 mod replay;
+mod security;
 mod serve;
 mod sync_core;
