@@ -11,7 +11,8 @@
 //! - `GET /paged/{next_url,link,page,offset,stuck}`: one endpoint per pagination kind over
 //!   the invoices.
 //! - `POST /oauth/token`: client-credentials tokens (see [`FakeVendor::require_oauth2`]).
-//! - `POST /email/send`: an email API honoring `Idempotency-Key`.
+//! - `POST /email/send`: an email API honoring `Idempotency-Key` (409 while a request
+//!   under the same key is in progress; see [`FakeVendor::set_email_delay`]).
 //! - `GET /_fake/state`, `POST /_fake/update_invoice/{id}`, `GET /_fake/mailbox`,
 //!   `GET /_fake/emails`: control endpoints for shell demos (not recorded, no faults).
 //!
@@ -326,6 +327,12 @@ impl FakeVendor {
             .iter()
             .filter(|r| r.path.starts_with(path_prefix))
             .count()
+    }
+
+    /// Makes `POST /email/send` slow: each send takes `delay` before it delivers and
+    /// answers; another request under the same key meanwhile answers 409 (in progress).
+    pub fn set_email_delay(&self, delay: Duration) {
+        self.lock().email_delay = delay;
     }
 
     /// Emails delivered by `POST /email/send`, each once.
