@@ -4,6 +4,7 @@
 mod connectors;
 mod helpers;
 mod ledger;
+mod ledger_edges;
 mod replay;
 mod serve;
 mod sync_core;
