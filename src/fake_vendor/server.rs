@@ -844,7 +844,11 @@ async fn email_send(AxState(st): AxState<Shared>, headers: HeaderMap, body: Byte
         Ok(v @ Value::Object(_)) => v,
         _ => return bad_request("body must be a JSON object").into_response(),
     };
-    let Some(to) = payload["to"].as_str().filter(|t| !t.is_empty()).map(str::to_owned) else {
+    let Some(to) = payload["to"]
+        .as_str()
+        .filter(|t| !t.is_empty())
+        .map(str::to_owned)
+    else {
         return bad_request("\"to\" is required").into_response();
     };
     let key = headers

@@ -10,8 +10,8 @@ use serde::Serialize;
 use sqlx::PgPool;
 use tracing::{info, info_span, warn};
 
-use super::transport::{Message, Outcome, Transport};
 use super::rules::Check;
+use super::transport::{Message, Outcome, Transport};
 use crate::config::LEASE_MARGIN;
 use crate::failpoint::crash_point;
 use crate::store::{Context, StoreError};
@@ -73,6 +73,16 @@ enum Start {
     /// The reason cannot be checked (a row this version cannot read): a person decides.
     Unverifiable,
 }
+
+/// A claimed row's identity and frozen reason: source system, source id, record table,
+/// condition, rule.
+type ToCheck = (
+    String,
+    String,
+    Option<String>,
+    Option<serde_json::Value>,
+    String,
+);
 
 /// The re-check's answer.
 enum Verdict {
@@ -234,7 +244,7 @@ impl<'a, T: Transport> Dispatcher<'a, T> {
     async fn start_attempt(&self, key: &str) -> Result<Start, StoreError> {
         let context = || format!("starting the send of ledger row {key}");
         let mut tx = self.pool.begin().await.context(context)?;
-        let row: Option<(String, String, Option<String>, Option<serde_json::Value>, String)> =
+        let row: Option<ToCheck> =
             sqlx::query_as(
                 "SELECT source_system, source_id, record_table, condition, rule FROM idem_ledger
                  WHERE key = $1 AND status = 'sending' AND lease_owner = $2 AND lease_expires_at > now()
@@ -254,7 +264,9 @@ impl<'a, T: Transport> Dispatcher<'a, T> {
                     Ok(checks) => {
                         recheck(&mut tx, &table, &source_system, &source_id, &checks).await?
                     }
-                    Err(err) => Verdict::Unverifiable(format!("its frozen condition does not parse: {err}")),
+                    Err(err) => {
+                        Verdict::Unverifiable(format!("its frozen condition does not parse: {err}"))
+                    }
                 }
             }
             // Rows made before conditions were frozen (or inserted by hand) have nothing
@@ -280,7 +292,10 @@ impl<'a, T: Transport> Dispatcher<'a, T> {
             .await
             .context(context)?;
             tx.commit().await.context(context)?;
-            warn!(reason, "the reminder's reason is gone or cannot be checked; not sent");
+            warn!(
+                reason,
+                "the reminder's reason is gone or cannot be checked; not sent"
+            );
             return Ok(if status == "cancelled" {
                 Start::Cancelled
             } else {

@@ -527,9 +527,17 @@ async fn record_collisions(
         else {
             continue;
         };
-        if (owner_system.as_str(), owner_stream.as_str(), owner_rule.as_str(), owner_id.as_str())
-            == (source_system, stream_name, rule.name.as_str(), pending.source_id.as_str())
-        {
+        if (
+            owner_system.as_str(),
+            owner_stream.as_str(),
+            owner_rule.as_str(),
+            owner_id.as_str(),
+        ) == (
+            source_system,
+            stream_name,
+            rule.name.as_str(),
+            pending.source_id.as_str(),
+        ) {
             continue;
         }
         let error = format!(
@@ -537,7 +545,10 @@ async fn record_collisions(
             pending.key, rule.key, pending.source_id
         );
         warn!(source_id = %pending.source_id, rule = %rule.name, "{error}");
-        let key = format!("{}#collision:{}:{}", pending.key, rule.name, pending.source_id);
+        let key = format!(
+            "{}#collision:{}:{}",
+            pending.key, rule.name, pending.source_id
+        );
         let done = sqlx::query(
             "INSERT INTO idem_ledger (key, channel, recipient, subject, body, message_id, source_system, stream, source_id, rule,
                                       record_table, condition, status, last_outcome, last_error)
@@ -563,4 +574,70 @@ async fn record_collisions(
         inserted += done.rows_affected();
     }
     Ok(inserted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules(text: &str) -> Vec<RuleSpec> {
+        #[derive(Deserialize)]
+        struct File {
+            rules: Vec<RuleSpec>,
+        }
+        toml::from_str::<File>(text).unwrap().rules
+    }
+
+    #[test]
+    fn two_rules_of_a_stream_may_not_share_a_key_template_or_a_name() {
+        let same_key = rules(
+            r#"
+            [[rules]]
+            name = "a"
+            key = "email:{{ source_id }}"
+            to = "email"
+            subject = "s"
+            body = "b"
+            [[rules]]
+            name = "b"
+            key = "email:{{source_id}}"
+            to = "email"
+            subject = "s"
+            body = "b"
+            [[rules]]
+            name = "a"
+            key = "email:{{ source_id }}:2"
+            to = "email"
+            subject = "s"
+            body = "b"
+            "#,
+        );
+        let problems = stream_rule_problems(&same_key);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].contains("would collide"), "{problems:?}");
+        assert!(problems[1].contains("rule name 'a'"), "{problems:?}");
+    }
+
+    #[test]
+    fn a_frozen_condition_binds_its_values_and_refuses_unknown_types() {
+        let check = Check {
+            column: "status\"; DROP TABLE x; --".into(),
+            sql_type: "text".into(),
+            test: Test::In {
+                values: vec!["open".into(), "draft".into()],
+            },
+        };
+        let mut binds = Vec::new();
+        let clause = check.clause("t", 2, &mut binds);
+        assert_eq!(
+            clause,
+            "t.\"status\"\"; DROP TABLE x; --\" IN (CAST($3 AS text), CAST($4 AS text))"
+        );
+        assert_eq!(binds, vec!["open".to_string(), "draft".to_string()]);
+        let tampered = Check {
+            sql_type: "text); DROP TABLE x; --".into(),
+            ..check
+        };
+        assert!(tampered.verify().is_err());
+    }
 }

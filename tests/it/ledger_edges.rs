@@ -162,14 +162,21 @@ async fn a_reminder_whose_condition_no_longer_holds_is_cancelled_not_sent() {
 
     let notify = app.idem(&["notify"]).await;
     assert_eq!(notify.status.code(), Some(0), "{}", stderr(&notify));
-    assert!(stdout(&notify).contains("2 cancelled"), "{}", stdout(&notify));
+    assert!(
+        stdout(&notify).contains("2 cancelled"),
+        "{}",
+        stdout(&notify)
+    );
 
     let received = mails_per_invoice(
         sink.messages()
             .into_iter()
             .map(|m| m.subject.unwrap_or_default()),
     );
-    assert!(!received.contains_key(&paid_number), "a paid invoice was reminded");
+    assert!(
+        !received.contains_key(&paid_number),
+        "a paid invoice was reminded"
+    );
     assert!(
         !received.contains_key(&deleted_number),
         "a deleted invoice was reminded"
@@ -183,7 +190,11 @@ async fn a_reminder_whose_condition_no_longer_holds_is_cancelled_not_sent() {
         .into_iter()
         .find(|m| m.subject.as_deref().unwrap_or("").contains(&flipped_number))
         .unwrap();
-    assert!(!flipped_mail.data.contains("999.99"), "{}", flipped_mail.data);
+    assert!(
+        !flipped_mail.data.contains("999.99"),
+        "{}",
+        flipped_mail.data
+    );
     assert_eq!(row_of(&app, &flipped).await.3, frozen_body);
 
     let (paid_key, paid_status, paid_outcome, _) = row_of(&app, &paid).await;
@@ -292,7 +303,10 @@ async fn an_invoice_paid_later_in_the_same_backlog_gets_no_reminder() {
         .iter()
         .map(|e| e.subject.clone())
         .collect();
-    assert_eq!(new_mails, vec!["Invoice INV-STILL-OPEN is overdue".to_string()]);
+    assert_eq!(
+        new_mails,
+        vec!["Invoice INV-STILL-OPEN is overdue".to_string()]
+    );
     let (_, status, outcome, _) = row_of(&app, "in_900001").await;
     assert_eq!(
         (status.as_str(), outcome.as_deref()),
@@ -433,7 +447,9 @@ async fn an_in_progress_answer_is_retried_under_the_same_key() {
     let keys: BTreeSet<_> = sends.iter().map(|r| r.idempotency_key.clone()).collect();
     assert_eq!(
         keys,
-        BTreeSet::from([Some("demo_billing/invoices/email:reminder:in_1".to_string())])
+        BTreeSet::from([Some(
+            "demo_billing/invoices/email:reminder:in_1".to_string()
+        )])
     );
     assert_eq!(
         status_counts(&app).await,
@@ -481,8 +497,9 @@ async fn ledger_keys_of_two_sources_never_collide() {
         .filter_map(|e| e.idempotency_key)
         .collect();
     assert_eq!(keys.len(), 2 * overdue.len());
-    assert!(keys.iter().all(|k| k.starts_with("demo_billing/invoices/")
-        || k.starts_with("other_billing/invoices/")));
+    assert!(keys.iter().all(
+        |k| k.starts_with("demo_billing/invoices/") || k.starts_with("other_billing/invoices/")
+    ));
 }
 
 #[tokio::test]
@@ -516,7 +533,9 @@ async fn a_key_template_that_collides_is_reported_once_not_retried() {
     );
     let listed = app.idem(&["ledger", "list", "--status", "failed"]).await;
     assert!(
-        stdout(&listed).contains("key_collision: ledger key 'demo_billing/invoices/email:reminder:in_00' is already used"),
+        stdout(&listed).contains(
+            "key_collision: ledger key 'demo_billing/invoices/email:reminder:in_00' is already used"
+        ),
         "{}",
         stdout(&listed)
     );
@@ -629,5 +648,9 @@ async fn rows_made_before_keys_were_namespaced_are_not_sent_again() {
     );
     let emails = app.vendor.emails();
     assert_eq!(emails.len(), overdue.len() - 1);
-    assert!(emails.iter().all(|e| !e.subject.contains(&number_of(&app, &old))));
+    assert!(
+        emails
+            .iter()
+            .all(|e| !e.subject.contains(&number_of(&app, &old)))
+    );
 }
