@@ -137,6 +137,7 @@ impl<'a, T: Transport> Dispatcher<'a, T> {
             .await
             .context(|| "reading the database clock".into())?;
         let mut sent_in_pass = 0u64;
+        let mut lost_in_pass = 0u64;
         loop {
             let batch = self.claim(pass_started).await?;
             if batch.is_empty() {
@@ -148,7 +149,10 @@ impl<'a, T: Transport> Dispatcher<'a, T> {
                 match self.start_attempt(&row.key).await? {
                     Start::Send => {}
                     Start::LostLease => {
-                        warn!("lost the lease before sending; another dispatcher has this row");
+                        lost_in_pass += 1;
+                        warn!(
+                            "the claim expired before this row's turn; another dispatcher or the next pass sends it"
+                        );
                         continue;
                     }
                     Start::Cancelled => {
@@ -186,6 +190,13 @@ impl<'a, T: Transport> Dispatcher<'a, T> {
                 self.mark(&row.key, row.attempts, outcome, &mut report)
                     .await?;
             }
+        }
+        if lost_in_pass > 0 {
+            // Rows of our batches whose claim expired before their turn and that nobody
+            // took over are due again now rather than `sending` until the next pass.
+            let (recovered, to_review) = self.recover_expired_leases().await?;
+            report.recovered_leases += recovered;
+            report.needs_review += to_review;
         }
         if report != DispatchReport::default() {
             info!(
