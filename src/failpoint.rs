@@ -2,7 +2,8 @@
 //! SIGKILL itself the n-th time it passes `<point>`, exactly as a power cut would.
 //!
 //! Points: `page_before_commit`, `page_after_commit` (n = page number of the run),
-//! `notify_after_send` (n = message number of the dispatcher).
+//! `notify_before_send` (marked in flight, nothing sent yet) and `notify_after_send`
+//! (n = message number of the dispatcher).
 
 use std::sync::OnceLock;
 

@@ -654,3 +654,96 @@ async fn rows_made_before_keys_were_namespaced_are_not_sent_again() {
             .all(|e| !e.subject.contains(&number_of(&app, &old)))
     );
 }
+
+#[tokio::test]
+async fn a_kill_between_marking_in_flight_and_sending_never_sends_twice() {
+    use std::os::unix::process::ExitStatusExt;
+    // HTTP with keys: the row is retried under its key and delivered once.
+    let app = spawn_app_with(60, "[notify]\ntransport = \"http\"\nretry_backoff = \"10ms\"\n\n[notify.http]\nurl = \"${DEMO_BILLING_URL}/email/send\"\n").await;
+    let overdue = overdue_ids(&app);
+    let crashed = app
+        .command(&["run"])
+        .env("IDEM_CRASH_AT", "notify_before_send:2")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(crashed.status.signal(), Some(9), "{}", stderr(&crashed));
+    assert_eq!(app.vendor.emails().len(), 1);
+    let in_flight: String = sqlx::query_scalar(
+        "SELECT key FROM idem_ledger WHERE status = 'sending' AND in_flight_since IS NOT NULL",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    // The lease was renewed for a whole send: nobody may take it before it expires.
+    let notify = app.idem(&["notify"]).await;
+    assert_eq!(notify.status.code(), Some(0), "{}", stderr(&notify));
+    let status: String = sqlx::query_scalar("SELECT status FROM idem_ledger WHERE key = $1")
+        .bind(&in_flight)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(status, "sending", "a live lease was taken over");
+    sqlx::query("UPDATE idem_ledger SET lease_expires_at = now() - interval '1 second' WHERE status = 'sending'")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let notify = app.idem(&["notify"]).await;
+    assert_eq!(notify.status.code(), Some(0), "{}", stderr(&notify));
+    let received = mails_per_invoice(app.vendor.emails().into_iter().map(|e| e.subject));
+    assert_eq!(received.len(), overdue.len());
+    assert!(received.values().all(|n| *n == 1), "{received:?}");
+
+    // SMTP: the outcome is unknown to idem, so a person decides; nothing is sent twice.
+    let sink = SmtpSink::start().await;
+    let app = spawn_app_with(60, &smtp_notify(sink.addr())).await;
+    let crashed = app
+        .command(&["run"])
+        .env("IDEM_CRASH_AT", "notify_before_send:2")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(crashed.status.signal(), Some(9), "{}", stderr(&crashed));
+    sqlx::query("UPDATE idem_ledger SET lease_expires_at = now() - interval '1 second' WHERE status = 'sending'")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let notify = app.idem(&["notify"]).await;
+    assert_eq!(notify.status.code(), Some(3), "{}", stderr(&notify));
+    assert_eq!(
+        status_counts(&app).await,
+        BTreeMap::from([
+            ("needs_review".to_string(), 1),
+            ("sent".to_string(), overdue.len() as i64 - 1)
+        ])
+    );
+    assert_eq!(sink.messages().len(), overdue.len() - 1);
+}
+
+#[tokio::test]
+async fn a_row_whose_condition_cannot_be_evaluated_waits_for_a_person() {
+    let app = spawn_app_with(60, "").await;
+    let overdue = overdue_ids(&app);
+    app.run_invoices(Mode::Regular).await;
+    // Someone changed the table by hand under one row's frozen condition.
+    let broken = overdue.iter().next().unwrap().clone();
+    sqlx::query(
+        "UPDATE idem_ledger SET condition = jsonb_set(condition, '{0,column}', '\"no_such_column\"') WHERE source_id = $1",
+    )
+    .bind(&broken)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let report = dispatch(&app, &http_settings(&app)).await;
+    assert_eq!(
+        (report.sent as usize, report.needs_review),
+        (overdue.len() - 1, 1),
+        "{report:?}"
+    );
+    let (_, status, outcome, _) = row_of(&app, &broken).await;
+    assert_eq!(
+        (status.as_str(), outcome.as_deref()),
+        ("needs_review", Some("unverifiable"))
+    );
+    assert_eq!(app.vendor.emails().len(), overdue.len() - 1);
+}
