@@ -291,6 +291,9 @@ async fn execute(cli: Cli) -> anyhow::Result<u8> {
                 settings.serve.schedules.len(),
                 addr = listener.local_addr()?
             );
+            if settings.notify.transport == crate::config::TransportKind::Log {
+                println!("{}", transport_guarantee(settings.notify.transport));
+            }
             use std::io::Write as _;
             std::io::stdout().flush()?;
             let shutdown = crate::serve::shutdown_signal();

@@ -207,6 +207,7 @@ impl<'a, T: Transport> Dispatcher<'a, T> {
                 needs_review = report.needs_review,
                 recovered_leases = report.recovered_leases,
                 cancelled = report.cancelled,
+                logged_only_nothing_delivered = report.logged_only,
                 "notifications dispatched"
             );
         }
