@@ -133,6 +133,14 @@ pub enum LedgerCommand {
     },
     /// Show one row with its frozen payload.
     Show { key: String },
+    /// Put rows "sent" through a transport back in the queue, e.g. `--transport log` once
+    /// a real transport is configured (the log transport delivered nothing).
+    Requeue {
+        /// The transport the rows were "sent" by: log, smtp, http, or `unrecorded` for
+        /// rows sent before idem recorded it.
+        #[arg(long)]
+        transport: String,
+    },
     /// Decide the fate of a row whose outcome is unknown or that failed.
     Resolve {
         key: String,
@@ -298,6 +306,9 @@ async fn execute(cli: Cli) -> anyhow::Result<u8> {
                 settings.serve.schedules.len(),
                 addr = listener.local_addr()?
             );
+            if settings.notify.transport == crate::config::TransportKind::Log {
+                println!("{}", transport_guarantee(settings.notify.transport));
+            }
             use std::io::Write as _;
             std::io::stdout().flush()?;
             let shutdown = crate::serve::shutdown_signal();
@@ -315,10 +326,7 @@ async fn execute(cli: Cli) -> anyhow::Result<u8> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                println!(
-                    "notifications: {} sent, {} to retry later, {} failed, {} need review",
-                    report.sent, report.retry_later, report.failed, report.needs_review
-                );
+                println!("{}", notify_summary(&report));
             }
             Ok(if report.failed + report.needs_review > 0 {
                 EXIT_PARTIAL
@@ -328,7 +336,7 @@ async fn execute(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Ledger { command } => {
             let pool = connect(&settings).await?;
-            ledger_command(&pool, command).await
+            ledger_command(&pool, &settings, command).await
         }
         Command::Status { json } => {
             let connectors = settings.load_connectors()?;
@@ -372,13 +380,72 @@ async fn notify(
 }
 
 fn notify_summary(report: &DispatchReport) -> String {
-    format!(
+    let mut line = format!(
         "notifications: {} sent, {} to retry later, {} failed, {} need review",
         report.sent, report.retry_later, report.failed, report.needs_review
-    )
+    );
+    if report.cancelled > 0 {
+        line.push_str(&format!(
+            ", {} cancelled (their reason was gone; see idem ledger list --status cancelled)",
+            report.cancelled
+        ));
+    }
+    if report.logged_only > 0 {
+        line.push_str(&format!(
+            "\n  log transport: NOTHING WAS DELIVERED. {} row(s) were only written to the log and are now marked sent; configure [notify] transport = \"smtp\" or \"http\" and run `idem ledger requeue --transport log` to send them",
+            report.logged_only
+        ));
+    }
+    line
 }
 
-async fn ledger_command(pool: &PgPool, command: LedgerCommand) -> anyhow::Result<u8> {
+/// The delivery guarantee of the configured transport, as `idem check` states it.
+fn transport_guarantee(kind: crate::config::TransportKind) -> &'static str {
+    use crate::config::TransportKind;
+    match kind {
+        TransportKind::Log => {
+            "notify: transport = log: NOTHING IS DELIVERED. Rows are written to the log and marked sent for good; after configuring smtp or http, `idem ledger requeue --transport log` sends them"
+        }
+        TransportKind::Smtp => {
+            "notify: transport = smtp: at most once; a send whose outcome is unknown goes to needs_review (resolve it with idem ledger resolve), never out again by itself"
+        }
+        TransportKind::Http => {
+            "notify: transport = http: exactly once; the ledger key is the Idempotency-Key, so an unknown outcome is retried under the same key"
+        }
+    }
+}
+
+async fn requeue(pool: &PgPool, settings: &Settings, transport: &str) -> anyhow::Result<u8> {
+    let filter = match transport {
+        "log" | "smtp" | "http" => Some(transport),
+        "unrecorded" => None,
+        other => {
+            return Err(usage(format!(
+                "--transport must be log, smtp, http or unrecorded, not '{other}'"
+            )));
+        }
+    };
+    if settings.notify.transport == crate::config::TransportKind::Log {
+        return Err(usage(
+            "the configured transport is log, which delivers nothing: configure [notify] transport = \"smtp\" or \"http\" first".into(),
+        ));
+    }
+    let keys = crate::ledger::requeue_sent_by(pool, filter).await?;
+    for key in &keys {
+        println!("requeued {key}");
+    }
+    println!(
+        "{} row(s) sent by the {transport} transport are pending again; each is re-checked against its record before it is sent",
+        keys.len()
+    );
+    Ok(EXIT_OK)
+}
+
+async fn ledger_command(
+    pool: &PgPool,
+    settings: &Settings,
+    command: LedgerCommand,
+) -> anyhow::Result<u8> {
     match command {
         LedgerCommand::List {
             status,
@@ -396,11 +463,14 @@ async fn ledger_command(pool: &PgPool, command: LedgerCommand) -> anyhow::Result
             } else {
                 for row in rows {
                     println!(
-                        "{:<13} {:<45} to {} (attempts {}){}",
+                        "{:<13} {:<45} to {} (attempts {}{}){}",
                         row.status,
                         row.key,
                         row.recipient,
                         row.attempts,
+                        row.transport
+                            .as_deref()
+                            .map_or(String::new(), |t| format!(", via {t}")),
                         row.last_error.map_or(String::new(), |e| format!(
                             ": {}",
                             crate::redact::for_terminal(&e)
@@ -417,6 +487,7 @@ async fn ledger_command(pool: &PgPool, command: LedgerCommand) -> anyhow::Result
             }
             None => Err(usage(format!("no ledger row with key '{key}'"))),
         },
+        LedgerCommand::Requeue { transport } => requeue(pool, settings, &transport).await,
         LedgerCommand::Resolve { key, resolution } => {
             match crate::ledger::resolve(pool, &key, resolution).await {
                 Ok(row) => {
@@ -456,6 +527,7 @@ fn check(settings: &Settings) -> anyhow::Result<u8> {
     if settings.database_url.is_some() {
         settings.database_url()?;
     }
+    println!("{}", transport_guarantee(settings.notify.transport));
     println!(
         "{} connector file(s) valid; notify and serve settings valid",
         connectors.len()

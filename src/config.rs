@@ -98,8 +98,9 @@ pub struct NotifySettings {
     /// Time allowed for one send (default `"30s"`).
     #[serde(default = "default_send_timeout")]
     pub send_timeout: HumanDuration,
-    /// How long a claimed row is reserved for its dispatcher; longer than
-    /// `send_timeout` (default `"2m"`).
+    /// How long a claimed row is reserved for its dispatcher; renewed when its send
+    /// starts. Must be at least `send_timeout` plus 1s, or another dispatcher could take
+    /// a row whose send is still in flight (default `"2m"`).
     #[serde(default = "default_lease")]
     pub lease: HumanDuration,
     /// Attempts before a row that keeps failing temporarily becomes `failed` (default 8).
@@ -127,6 +128,27 @@ impl Default for NotifySettings {
             batch_size: default_batch(),
             retry_backoff: default_retry_backoff(),
         }
+    }
+}
+
+/// Time a dispatcher needs around a send (marking it in flight, recording the outcome)
+/// on top of `send_timeout`, within one lease.
+pub const LEASE_MARGIN: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl NotifySettings {
+    /// Refuses a lease that a send could outlast.
+    pub fn check_lease(&self) -> Result<(), String> {
+        let needed = self.send_timeout.0 + LEASE_MARGIN;
+        if self.lease.0 < needed {
+            return Err(format!(
+                "lease = \"{}\" is shorter than send_timeout (\"{}\") plus {}s: a send still in flight could be taken and sent again by another dispatcher; set lease to at least {}ms",
+                self.lease,
+                self.send_timeout,
+                LEASE_MARGIN.as_secs(),
+                needed.as_millis()
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -4,7 +4,8 @@
 //! Points: `page_before_commit`, `page_after_commit` (n = page number of the run);
 //! `walk_end_before_commit`, `walk_end_after_commit` (the end-of-walk transaction) and
 //! `run_after_finish` (the run's status recorded), n = pages of the walk;
-//! `notify_after_send` (n = message number of the dispatcher).
+//! `notify_before_send` (marked in flight, nothing sent yet) and `notify_after_send`
+//! (n = message number of the dispatcher).
 //!
 //! `IDEM_PANIC_AT=<point>:<n>` panics there instead (a bug in a task, not a power cut).
 //! Points: `fetch_page` (n = page number the fetcher task is about to fetch).

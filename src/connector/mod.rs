@@ -284,6 +284,18 @@ pub fn parse(
                     .map(|c| (c.name.clone(), c.column_type))
                     .collect()
             };
+            // Ledger keys are namespaced by stream, so rules on both streams would
+            // remind about the same record twice.
+            if !stream.notifications.is_empty() && !other_spec.notifications.is_empty() {
+                push(
+                    Some(name),
+                    "notifications",
+                    format!(
+                        "table '{}' is also filled by stream '{other}', which declares notifications too; declare them on one of the two streams (each would send its own reminder for the same record)",
+                        stream.table
+                    ),
+                );
+            }
             if shape(stream) != shape(other_spec) {
                 push(
                     Some(name),
@@ -472,6 +484,9 @@ fn validate_stream(
         for message in rule.validate(&stream.columns) {
             push(s, &format!("notifications[{index}]"), message);
         }
+    }
+    for message in crate::ledger::rules::stream_rule_problems(&stream.notifications) {
+        push(s, "notifications", message);
     }
 }
 

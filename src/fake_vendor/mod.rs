@@ -12,7 +12,8 @@
 //!   the invoices. Their next links repeat an API key given as a query parameter, as many
 //!   vendors' do, and may point at another host ([`FakeVendor::set_link_base`]).
 //! - `POST /oauth/token`: client-credentials tokens (see [`FakeVendor::require_oauth2`]).
-//! - `POST /email/send`: an email API honoring `Idempotency-Key`.
+//! - `POST /email/send`: an email API honoring `Idempotency-Key` (409 while a request
+//!   under the same key is in progress; see [`FakeVendor::set_email_delay`]).
 //! - `GET /_fake/state`, `POST /_fake/update_invoice/{id}`, `GET /_fake/mailbox`,
 //!   `GET /_fake/emails`: control endpoints for shell demos (not recorded, no faults).
 //!
@@ -366,6 +367,12 @@ impl FakeVendor {
             .iter()
             .filter(|r| r.path.starts_with(path_prefix))
             .count()
+    }
+
+    /// Makes `POST /email/send` slow: each send takes `delay` before it delivers and
+    /// answers; another request under the same key meanwhile answers 409 (in progress).
+    pub fn set_email_delay(&self, delay: Duration) {
+        self.lock().email_delay = delay;
     }
 
     /// Emails delivered by `POST /email/send`, each once.

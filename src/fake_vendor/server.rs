@@ -70,6 +70,10 @@ pub(crate) struct State {
     pub(crate) emails: Vec<DeliveredEmail>,
     /// Idempotency key → (payload, message id).
     pub(crate) email_keys: HashMap<String, (Value, String)>,
+    /// Idempotency keys whose first request is still being worked on (answered 409).
+    pub(crate) email_keys_in_progress: std::collections::HashSet<String>,
+    /// Time each `/email/send` takes before it delivers and answers.
+    pub(crate) email_delay: std::time::Duration,
     pub(crate) mailbox: Option<Arc<Mutex<Vec<ReceivedMail>>>>,
     /// Text replacements applied to every response body (see `FakeVendor::rewrite_bodies`).
     pub(crate) body_rewrites: Vec<(String, String)>,
@@ -89,6 +93,8 @@ impl State {
             requests: Vec::new(),
             emails: Vec::new(),
             email_keys: HashMap::new(),
+            email_keys_in_progress: std::collections::HashSet::new(),
+            email_delay: std::time::Duration::ZERO,
             mailbox: None,
             body_rewrites: Vec::new(),
             link_base: None,
@@ -984,48 +990,81 @@ async fn oauth_token(AxState(st): AxState<Shared>, headers: HeaderMap, body: Byt
 }
 
 /// `POST /email/send`: delivers once per `Idempotency-Key`; replays answer the same id;
-/// a different payload under a used key answers 422.
+/// a different payload under a used key answers 422; a key whose first request is still
+/// being worked on (see `FakeVendor::set_email_delay`) answers 409, as Stripe does. The
+/// work runs on its own task, so a client that gives up does not stop the delivery.
 async fn email_send(AxState(st): AxState<Shared>, headers: HeaderMap, body: Bytes) -> Response {
     let payload: Value = match serde_json::from_slice(&body) {
         Ok(v @ Value::Object(_)) => v,
         _ => return bad_request("body must be a JSON object").into_response(),
     };
-    let Some(to) = payload["to"].as_str().filter(|t| !t.is_empty()) else {
+    let Some(to) = payload["to"]
+        .as_str()
+        .filter(|t| !t.is_empty())
+        .map(str::to_owned)
+    else {
         return bad_request("\"to\" is required").into_response();
     };
     let key = headers
         .get("idempotency-key")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let mut s = lock(&st);
-    if let Some((seen, id)) = key.as_ref().and_then(|k| s.email_keys.get(k)) {
-        if *seen != payload {
-            return error(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "idempotency_error",
-                "Idempotency-Key reused with a different payload",
-            );
+    let delay = {
+        let mut s = lock(&st);
+        if let Some((seen, id)) = key.as_ref().and_then(|k| s.email_keys.get(k)) {
+            if *seen != payload {
+                return error(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "idempotency_error",
+                    "Idempotency-Key reused with a different payload",
+                );
+            }
+            let mut resp = Json(json!({"id": id})).into_response();
+            resp.headers_mut()
+                .insert("idempotent-replayed", HeaderValue::from_static("true"));
+            return resp;
         }
-        let mut resp = Json(json!({"id": id})).into_response();
-        resp.headers_mut()
-            .insert("idempotent-replayed", HeaderValue::from_static("true"));
-        return resp;
-    }
-    let id = format!("msg_{}", s.emails.len() + 1);
-    let text = |k: &str| payload[k].as_str().unwrap_or_default().to_owned();
-    let email = DeliveredEmail {
-        id: id.clone(),
-        idempotency_key: key.clone(),
-        to: to.to_owned(),
-        subject: text("subject"),
-        body: text("body"),
-        message_id: payload["message_id"].as_str().map(str::to_owned),
+        if let Some(k) = &key {
+            if !s.email_keys_in_progress.insert(k.clone()) {
+                return error(
+                    StatusCode::CONFLICT,
+                    "idempotency_error",
+                    "There is currently another in-progress request using this Idempotency-Key; try again later",
+                );
+            }
+        }
+        s.email_delay
     };
-    s.emails.push(email);
-    if let Some(k) = key {
-        s.email_keys.insert(k, (payload.clone(), id.clone()));
+    let work = tokio::spawn(async move {
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        let mut s = lock(&st);
+        let id = format!("msg_{}", s.emails.len() + 1);
+        let text = |k: &str| payload[k].as_str().unwrap_or_default().to_owned();
+        let email = DeliveredEmail {
+            id: id.clone(),
+            idempotency_key: key.clone(),
+            to,
+            subject: text("subject"),
+            body: text("body"),
+            message_id: payload["message_id"].as_str().map(str::to_owned),
+        };
+        s.emails.push(email);
+        if let Some(k) = key {
+            s.email_keys_in_progress.remove(&k);
+            s.email_keys.insert(k, (payload.clone(), id.clone()));
+        }
+        id
+    });
+    match work.await {
+        Ok(id) => Json(json!({"id": id})).into_response(),
+        Err(_) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "api_error",
+            "the send task failed",
+        ),
     }
-    Json(json!({"id": id})).into_response()
 }
 
 async fn fake_state(AxState(st): AxState<Shared>) -> Json<Value> {

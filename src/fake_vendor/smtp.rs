@@ -1,7 +1,9 @@
 //! A real SMTP sink: a tokio TCP server driving `mailin` sessions that keeps every message.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use mailin::{Action, Handler, Response, SessionBuilder};
 use serde::Serialize;
@@ -26,11 +28,14 @@ pub struct ReceivedMail {
 }
 
 type Store = Arc<Mutex<Vec<ReceivedMail>>>;
+/// Milliseconds the sink waits, per message, between storing it and answering its DATA.
+type Delay = Arc<AtomicU64>;
 
 /// An SMTP server on loopback that accepts any message (no TLS, no AUTH).
 pub struct SmtpSink {
     addr: SocketAddr,
     store: Store,
+    delay: Delay,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
 }
@@ -57,14 +62,23 @@ impl SmtpSink {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let store: Store = Arc::default();
+        let delay: Delay = Arc::default();
         let (tx, rx) = oneshot::channel();
-        let task = tokio::spawn(accept_loop(listener, store.clone(), rx));
+        let task = tokio::spawn(accept_loop(listener, store.clone(), delay.clone(), rx));
         Ok(SmtpSink {
             addr,
             store,
+            delay,
             shutdown: Some(tx),
             task,
         })
+    }
+
+    /// Makes the sink slow: each message is kept at once, but its `250` answer comes
+    /// `delay` later (a slow relay; a client that gives up earlier cannot know it went out).
+    pub fn set_delay(&self, delay: Duration) {
+        self.delay
+            .store(delay.as_millis() as u64, Ordering::Relaxed);
     }
 
     /// The bound address.
@@ -95,7 +109,12 @@ impl SmtpSink {
     }
 }
 
-async fn accept_loop(listener: TcpListener, store: Store, mut shutdown: oneshot::Receiver<()>) {
+async fn accept_loop(
+    listener: TcpListener,
+    store: Store,
+    delay: Delay,
+    mut shutdown: oneshot::Receiver<()>,
+) {
     let builder = SessionBuilder::new("idem-smtp-sink");
     let mut conns = JoinSet::new();
     loop {
@@ -103,9 +122,10 @@ async fn accept_loop(listener: TcpListener, store: Store, mut shutdown: oneshot:
             _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    let handler = Collector { store: store.clone(), ..Collector::default() };
+                    let accepted = Arc::new(AtomicU64::new(0));
+                    let handler = Collector { store: store.clone(), accepted: accepted.clone(), ..Collector::default() };
                     let session = builder.build(peer.ip(), handler);
-                    conns.spawn(serve_conn(stream, session));
+                    conns.spawn(serve_conn(stream, session, accepted, delay.clone()));
                 }
                 Err(e) => tracing::warn!(error = %e, "smtp sink accept failed"),
             },
@@ -116,13 +136,24 @@ async fn accept_loop(listener: TcpListener, store: Store, mut shutdown: oneshot:
     conns.shutdown().await;
 }
 
-async fn serve_conn(stream: TcpStream, mut session: mailin::Session<Collector>) {
-    if let Err(e) = drive(stream, &mut session).await {
+async fn serve_conn(
+    stream: TcpStream,
+    mut session: mailin::Session<Collector>,
+    accepted: Arc<AtomicU64>,
+    delay: Delay,
+) {
+    if let Err(e) = drive(stream, &mut session, &accepted, &delay).await {
         tracing::debug!(error = %e, "smtp sink connection ended");
     }
 }
 
-async fn drive(stream: TcpStream, session: &mut mailin::Session<Collector>) -> std::io::Result<()> {
+async fn drive(
+    stream: TcpStream,
+    session: &mut mailin::Session<Collector>,
+    accepted: &AtomicU64,
+    delay: &Delay,
+) -> std::io::Result<()> {
+    let stored = || accepted.load(Ordering::Relaxed);
     let (r, mut w) = stream.into_split();
     let mut reader = BufReader::new(r);
     w.write_all(&session.greeting().buffer()?).await?;
@@ -132,7 +163,12 @@ async fn drive(stream: TcpStream, session: &mut mailin::Session<Collector>) -> s
         if reader.read_until(b'\n', &mut line).await? == 0 {
             return Ok(());
         }
+        let before = stored();
         let res = session.process(&line);
+        let wait = delay.load(Ordering::Relaxed);
+        if wait > 0 && stored() > before {
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+        }
         match res.action {
             Action::NoReply => {}
             Action::Reply => w.write_all(&res.buffer()?).await?,
@@ -149,6 +185,8 @@ async fn drive(stream: TcpStream, session: &mut mailin::Session<Collector>) -> s
 #[derive(Default)]
 struct Collector {
     store: Store,
+    /// Messages this connection has stored (so its session knows which answer to delay).
+    accepted: Arc<AtomicU64>,
     from: String,
     to: Vec<String>,
     data: Vec<u8>,
@@ -180,6 +218,7 @@ impl Handler for Collector {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push(mail);
+        self.accepted.fetch_add(1, Ordering::Relaxed);
         mailin::response::OK
     }
 }

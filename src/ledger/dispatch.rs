@@ -1,4 +1,5 @@
-//! The dispatcher: claims due ledger rows in a short transaction, sends each outside any
+//! The dispatcher: claims due ledger rows in a short transaction, re-checks each row's
+//! reason and marks it in flight (renewing its lease) in another, sends it outside any
 //! transaction, and marks the outcome with an update fenced on its lease.
 
 use std::time::Duration;
@@ -9,14 +10,17 @@ use serde::Serialize;
 use sqlx::PgPool;
 use tracing::{info, info_span, warn};
 
+use super::rules::Check;
 use super::transport::{Message, Outcome, Transport};
+use crate::config::LEASE_MARGIN;
 use crate::failpoint::crash_point;
 use crate::store::{Context, StoreError};
 
 /// The dispatcher's limits.
 #[derive(Debug, Clone)]
 pub struct DispatchSettings {
-    /// Reservation of a claimed row; longer than `send_timeout`.
+    /// Reservation of a claimed row, renewed when its send starts; at least
+    /// `send_timeout` plus [`LEASE_MARGIN`].
     pub lease: Duration,
     /// Time allowed for one send; past it the outcome is ambiguous.
     pub send_timeout: Duration,
@@ -33,10 +37,7 @@ impl DispatchSettings {
         Self {
             // A lease shorter than a send would let a second dispatcher claim a row whose
             // send is still in flight.
-            lease: notify
-                .lease
-                .0
-                .max(notify.send_timeout.0 + Duration::from_secs(5)),
+            lease: notify.lease.0.max(notify.send_timeout.0 + LEASE_MARGIN),
             send_timeout: notify.send_timeout.0,
             max_attempts: notify.max_attempts.max(1),
             batch_size: notify.batch_size.max(1),
@@ -54,6 +55,40 @@ pub struct DispatchReport {
     pub needs_review: u64,
     /// Rows found `sending` with an expired lease (a dispatcher died mid-send).
     pub recovered_leases: u64,
+    /// Rows not sent because their reason was gone right before the send (the record no
+    /// longer matches the rule, or was deleted).
+    pub cancelled: u64,
+    /// Rows "sent" by the log transport: nothing was delivered to anyone.
+    pub logged_only: u64,
+}
+
+/// What the check before a send decided.
+enum Start {
+    /// Marked in flight, lease renewed: send it.
+    Send,
+    /// Another dispatcher or a person has the row now.
+    LostLease,
+    /// Cancelled: the reason is gone.
+    Cancelled,
+    /// The reason cannot be checked (a row this version cannot read): a person decides.
+    Unverifiable,
+}
+
+/// A claimed row's identity and frozen reason: source system, source id, record table,
+/// condition, rule.
+type ToCheck = (
+    String,
+    String,
+    Option<String>,
+    Option<serde_json::Value>,
+    String,
+);
+
+/// The re-check's answer.
+enum Verdict {
+    Holds,
+    Gone(&'static str, String),
+    Unverifiable(String),
 }
 
 #[derive(sqlx::FromRow)]
@@ -102,6 +137,7 @@ impl<'a, T: Transport> Dispatcher<'a, T> {
             .await
             .context(|| "reading the database clock".into())?;
         let mut sent_in_pass = 0u64;
+        let mut lost_in_pass = 0u64;
         loop {
             let batch = self.claim(pass_started).await?;
             if batch.is_empty() {
@@ -110,10 +146,26 @@ impl<'a, T: Transport> Dispatcher<'a, T> {
             for row in batch {
                 let span = info_span!("notify", key = %row.key, source_id = %row.source_id);
                 let _entered = span.enter();
-                if !self.start_attempt(&row.key).await? {
-                    warn!("lost the lease before sending; another dispatcher has this row");
-                    continue;
+                match self.start_attempt(&row.key).await? {
+                    Start::Send => {}
+                    Start::LostLease => {
+                        lost_in_pass += 1;
+                        warn!(
+                            "the claim expired before this row's turn; another dispatcher or the next pass sends it"
+                        );
+                        continue;
+                    }
+                    Start::Cancelled => {
+                        report.cancelled += 1;
+                        continue;
+                    }
+                    Start::Unverifiable => {
+                        report.needs_review += 1;
+                        continue;
+                    }
                 }
+                sent_in_pass += 1;
+                crash_point("notify_before_send", sent_in_pass);
                 let message = Message {
                     key: row.key.clone(),
                     recipient: row.recipient,
@@ -132,11 +184,20 @@ impl<'a, T: Transport> Dispatcher<'a, T> {
                         error: format!("no answer within {:?}", self.settings.send_timeout),
                     },
                 };
-                sent_in_pass += 1;
                 crash_point("notify_after_send", sent_in_pass);
+                if self.transport.name() == "log" && matches!(outcome, Outcome::Sent { .. }) {
+                    report.logged_only += 1;
+                }
                 self.mark(&row.key, row.attempts, outcome, &mut report)
                     .await?;
             }
+        }
+        if lost_in_pass > 0 {
+            // Rows of our batches whose claim expired before their turn and that nobody
+            // took over are due again now rather than `sending` until the next pass.
+            let (recovered, to_review) = self.recover_expired_leases().await?;
+            report.recovered_leases += recovered;
+            report.needs_review += to_review;
         }
         if report != DispatchReport::default() {
             info!(
@@ -145,6 +206,8 @@ impl<'a, T: Transport> Dispatcher<'a, T> {
                 failed = report.failed,
                 needs_review = report.needs_review,
                 recovered_leases = report.recovered_leases,
+                cancelled = report.cancelled,
+                logged_only_nothing_delivered = report.logged_only,
                 "notifications dispatched"
             );
         }
@@ -185,20 +248,87 @@ impl<'a, T: Transport> Dispatcher<'a, T> {
         Ok((rows.len() as u64, to_review))
     }
 
-    /// Marks the row in flight just before the network call, committed, so a crash from
-    /// here on is known to be ambiguous. False when the lease was lost.
-    async fn start_attempt(&self, key: &str) -> Result<bool, StoreError> {
-        let done = sqlx::query(
+    /// The check before the act, in one short transaction committed before the network
+    /// call: the row must still be ours (status, owner, and an unexpired lease); its
+    /// rule's frozen condition must still hold on the record's current row, which is
+    /// locked `FOR SHARE` so a page transaction changing it right now is waited for and
+    /// its result re-checked; then the row is marked in flight and its lease renewed for
+    /// a whole send. A crash from the commit on is known to be ambiguous.
+    async fn start_attempt(&self, key: &str) -> Result<Start, StoreError> {
+        let context = || format!("starting the send of ledger row {key}");
+        let mut tx = self.pool.begin().await.context(context)?;
+        let row: Option<ToCheck> =
+            sqlx::query_as(
+                "SELECT source_system, source_id, record_table, condition, rule FROM idem_ledger
+                 WHERE key = $1 AND status = 'sending' AND lease_owner = $2 AND lease_expires_at > now()
+                 FOR UPDATE",
+            )
+            .bind(key)
+            .bind(&self.owner)
+            .fetch_optional(&mut *tx)
+            .await
+            .context(context)?;
+        let Some((source_system, source_id, table, condition, rule)) = row else {
+            return Ok(Start::LostLease);
+        };
+        let verdict = match (table, condition) {
+            (Some(table), condition) => {
+                match condition.map_or(Ok(Vec::new()), serde_json::from_value::<Vec<Check>>) {
+                    Ok(checks) => {
+                        recheck(&mut tx, &table, &source_system, &source_id, &checks).await?
+                    }
+                    Err(err) => {
+                        Verdict::Unverifiable(format!("its frozen condition does not parse: {err}"))
+                    }
+                }
+            }
+            // Rows made before conditions were frozen (or inserted by hand) have nothing
+            // to re-check.
+            (None, _) => Verdict::Holds,
+        };
+        let (status, reason, detail) = match verdict {
+            Verdict::Holds => ("sending", "", String::new()),
+            Verdict::Gone(reason, detail) => ("cancelled", reason, detail),
+            Verdict::Unverifiable(detail) => ("needs_review", "unverifiable", detail),
+        };
+        if status != "sending" {
+            sqlx::query(
+                "UPDATE idem_ledger SET status = $2, last_outcome = $3, last_error = $4,
+                   lease_owner = NULL, lease_expires_at = NULL, in_flight_since = NULL
+                 WHERE key = $1",
+            )
+            .bind(key)
+            .bind(status)
+            .bind(reason)
+            .bind(format!("{reason}: {detail} (rule '{rule}'); not sent"))
+            .execute(&mut *tx)
+            .await
+            .context(context)?;
+            tx.commit().await.context(context)?;
+            warn!(
+                reason,
+                "the reminder's reason is gone or cannot be checked; not sent"
+            );
+            return Ok(if status == "cancelled" {
+                Start::Cancelled
+            } else {
+                Start::Unverifiable
+            });
+        }
+        sqlx::query(
             "UPDATE idem_ledger SET in_flight_since = now(), attempts = attempts + 1,
-               first_attempt_at = COALESCE(first_attempt_at, now())
-             WHERE key = $1 AND status = 'sending' AND lease_owner = $2",
+               first_attempt_at = COALESCE(first_attempt_at, now()), transport = $3,
+               lease_expires_at = now() + $2 * interval '1 millisecond'
+             WHERE key = $1",
         )
         .bind(key)
-        .bind(&self.owner)
-        .execute(self.pool)
+        .bind(self.settings.lease.as_millis() as f64)
+        .bind(self.transport.name())
+        .execute(&mut *tx)
         .await
-        .context(|| format!("starting the send of ledger row {key}"))?;
-        Ok(done.rows_affected() == 1)
+        .context(context)?;
+        tx.commit().await.context(context)?;
+        Ok(Start::Send)
     }
 
     /// Claims a batch in one short statement (its own transaction), committed before any
@@ -272,6 +402,12 @@ impl<'a, T: Transport> Dispatcher<'a, T> {
                     Some(self.backoff(attempts)),
                 )
             }
+            Outcome::InProgress { error, retry_after } => {
+                report.retry_later += 1;
+                let wait = retry_after.unwrap_or_default().max(self.backoff(attempts));
+                warn!(error = %error, retry_in_ms = wait.as_millis() as u64, "the provider is still working on this key; retrying later under the same key");
+                ("pending", "in_progress", Some(error), None, Some(wait))
+            }
             Outcome::Ambiguous { error } => {
                 report.needs_review += 1;
                 warn!(error = %error, "outcome unknown and the provider cannot de-duplicate; needs review");
@@ -313,4 +449,82 @@ impl<'a, T: Transport> Dispatcher<'a, T> {
         let jitter = rand::rng().random_range(0.0..0.25);
         base.mul_f64(1.0 + jitter).min(Duration::from_secs(3600))
     }
+}
+
+/// Why the record no longer needs the side effect: `(reason, detail)`, or None when the
+/// condition still holds.
+async fn recheck(
+    tx: &mut sqlx::PgConnection,
+    table: &str,
+    source_system: &str,
+    source_id: &str,
+    checks: &[Check],
+) -> Result<Verdict, StoreError> {
+    let quoted = format!("\"{}\"", table.replace('"', "\"\""));
+    let exists: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
+        .bind(&quoted)
+        .fetch_one(&mut *tx)
+        .await
+        .context(|| format!("looking up table {table}"))?;
+    if exists.is_none() {
+        return Ok(Verdict::Gone(
+            "record_deleted",
+            format!("table {table} no longer exists"),
+        ));
+    }
+    let mut binds = Vec::new();
+    let mut holds = String::from("true");
+    for check in checks {
+        if let Err(err) = check.verify() {
+            return Ok(Verdict::Unverifiable(err.to_string()));
+        }
+        holds.push_str(" AND ");
+        holds.push_str(&check.clause("t", 2, &mut binds));
+    }
+    // FOR SHARE waits for a transaction updating this record and re-evaluates the row
+    // it committed, so a payment being written right now is not missed.
+    let sql = format!(
+        "SELECT t.deleted_at IS NULL, COALESCE({holds}, false) FROM {quoted} t
+         WHERE t.source_system = $1 AND t.source_id = $2 FOR SHARE OF t"
+    );
+    let mut query = sqlx::query_as::<_, (bool, bool)>(&sql)
+        .bind(source_system)
+        .bind(source_id);
+    for value in &binds {
+        query = query.bind(value);
+    }
+    // A table changed by hand (a column of the condition dropped) must hold this one row
+    // for a person, not stop every later send: the query runs under a savepoint.
+    let what = || format!("re-checking record {source_system}/{source_id} in {table}");
+    sqlx::query("SAVEPOINT recheck")
+        .execute(&mut *tx)
+        .await
+        .context(what)?;
+    let found = match query.fetch_optional(&mut *tx).await {
+        Ok(found) => found,
+        Err(err) => {
+            sqlx::query("ROLLBACK TO SAVEPOINT recheck")
+                .execute(&mut *tx)
+                .await
+                .context(what)?;
+            return Ok(Verdict::Unverifiable(format!(
+                "the condition cannot be evaluated on {table}: {err}"
+            )));
+        }
+    };
+    Ok(match found {
+        None => Verdict::Gone(
+            "record_deleted",
+            format!("record {source_id} is no longer in {table}"),
+        ),
+        Some((false, _)) => Verdict::Gone(
+            "record_deleted",
+            format!("record {source_id} was deleted at the vendor"),
+        ),
+        Some((true, false)) => Verdict::Gone(
+            "condition_no_longer_holds",
+            format!("record {source_id}'s current row no longer matches the rule's condition"),
+        ),
+        Some((true, true)) => Verdict::Holds,
+    })
 }

@@ -43,13 +43,15 @@ pub struct LedgerRow {
     pub last_outcome: Option<String>,
     pub last_error: Option<String>,
     pub provider_message_id: Option<String>,
+    /// The transport that attempted the row last (`log` delivered nothing).
+    pub transport: Option<String>,
     pub created_at: DateTime<Utc>,
     pub first_attempt_at: Option<DateTime<Utc>>,
     pub sent_at: Option<DateTime<Utc>>,
 }
 
 const COLUMNS: &str = "key, channel, recipient, subject, body, message_id, source_system, stream, source_id, rule, status,
-    attempts, next_attempt_at, lease_owner, lease_expires_at, in_flight_since, last_outcome, last_error, provider_message_id, created_at,
+    attempts, next_attempt_at, lease_owner, lease_expires_at, in_flight_since, last_outcome, last_error, provider_message_id, transport, created_at,
     first_attempt_at, sent_at";
 
 /// Rows, optionally of one status, oldest first.
@@ -100,14 +102,16 @@ pub enum ResolveError {
     #[error("no ledger row with key '{0}'")]
     NotFound(String),
     #[error(
-        "ledger row '{key}' is {status}; only needs_review, failed or pending rows can be resolved (a sending row is in flight)"
+        "ledger row '{key}' is {status}; only needs_review, failed or pending rows, and rows cancelled because their reason was gone, can be resolved (a sending row is in flight)"
     )]
     WrongState { key: String, status: String },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
 
-/// Resolves a row by hand. A row in flight (`sending`) or already `sent` is refused.
+/// Resolves a row by hand. A row in flight (`sending`) or already `sent` is refused. A row
+/// the dispatcher cancelled because its reason was gone (never attempted) may be retried:
+/// its reason is checked again right before the send.
 pub async fn resolve(
     pool: &PgPool,
     key: &str,
@@ -121,7 +125,9 @@ pub async fn resolve(
     let updated: Option<LedgerRow> = sqlx::query_as(&format!(
         "UPDATE idem_ledger SET status = $2, last_outcome = 'resolved by hand',
            sent_at = CASE WHEN $2 = 'sent' THEN now() ELSE sent_at END, next_attempt_at = now()
-         WHERE key = $1 AND status IN ('needs_review', 'failed', 'pending') RETURNING {COLUMNS}"
+         WHERE key = $1 AND (status IN ('needs_review', 'failed', 'pending')
+                             OR (status = 'cancelled' AND last_outcome IN ('condition_no_longer_holds', 'record_deleted')))
+         RETURNING {COLUMNS}"
     ))
     .bind(key)
     .bind(status)
@@ -138,4 +144,28 @@ pub async fn resolve(
             }),
         },
     }
+}
+
+/// Puts rows back in the queue that were "sent" by `transport` (`log` delivered nothing),
+/// or, with `None`, rows sent before the transport was recorded. Their payload, key and
+/// Message-ID stay as frozen; each is checked against its record again before it goes
+/// out. Returns the keys requeued.
+pub async fn requeue_sent_by(
+    pool: &PgPool,
+    transport: Option<&str>,
+) -> Result<Vec<String>, StoreError> {
+    sqlx::query_scalar(
+        "UPDATE idem_ledger SET status = 'pending', sent_at = NULL, next_attempt_at = now(),
+           last_outcome = 'requeued', last_error = NULL
+         WHERE status = 'sent' AND transport IS NOT DISTINCT FROM $1 RETURNING key",
+    )
+    .bind(transport)
+    .fetch_all(pool)
+    .await
+    .context(|| {
+        format!(
+            "requeueing rows sent by the {} transport",
+            transport.unwrap_or("unrecorded")
+        )
+    })
 }

@@ -5,7 +5,7 @@
 //! destination table; each match is rendered once into a frozen ledger row whose key is
 //! the side effect's business identity, inserted with `ON CONFLICT DO NOTHING`.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use sqlx::{PgConnection, Row as _};
 use tracing::{info, warn};
 
@@ -148,6 +148,182 @@ fn literal(value: &toml::Value) -> String {
     }
 }
 
+/// One condition of a rule compiled to data: frozen into each ledger row (`condition`) so
+/// the dispatcher can re-check it on the record's current row right before sending,
+/// without the connector files and without SQL text in the database.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Check {
+    /// The typed column tested.
+    pub column: String,
+    /// The column's SQL type (one of [`ColumnType::sql`]); values are cast to it.
+    pub sql_type: String,
+    /// The test.
+    pub test: Test,
+}
+
+/// What a [`Check`] tests.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Test {
+    Eq { value: String },
+    Ne { value: String },
+    In { values: Vec<String> },
+    OlderThan { ms: u64 },
+    NewerThan { ms: u64 },
+    IsNull { is_null: bool },
+}
+
+/// Why a frozen condition cannot be turned into SQL (a row written by something else).
+#[derive(Debug, thiserror::Error)]
+#[error("ledger condition on column '{column}' has unknown type '{sql_type}'")]
+pub struct UnknownType {
+    pub column: String,
+    pub sql_type: String,
+}
+
+const SQL_TYPES: &[ColumnType] = &[
+    ColumnType::Text,
+    ColumnType::Bigint,
+    ColumnType::Integer,
+    ColumnType::Numeric,
+    ColumnType::Double,
+    ColumnType::Boolean,
+    ColumnType::Timestamptz,
+    ColumnType::Date,
+    ColumnType::Jsonb,
+];
+
+impl Check {
+    /// The SQL clause on table alias `alias`, pushing its values onto `binds` (placeholders
+    /// are numbered after `offset` fixed parameters). The type is checked against the
+    /// known column types, so a tampered row cannot inject SQL.
+    pub fn clause(&self, alias: &str, offset: usize, binds: &mut Vec<String>) -> String {
+        let cast = SQL_TYPES
+            .iter()
+            .map(|t| t.sql())
+            .find(|t| *t == self.sql_type)
+            .unwrap_or("text");
+        let mut bind = |value: String| {
+            binds.push(value);
+            format!("${}", binds.len() + offset)
+        };
+        let column = format!("{alias}.{}", quote(&self.column));
+        match &self.test {
+            Test::Eq { value } => format!("{column} = CAST({} AS {cast})", bind(value.clone())),
+            Test::Ne { value } => format!(
+                "{column} IS DISTINCT FROM CAST({} AS {cast})",
+                bind(value.clone())
+            ),
+            Test::In { values } => {
+                let placeholders: Vec<String> = values
+                    .iter()
+                    .map(|v| format!("CAST({} AS {cast})", bind(v.clone())))
+                    .collect();
+                if placeholders.is_empty() {
+                    "false".into()
+                } else {
+                    format!("{column} IN ({})", placeholders.join(", "))
+                }
+            }
+            Test::OlderThan { ms } => format!(
+                "{column} < now() - CAST({} AS interval)",
+                bind(format!("{ms} milliseconds"))
+            ),
+            Test::NewerThan { ms } => format!(
+                "{column} >= now() - CAST({} AS interval)",
+                bind(format!("{ms} milliseconds"))
+            ),
+            Test::IsNull { is_null } => {
+                format!("{column} IS {}NULL", if *is_null { "" } else { "NOT " })
+            }
+        }
+    }
+
+    /// Fails on a type this version does not know (the clause would fall back to text).
+    pub fn verify(&self) -> Result<(), UnknownType> {
+        if SQL_TYPES.iter().any(|t| t.sql() == self.sql_type) {
+            Ok(())
+        } else {
+            Err(UnknownType {
+                column: self.column.clone(),
+                sql_type: self.sql_type.clone(),
+            })
+        }
+    }
+}
+
+/// A rule's conditions as data; conditions on undeclared columns were refused by
+/// validation and are skipped here.
+pub fn compile(rule: &RuleSpec, columns: &[ColumnSpec]) -> Vec<Check> {
+    rule.when
+        .iter()
+        .filter_map(|condition| {
+            let spec = columns.iter().find(|c| c.name == condition.column)?;
+            let test = if let Some(value) = &condition.eq {
+                Test::Eq {
+                    value: literal(value),
+                }
+            } else if let Some(value) = &condition.ne {
+                Test::Ne {
+                    value: literal(value),
+                }
+            } else if let Some(values) = &condition.one_of {
+                Test::In {
+                    values: values.iter().map(literal).collect(),
+                }
+            } else if let Some(age) = &condition.older_than {
+                Test::OlderThan {
+                    ms: age.0.as_millis() as u64,
+                }
+            } else if let Some(age) = &condition.newer_than {
+                Test::NewerThan {
+                    ms: age.0.as_millis() as u64,
+                }
+            } else if let Some(is_null) = condition.is_null {
+                Test::IsNull { is_null }
+            } else {
+                return None;
+            };
+            Some(Check {
+                column: spec.name.clone(),
+                sql_type: spec.column_type.sql().to_string(),
+                test,
+            })
+        })
+        .collect()
+}
+
+/// The stored ledger key: the rendered template inside the namespace of its source system
+/// and stream, so two sources whose ids look alike can never share a key.
+pub fn namespaced_key(source_system: &str, stream: &str, rendered: &str) -> String {
+    format!("{source_system}/{stream}/{rendered}")
+}
+
+/// Problems between the rules of one stream: two rules rendering the same key template
+/// would take each other's keys; two rules with one name would share their rows.
+pub fn stream_rule_problems(rules: &[RuleSpec]) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (index, rule) in rules.iter().enumerate() {
+        for (other_index, other) in rules[..index].iter().enumerate() {
+            if other.name == rule.name {
+                problems.push(format!(
+                    "rule name '{}' is also used by notifications[{other_index}]; each rule needs its own name",
+                    rule.name
+                ));
+            }
+            if other.key.split_whitespace().collect::<String>()
+                == rule.key.split_whitespace().collect::<String>()
+            {
+                problems.push(format!(
+                    "key template '{}' is also used by notifications[{other_index}]; the two rules' ledger keys would collide (add the stage or rule to the key)",
+                    rule.key
+                ));
+            }
+        }
+    }
+    problems
+}
+
 /// A ledger row about to be inserted.
 struct Pending {
     key: String,
@@ -182,48 +358,16 @@ pub async fn enqueue(
             stream.columns.iter().map(|c| format!(", t.{}::text", quote(&c.name))).collect::<String>(),
             quote(&stream.table)
         );
+        let checks = compile(rule, &stream.columns);
         let mut binds: Vec<String> = Vec::new();
+        for check in &checks {
+            sql.push_str(" AND ");
+            sql.push_str(&check.clause("t", 3, &mut binds));
+        }
         let mut bind = |value: String| {
             binds.push(value);
             format!("${}", binds.len() + 3)
         };
-        for condition in &rule.when {
-            let Some(spec) = stream.columns.iter().find(|c| c.name == condition.column) else {
-                continue;
-            };
-            let column = format!("t.{}", quote(&spec.name));
-            let cast = spec.column_type.sql();
-            let clause = if let Some(value) = &condition.eq {
-                format!("{column} = CAST({} AS {cast})", bind(literal(value)))
-            } else if let Some(value) = &condition.ne {
-                format!(
-                    "{column} IS DISTINCT FROM CAST({} AS {cast})",
-                    bind(literal(value))
-                )
-            } else if let Some(values) = &condition.one_of {
-                let placeholders: Vec<String> = values
-                    .iter()
-                    .map(|v| format!("CAST({} AS {cast})", bind(literal(v))))
-                    .collect();
-                format!("{column} IN ({})", placeholders.join(", "))
-            } else if let Some(age) = &condition.older_than {
-                format!(
-                    "{column} < now() - CAST({} AS interval)",
-                    bind(format!("{} milliseconds", age.0.as_millis()))
-                )
-            } else if let Some(age) = &condition.newer_than {
-                format!(
-                    "{column} >= now() - CAST({} AS interval)",
-                    bind(format!("{} milliseconds", age.0.as_millis()))
-                )
-            } else if let Some(is_null) = condition.is_null {
-                format!("{column} IS {}NULL", if is_null { "" } else { "NOT " })
-            } else {
-                continue;
-            };
-            sql.push_str(" AND ");
-            sql.push_str(&clause);
-        }
         let only_param = only.map(|_| bind(String::new()));
         if let Some(param) = &only_param {
             sql.push_str(&format!(" AND t.source_id = ANY({param}::text[])"));
@@ -283,7 +427,7 @@ pub async fn enqueue(
             }
             match (render(&rule.key), render(&rule.subject), render(&rule.body)) {
                 (Ok(key), Ok(subject), Ok(body)) => pending.push(Pending {
-                    key,
+                    key: namespaced_key(source_system, stream_name, &key),
                     recipient,
                     subject,
                     body,
@@ -303,12 +447,15 @@ pub async fn enqueue(
         if pending.is_empty() {
             continue;
         }
-        let done = sqlx::query(
-            "INSERT INTO idem_ledger (key, channel, recipient, subject, body, message_id, source_system, stream, source_id, rule)
-             SELECT p.key, $1, p.recipient, p.subject, p.body, p.message_id, $2, $3, p.source_id, $4
+        let condition = serde_json::to_value(&checks).unwrap_or_default();
+        let new_keys: Vec<String> = sqlx::query_scalar(
+            "INSERT INTO idem_ledger (key, channel, recipient, subject, body, message_id, source_system, stream, source_id, rule,
+                                      record_table, condition)
+             SELECT p.key, $1, p.recipient, p.subject, p.body, p.message_id, $2, $3, p.source_id, $4, $11, $12
              FROM UNNEST($5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::text[])
                AS p(key, recipient, subject, body, message_id, source_id)
-             ON CONFLICT (key) DO NOTHING",
+             ON CONFLICT (key) DO NOTHING
+             RETURNING key",
         )
         .bind(&rule.channel)
         .bind(source_system)
@@ -320,13 +467,177 @@ pub async fn enqueue(
         .bind(pending.iter().map(|p| p.body.as_str()).collect::<Vec<_>>())
         .bind(pending.iter().map(|p| super::message_id(&p.key)).collect::<Vec<_>>())
         .bind(pending.iter().map(|p| p.source_id.as_str()).collect::<Vec<_>>())
-        .execute(&mut *connection)
+        .bind(&stream.table)
+        .bind(&condition)
+        .fetch_all(&mut *connection)
         .await
         .context(|| format!("inserting ledger rows of rule '{}'", rule.name))?;
-        inserted += done.rows_affected();
-        if done.rows_affected() > 0 {
-            info!(rule = %rule.name, new_ledger_rows = done.rows_affected(), "side effects recorded in the ledger");
+        inserted += new_keys.len() as u64;
+        if !new_keys.is_empty() {
+            info!(rule = %rule.name, new_ledger_rows = new_keys.len(), "side effects recorded in the ledger");
+        }
+        if new_keys.len() < pending.len() {
+            let new_keys: std::collections::HashSet<&str> =
+                new_keys.iter().map(String::as_str).collect();
+            let refused: Vec<&Pending> = pending
+                .iter()
+                .filter(|p| !new_keys.contains(p.key.as_str()))
+                .collect();
+            inserted += record_collisions(
+                &mut *connection,
+                source_system,
+                stream_name,
+                &stream.table,
+                rule,
+                &condition,
+                &refused,
+            )
+            .await?;
         }
     }
     Ok(inserted)
+}
+
+/// Rows whose key was already taken. If the key's row is about this very record and rule
+/// (a concurrent insert), nothing is wrong. Otherwise the key template does not identify
+/// one record of one rule: the record gets a `failed` row of its own (outcome
+/// `key_collision`, naming the other owner) so the collision is reported once in `idem
+/// ledger list` instead of being retried silently on every run. Returns rows inserted.
+async fn record_collisions(
+    connection: &mut PgConnection,
+    source_system: &str,
+    stream_name: &str,
+    table: &str,
+    rule: &RuleSpec,
+    condition: &serde_json::Value,
+    refused: &[&Pending],
+) -> Result<u64, StoreError> {
+    let keys: Vec<&str> = refused.iter().map(|p| p.key.as_str()).collect();
+    let owners: Vec<(String, String, String, String, String)> = sqlx::query_as(
+        "SELECT key, source_system, stream, rule, source_id FROM idem_ledger WHERE key = ANY($1)",
+    )
+    .bind(&keys)
+    .fetch_all(&mut *connection)
+    .await
+    .context(|| format!("reading the owners of ledger keys of rule '{}'", rule.name))?;
+    let mut inserted = 0;
+    for pending in refused {
+        let Some((_, owner_system, owner_stream, owner_rule, owner_id)) =
+            owners.iter().find(|(key, ..)| *key == pending.key)
+        else {
+            continue;
+        };
+        if (
+            owner_system.as_str(),
+            owner_stream.as_str(),
+            owner_rule.as_str(),
+            owner_id.as_str(),
+        ) == (
+            source_system,
+            stream_name,
+            rule.name.as_str(),
+            pending.source_id.as_str(),
+        ) {
+            continue;
+        }
+        let error = format!(
+            "key_collision: ledger key '{}' is already used by rule '{owner_rule}' of {owner_system}.{owner_stream} for record {owner_id}; the key template '{}' must identify one record of one rule (nothing was sent for record {})",
+            pending.key, rule.key, pending.source_id
+        );
+        warn!(source_id = %pending.source_id, rule = %rule.name, "{error}");
+        let key = format!(
+            "{}#collision:{}:{}",
+            pending.key, rule.name, pending.source_id
+        );
+        let done = sqlx::query(
+            "INSERT INTO idem_ledger (key, channel, recipient, subject, body, message_id, source_system, stream, source_id, rule,
+                                      record_table, condition, status, last_outcome, last_error)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 'failed', 'key_collision', $13)
+             ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(&key)
+        .bind(&rule.channel)
+        .bind(&pending.recipient)
+        .bind(&pending.subject)
+        .bind(&pending.body)
+        .bind(super::message_id(&key))
+        .bind(source_system)
+        .bind(stream_name)
+        .bind(&pending.source_id)
+        .bind(&rule.name)
+        .bind(table)
+        .bind(condition)
+        .bind(&error)
+        .execute(&mut *connection)
+        .await
+        .context(|| format!("recording a ledger key collision of rule '{}'", rule.name))?;
+        inserted += done.rows_affected();
+    }
+    Ok(inserted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules(text: &str) -> Vec<RuleSpec> {
+        #[derive(Deserialize)]
+        struct File {
+            rules: Vec<RuleSpec>,
+        }
+        toml::from_str::<File>(text).unwrap().rules
+    }
+
+    #[test]
+    fn two_rules_of_a_stream_may_not_share_a_key_template_or_a_name() {
+        let same_key = rules(
+            r#"
+            [[rules]]
+            name = "a"
+            key = "email:{{ source_id }}"
+            to = "email"
+            subject = "s"
+            body = "b"
+            [[rules]]
+            name = "b"
+            key = "email:{{source_id}}"
+            to = "email"
+            subject = "s"
+            body = "b"
+            [[rules]]
+            name = "a"
+            key = "email:{{ source_id }}:2"
+            to = "email"
+            subject = "s"
+            body = "b"
+            "#,
+        );
+        let problems = stream_rule_problems(&same_key);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].contains("would collide"), "{problems:?}");
+        assert!(problems[1].contains("rule name 'a'"), "{problems:?}");
+    }
+
+    #[test]
+    fn a_frozen_condition_binds_its_values_and_refuses_unknown_types() {
+        let check = Check {
+            column: "status\"; DROP TABLE x; --".into(),
+            sql_type: "text".into(),
+            test: Test::In {
+                values: vec!["open".into(), "draft".into()],
+            },
+        };
+        let mut binds = Vec::new();
+        let clause = check.clause("t", 2, &mut binds);
+        assert_eq!(
+            clause,
+            "t.\"status\"\"; DROP TABLE x; --\" IN (CAST($3 AS text), CAST($4 AS text))"
+        );
+        assert_eq!(binds, vec!["open".to_string(), "draft".to_string()]);
+        let tampered = Check {
+            sql_type: "text); DROP TABLE x; --".into(),
+            ..check
+        };
+        assert!(tampered.verify().is_err());
+    }
 }

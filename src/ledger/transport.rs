@@ -39,6 +39,13 @@ pub enum Outcome {
     Permanent { error: String },
     /// It may or may not have gone out (timeout after the request, reset, 502/504).
     Ambiguous { error: String },
+    /// The provider is still working on an earlier request under this idempotency key
+    /// (HTTP 409/425): retried later under the same key, never a failure, since the
+    /// earlier request may be delivering it right now.
+    InProgress {
+        error: String,
+        retry_after: Option<Duration>,
+    },
 }
 
 /// A way to send ledger rows.
@@ -48,6 +55,11 @@ pub trait Transport: Send + Sync {
     /// True when the provider de-duplicates on the ledger key, so an ambiguous send may
     /// simply be retried.
     fn deduplicates(&self) -> bool;
+    /// The name recorded on each row this transport attempts (`log`, `smtp`, `http`), so
+    /// rows "sent" to the log can be found and requeued.
+    fn name(&self) -> &'static str {
+        "custom"
+    }
 }
 
 /// The configured transport.
@@ -71,6 +83,12 @@ pub enum TransportError {
 
 impl AnyTransport {
     pub fn from_settings(settings: &NotifySettings) -> Result<AnyTransport, TransportError> {
+        settings
+            .check_lease()
+            .map_err(|message| TransportError::Invalid {
+                field: "lease",
+                message,
+            })?;
         Ok(match settings.transport {
             TransportKind::Log => AnyTransport::Log,
             TransportKind::Smtp => AnyTransport::Smtp(SmtpTransport::new(
@@ -105,6 +123,14 @@ impl Transport for AnyTransport {
             AnyTransport::Log => true,
             AnyTransport::Smtp(smtp) => smtp.deduplicates(),
             AnyTransport::Http(http) => http.deduplicates(),
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            AnyTransport::Log => "log",
+            AnyTransport::Smtp(_) => "smtp",
+            AnyTransport::Http(_) => "http",
         }
     }
 }
@@ -388,6 +414,11 @@ impl HttpTransport {
                     .and_then(|v| v.get("id").and_then(|id| id.as_str()).map(str::to_string)),
             },
             429 | 503 => Outcome::NotSent {
+                error: error(),
+                retry_after,
+            },
+            // "A request with this key is in progress" (Stripe-style 409, 425 Too Early).
+            409 | 425 => Outcome::InProgress {
                 error: error(),
                 retry_after,
             },

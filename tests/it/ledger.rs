@@ -149,10 +149,9 @@ async fn crash_after_the_provider_accepted_is_not_resent_through_the_idempotent_
         .filter_map(|r| r.idempotency_key.clone())
         .collect();
     assert_eq!(keys.len(), overdue.len());
-    assert!(
-        keys.iter()
-            .all(|k| k.starts_with("email:reminder:in_") && k.ends_with(":stage1"))
-    );
+    assert!(keys.iter().all(
+        |k| k.starts_with("demo_billing/invoices/email:reminder:in_") && k.ends_with(":stage1")
+    ));
 }
 
 #[tokio::test]
