@@ -151,6 +151,10 @@ fn redact_outcome(outcome: Outcome) -> Outcome {
         Outcome::Ambiguous { error } => Outcome::Ambiguous {
             error: clean(error),
         },
+        Outcome::InProgress { error, retry_after } => Outcome::InProgress {
+            error: clean(error),
+            retry_after,
+        },
     }
 }
 
