@@ -178,8 +178,9 @@ pub async fn main() -> ExitCode {
 
 async fn execute(cli: Cli) -> anyhow::Result<u8> {
     let settings = Settings::load(cli.config.as_deref())?;
+    let _ = SESSION_NAME.set(session_name(&cli.command));
     match cli.command {
-        Command::Check => check(&settings),
+        Command::Check => check(&settings).await,
         Command::Migrate => {
             let pool = connect(&settings).await?;
             store::migrate(&pool).await?;
@@ -198,7 +199,8 @@ async fn execute(cli: Cli) -> anyhow::Result<u8> {
             let url = settings.database_url()?;
             let transport =
                 AnyTransport::from_settings(&settings.notify).map_err(|e| usage(e.to_string()))?;
-            let options = RunOptions::new(Mode::Regular, dry_run);
+            let mut options = RunOptions::new(Mode::Regular, dry_run);
+            options.ddl = settings.database.ddl_policy();
             let code = run_all(&pool, &url, &selected, &options, json).await?;
             if !no_notify && !dry_run {
                 let report = notify(&pool, &settings, &transport).await?;
@@ -246,7 +248,7 @@ async fn execute(cli: Cli) -> anyhow::Result<u8> {
             let url = settings.database_url()?;
             let transport =
                 AnyTransport::from_settings(&settings.notify).map_err(|e| usage(e.to_string()))?;
-            let options = RunOptions::new(
+            let mut options = RunOptions::new(
                 Mode::Replay {
                     from,
                     to,
@@ -255,6 +257,7 @@ async fn execute(cli: Cli) -> anyhow::Result<u8> {
                 },
                 false,
             );
+            options.ddl = settings.database.ddl_policy();
             let code = run_all(&pool, &url, &selected, &options, json).await?;
             if !no_notify {
                 let report = notify(&pool, &settings, &transport).await?;
@@ -335,9 +338,33 @@ fn usage(message: String) -> anyhow::Error {
     })
 }
 
+/// The `application_name` of this process's pooled sessions, e.g. `idem run stripe`.
+static SESSION_NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+fn session_name(command: &Command) -> String {
+    let (name, targets): (&str, Vec<&str>) = match command {
+        Command::Run { targets, .. } => ("run", targets.iter().map(String::as_str).collect()),
+        Command::Replay { target, .. } => ("replay", vec![target.as_str()]),
+        Command::Status { .. } => ("status", vec![]),
+        Command::Migrate => ("migrate", vec![]),
+        Command::Check => ("check", vec![]),
+        Command::Checkpoint { .. } => ("checkpoint", vec![]),
+        Command::Serve { .. } => ("serve", vec![]),
+        Command::Notify { .. } => ("notify", vec![]),
+        Command::Ledger { .. } => ("ledger", vec![]),
+    };
+    let mut session = format!("idem {name}");
+    for target in targets {
+        session.push(' ');
+        session.push_str(target);
+    }
+    session
+}
+
 async fn connect(settings: &Settings) -> anyhow::Result<PgPool> {
     let url = settings.database_url()?;
-    let pool = store::connect(&url, 4).await?;
+    let name = SESSION_NAME.get().map_or("idem", String::as_str);
+    let pool = store::connect_with(&url, 4, &settings.database.session(name)).await?;
     store::migrate(&pool).await?;
     Ok(pool)
 }
@@ -410,7 +437,7 @@ async fn ledger_command(pool: &PgPool, command: LedgerCommand) -> anyhow::Result
     }
 }
 
-fn check(settings: &Settings) -> anyhow::Result<u8> {
+async fn check(settings: &Settings) -> anyhow::Result<u8> {
     let connectors = settings.load_connectors()?;
     for connector in &connectors {
         let streams: Vec<&str> = connector.spec.streams.keys().map(String::as_str).collect();
@@ -434,7 +461,70 @@ fn check(settings: &Settings) -> anyhow::Result<u8> {
         "{} connector file(s) valid; notify and serve settings valid",
         connectors.len()
     );
+    if settings.database_url.is_some() {
+        return check_database(settings, &connectors).await;
+    }
     Ok(EXIT_OK)
+}
+
+/// With a database: how the connection is secured, and which grants (or, with
+/// `ddl = "never"`, which schema changes) are missing. Changes nothing.
+async fn check_database(settings: &Settings, connectors: &[Connector]) -> anyhow::Result<u8> {
+    let url = settings.database_url()?;
+    let target = store::Target::parse(&url)?;
+    let pool = store::connect_with(&url, 1, &settings.database.session("idem check")).await?;
+    let tls = store::session::tls_status(&pool, &target).await?;
+    match (&tls.version, tls.encrypted) {
+        (Some(version), true) => println!(
+            "database {}: TLS {version} ({}), {}",
+            target.describe(),
+            tls.cipher.as_deref().unwrap_or("cipher unknown"),
+            tls.verified
+        ),
+        _ => println!(
+            "database {}: NOT encrypted{}",
+            target.describe(),
+            if target.loopback {
+                " (loopback)"
+            } else {
+                "; records and passwords cross the network readable"
+            }
+        ),
+    }
+    let ddl_allowed = settings.database.ddl == crate::config::DdlMode::Auto;
+    let mut tables = Vec::new();
+    for connector in connectors {
+        for stream in connector.spec.streams.values() {
+            if !tables
+                .iter()
+                .any(|t: &store::table::DestinationTable| t.name == stream.table)
+            {
+                tables.push(store::table::DestinationTable::new(
+                    &stream.table,
+                    &stream.columns,
+                ));
+            }
+        }
+    }
+    let destinations: Vec<store::grants::Destination> = tables
+        .iter()
+        .map(|table| store::grants::Destination { table, ddl_allowed })
+        .collect();
+    let missing = store::grants::missing(&pool, &destinations).await?;
+    pool.close().await;
+    let mode = if ddl_allowed { "auto" } else { "never" };
+    if missing.is_empty() {
+        println!(
+            "grants: all in place for {} destination table(s) with ddl = \"{mode}\"",
+            tables.len()
+        );
+        return Ok(EXIT_OK);
+    }
+    println!("grants: {} missing (ddl = \"{mode}\"):", missing.len());
+    for line in &missing {
+        println!("  {line}");
+    }
+    Ok(EXIT_FAILED)
 }
 
 fn select<'a>(
