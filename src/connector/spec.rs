@@ -109,6 +109,11 @@ pub struct HttpSpec {
     /// Longest delay between two attempts (default `"60s"`).
     #[serde(default = "default_max_backoff")]
     pub max_backoff: HumanDuration,
+    /// A PEM file of CA certificates to trust for this vendor besides the bundled web PKI
+    /// roots: a vendor behind a private CA, or a TLS-inspecting corporate proxy. Relative
+    /// to the connector file.
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl Default for HttpSpec {
@@ -118,6 +123,7 @@ impl Default for HttpSpec {
             max_attempts: default_max_attempts(),
             initial_backoff: default_initial_backoff(),
             max_backoff: default_max_backoff(),
+            ca_file: None,
         }
     }
 }

@@ -52,7 +52,7 @@ pub async fn missing(
     let sequences: Vec<String> = sqlx::query_scalar(
         "SELECT c.relname::text FROM pg_class c
          WHERE c.relkind = 'S' AND pg_table_is_visible(c.oid) AND c.relname LIKE 'idem\\_%'
-           AND NOT has_sequence_privilege(c.oid, 'USAGE')",
+           AND CASE WHEN c.relkind = 'S' THEN NOT has_sequence_privilege(c.oid, 'USAGE') ELSE false END",
     )
     .fetch_all(pool)
     .await
