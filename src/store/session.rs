@@ -327,10 +327,13 @@ pub fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
     }
     let message = current.to_string();
     match err.downcast_ref::<sqlx::Error>() {
-        Some(sqlx::Error::Tls(_)) if !std::ptr::eq(current, err) => format!("TLS: {message}"),
-        Some(sqlx::Error::Tls(inner)) => format!("TLS: {inner}"),
         Some(sqlx::Error::Database(db)) => db.message().to_string(),
         Some(sqlx::Error::Configuration(inner)) => format!("invalid connection settings: {inner}"),
+        // rustls' failures reach sqlx as TLS or I/O errors; either way, say it was TLS.
+        Some(sqlx::Error::Tls(_)) => format!("TLS handshake failed: {message}"),
+        _ if message.contains("certificate") || message.contains("TLS") => {
+            format!("TLS handshake failed: {message}")
+        }
         _ => message,
     }
 }
