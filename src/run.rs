@@ -182,8 +182,11 @@ pub async fn run_stream<S: Source + 'static>(
         };
         let walk = Walk::prepare(pool, &source_system, stream_name, stream, options).await?;
         if let Some(lock) = lock.as_mut() {
-            lock.name_run(&format!("idem {source_system}.{stream_name} {}", walk.run_id))
-                .await;
+            lock.name_run(&format!(
+                "idem {source_system}.{stream_name} {}",
+                walk.run_id
+            ))
+            .await;
         }
         let result = walk.execute(source).await;
         if let Some(lock) = lock {

@@ -267,17 +267,29 @@ pub fn parse(
             let full = path.parent().unwrap_or(Path::new(".")).join(file);
             match std::fs::read(&full) {
                 Err(err) => {
-                    push(None, "http.ca_file", format!("cannot read {}: {err}", full.display()));
+                    push(
+                        None,
+                        "http.ca_file",
+                        format!("cannot read {}: {err}", full.display()),
+                    );
                     Vec::new()
                 }
                 Ok(pem) => match reqwest::Certificate::from_pem_bundle(&pem) {
                     Ok(certificates) if !certificates.is_empty() => certificates,
                     Ok(_) => {
-                        push(None, "http.ca_file", format!("{} holds no PEM certificate", full.display()));
+                        push(
+                            None,
+                            "http.ca_file",
+                            format!("{} holds no PEM certificate", full.display()),
+                        );
                         Vec::new()
                     }
                     Err(err) => {
-                        push(None, "http.ca_file", format!("{} is not a PEM certificate bundle: {err}", full.display()));
+                        push(
+                            None,
+                            "http.ca_file",
+                            format!("{} is not a PEM certificate bundle: {err}", full.display()),
+                        );
                         Vec::new()
                     }
                 },

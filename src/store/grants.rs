@@ -77,11 +77,12 @@ pub async fn missing(
         let changes = table.missing_ddl(pool).await?;
         match row {
             Some((select, insert, update, owner)) => {
-                let lacking: Vec<&str> = [("SELECT", select), ("INSERT", insert), ("UPDATE", update)]
-                    .into_iter()
-                    .filter(|(_, held)| !held)
-                    .map(|(p, _)| p)
-                    .collect();
+                let lacking: Vec<&str> =
+                    [("SELECT", select), ("INSERT", insert), ("UPDATE", update)]
+                        .into_iter()
+                        .filter(|(_, held)| !held)
+                        .map(|(p, _)| p)
+                        .collect();
                 if !lacking.is_empty() {
                     missing.push(format!(
                         "GRANT {} ON {} TO CURRENT_USER  -- writing the destination table",
@@ -104,12 +105,11 @@ pub async fn missing(
                 }
             }
             None => {
-                let can_create: bool = sqlx::query_scalar(
-                    "SELECT has_schema_privilege(current_schema(), 'CREATE')",
-                )
-                .fetch_one(pool)
-                .await
-                .context(|| "checking the CREATE privilege on the schema".into())?;
+                let can_create: bool =
+                    sqlx::query_scalar("SELECT has_schema_privilege(current_schema(), 'CREATE')")
+                        .fetch_one(pool)
+                        .await
+                        .context(|| "checking the CREATE privilege on the schema".into())?;
                 if !destination.ddl_allowed {
                     missing.push(format!(
                         "table {} does not exist and ddl = \"never\": create it as its owner, then GRANT SELECT, INSERT, UPDATE ON {} TO idem's role:\n  {}",

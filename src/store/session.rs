@@ -82,10 +82,12 @@ impl Target {
     /// is not loopback gets `sslmode=require` unless an sslmode is given, so clear text
     /// over a network is always a choice someone wrote down.
     pub fn parse(url: &str) -> Result<Target, StoreError> {
-        let invalid = |cause: String| StoreError::Connect {
+        let invalid = |cause: String| {
+            StoreError::Connect {
             target: super::describe_url(url),
             cause,
             hint: " Check DATABASE_URL: postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE[?sslmode=verify-full&sslrootcert=FILE]".into(),
+        }
         };
         let mut parsed =
             url::Url::parse(url).map_err(|err| invalid(format!("not a valid URL ({err})")))?;
@@ -93,9 +95,7 @@ impl Target {
             .query_pairs()
             .map(|(k, v)| (k.into_owned(), v.into_owned()))
             .collect();
-        let url_mode = pairs
-            .iter()
-            .any(|(k, _)| k == "sslmode" || k == "ssl-mode");
+        let url_mode = pairs.iter().any(|(k, _)| k == "sslmode" || k == "ssl-mode");
         // libpq's `sslrootcert=system` means the platform's roots; idem always trusts its
         // bundled web PKI roots, so it only has to drop the word (sqlx would read a file).
         let system_roots = |k: &str, v: &str| {
@@ -214,8 +214,7 @@ impl Target {
                 " The certificate is for another host name than {}: connect with a name the certificate lists, or use sslmode=verify-ca to check only the CA.",
                 self.host
             )
-        } else if lower.contains("does not support tls") || lower.contains("does not support ssl")
-        {
+        } else if lower.contains("does not support tls") || lower.contains("does not support ssl") {
             if self.ssl_mode_explicit {
                 " The server does not offer TLS: turn ssl on in the server, or (only on a network you trust) use sslmode=disable.".to_string()
             } else {
@@ -225,11 +224,12 @@ impl Target {
                 )
             }
         } else if lower.contains("no pg_hba.conf entry") && lower.contains("no encryption") {
-            " The server accepts this host only over TLS: use sslmode=verify-full (or require).".to_string()
+            " The server accepts this host only over TLS: use sslmode=verify-full (or require)."
+                .to_string()
         } else if lower.contains("certificate") || lower.contains("pem") {
-            " Check the files named by sslrootcert, sslcert and sslkey (PEM, readable by idem).".to_string()
-        } else if lower.contains("password authentication failed")
-            || lower.contains("no password")
+            " Check the files named by sslrootcert, sslcert and sslkey (PEM, readable by idem)."
+                .to_string()
+        } else if lower.contains("password authentication failed") || lower.contains("no password")
         {
             " Check the user and password in DATABASE_URL (or PGPASSWORD, ~/.pgpass).".to_string()
         } else if lower.contains("does not exist") {
@@ -295,15 +295,14 @@ pub struct TlsStatus {
 
 /// The TLS state of one of the pool's sessions, from `pg_stat_ssl`.
 pub async fn tls_status(pool: &PgPool, target: &Target) -> Result<TlsStatus, StoreError> {
-    let (encrypted, version, cipher): (bool, Option<String>, Option<String>) = sqlx::query_as(
-        "SELECT ssl, version, cipher FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
-    )
-    .fetch_one(pool)
-    .await
-    .map_err(|source| StoreError::Query {
-        context: "reading pg_stat_ssl".into(),
-        source,
-    })?;
+    let (encrypted, version, cipher): (bool, Option<String>, Option<String>) =
+        sqlx::query_as("SELECT ssl, version, cipher FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+            .fetch_one(pool)
+            .await
+            .map_err(|source| StoreError::Query {
+                context: "reading pg_stat_ssl".into(),
+                source,
+            })?;
     let verified = match (encrypted, target.ssl_mode) {
         (false, _) => "not encrypted",
         (true, PgSslMode::VerifyFull) => "certificate verified (CA and host name)",

@@ -102,7 +102,11 @@ impl std::fmt::Display for LockedOut {
                     "\n  pid {} (application '{}', {}{}): {}",
                     b.pid,
                     b.application_name,
-                    if b.state.is_empty() { "state unknown" } else { &b.state },
+                    if b.state.is_empty() {
+                        "state unknown"
+                    } else {
+                        &b.state
+                    },
                     b.running_for
                         .map_or(String::new(), |d| format!(", for {}s", d.as_secs())),
                     b.query
@@ -288,7 +292,13 @@ impl DestinationTable {
         let typed: String = self
             .columns
             .iter()
-            .map(|c| format!(",\n                {} {}", quote(&c.name), c.column_type.sql()))
+            .map(|c| {
+                format!(
+                    ",\n                {} {}",
+                    quote(&c.name),
+                    c.column_type.sql()
+                )
+            })
             .collect();
         Ok(format!(
             "CREATE TABLE IF NOT EXISTS {} (

@@ -66,7 +66,8 @@ async fn an_unchanged_run_never_blocks_readers() {
     let app = spawn_app(500).await;
     let first = app.idem(&["run", "--no-notify"]).await;
     assert_eq!(first.status.code(), Some(0), "{}", stderr(&first));
-    app.vendor.update_invoice("in_000007", |inv| inv["amount_due"] = 4242.into());
+    app.vendor
+        .update_invoice("in_000007", |inv| inv["amount_due"] = 4242.into());
     let (mut analyst, _) = open_reader(&app).await;
 
     // The nightly run starts while the analyst's transaction is open; the helper returns
@@ -111,7 +112,8 @@ async fn a_schema_change_that_cannot_get_its_lock_fails_clearly() {
     let first = app.idem(&["run", "--no-notify"]).await;
     assert_eq!(first.status.code(), Some(0), "{}", stderr(&first));
     with_new_column(&app, "lock_timeout = \"300ms\"\nddl_attempts = 2\n");
-    app.vendor.update_invoice("in_000003", |inv| inv["amount_due"] = 777.into());
+    app.vendor
+        .update_invoice("in_000003", |inv| inv["amount_due"] = 777.into());
     let runs_before = app.count("SELECT count(*) FROM idem_runs").await;
     let requests_before = app.vendor.request_count("/v1/invoices");
     let (mut analyst, analyst_pid) = open_reader(&app).await;
@@ -183,7 +185,11 @@ async fn ddl_never_reports_the_missing_column() {
     assert_eq!(after.status.code(), Some(0), "{}", stderr(&after));
     let check = app.idem(&["check"]).await;
     assert_eq!(check.status.code(), Some(0), "{}", stdout(&check));
-    assert!(stdout(&check).contains("grants: all in place"), "{}", stdout(&check));
+    assert!(
+        stdout(&check).contains("grants: all in place"),
+        "{}",
+        stdout(&check)
+    );
 }
 
 #[tokio::test]
@@ -276,10 +282,9 @@ impl TlsCluster {
             .push(rcgen::DnType::CommonName, "idem test CA");
         let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
         let server_key = rcgen::KeyPair::generate().unwrap();
-        let server_params = rcgen::CertificateParams::new(
-            names.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
-        )
-        .unwrap();
+        let server_params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
         let server = server_params.signed_by(&server_key, &ca).unwrap();
         std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
         std::fs::write(dir.path().join("server.crt"), server.pem()).unwrap();
@@ -356,7 +361,10 @@ impl TlsCluster {
     }
 
     fn url(&self, query: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres?{query}", self.port)
+        format!(
+            "postgres://postgres@127.0.0.1:{}/postgres?{query}",
+            self.port
+        )
     }
 }
 
@@ -533,4 +541,30 @@ async fn connection_errors_name_the_cause_once() {
         assert!(error.contains(hint), "{hint} missing: {error}");
         assert!(!error.contains("error occurred while"), "{error}");
     }
+}
+
+#[tokio::test]
+async fn a_vendor_ca_file_is_read_when_the_connector_loads() {
+    let app = spawn_app(1).await;
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = params.self_signed(&key).unwrap();
+    std::fs::write(app.dir.path().join("corp-ca.pem"), ca.pem()).unwrap();
+    let connector = app.demo_connector_variant("behind_proxy", |text| {
+        format!("{text}\n[http]\nca_file = \"corp-ca.pem\"\n")
+    });
+    assert_eq!(connector.ca_certificates.len(), 1);
+
+    let path = app.dir.path().join("missing_ca.toml");
+    let text = std::fs::read_to_string(app.dir.path().join("behind_proxy.toml")).unwrap();
+    std::fs::write(&path, text.replace("corp-ca.pem", "nowhere.pem")).unwrap();
+    write_config(&app, &path, "");
+    let check = app.idem(&["check"]).await;
+    assert_eq!(check.status.code(), Some(2), "{}", stderr(&check));
+    assert!(
+        stderr(&check).contains("http.ca_file") && stderr(&check).contains("nowhere.pem"),
+        "{}",
+        stderr(&check)
+    );
 }
