@@ -32,11 +32,13 @@ pub async fn missing(
     .await
     .context(|| "checking privileges on idem's tables".into())?;
     for (name, select, insert, update, delete) in rows {
+        // `_sqlx_migrations` is only read once `idem migrate` has run as its owner.
+        let writes = name != "_sqlx_migrations";
         let lacking: Vec<&str> = [
             ("SELECT", select),
-            ("INSERT", insert),
-            ("UPDATE", update),
-            ("DELETE", delete),
+            ("INSERT", insert || !writes),
+            ("UPDATE", update || !writes),
+            ("DELETE", delete || !writes),
         ]
         .into_iter()
         .filter(|(_, held)| !held)
@@ -105,8 +107,9 @@ pub async fn missing(
                 }
             }
             None => {
-                let can_create: bool =
-                    sqlx::query_scalar("SELECT has_schema_privilege(current_schema(), 'CREATE')")
+                let (schema, can_create): (String, bool) = sqlx::query_as(
+                    "SELECT current_schema()::text, has_schema_privilege(current_schema(), 'CREATE')",
+                )
                         .fetch_one(pool)
                         .await
                         .context(|| "checking the CREATE privilege on the schema".into())?;
@@ -119,7 +122,7 @@ pub async fn missing(
                     ));
                 } else if !can_create {
                     missing.push(format!(
-                        "GRANT CREATE ON SCHEMA current_schema TO CURRENT_USER  -- to create table {} (ddl = \"auto\")",
+                        "GRANT CREATE ON SCHEMA {schema} TO CURRENT_USER  -- to create table {} (ddl = \"auto\")",
                         table.name
                     ));
                 }

@@ -210,8 +210,10 @@ impl Target {
                 )
             }
         } else if lower.contains("not valid for name") || lower.contains("notvalidforname") {
+            // sqlx 0.8 with rustls >= 0.23.24 checks the name under verify-ca too
+            // (launchbadge/sqlx#3793), so verify-ca is no way out here.
             format!(
-                " The certificate is for another host name than {}: connect with a name the certificate lists, or use sslmode=verify-ca to check only the CA.",
+                " The certificate is for another host name than {}: connect using a host name the certificate lists (via DNS or /etc/hosts if need be).",
                 self.host
             )
         } else if lower.contains("does not support tls") || lower.contains("does not support ssl") {
@@ -306,7 +308,9 @@ pub async fn tls_status(pool: &PgPool, target: &Target) -> Result<TlsStatus, Sto
     let verified = match (encrypted, target.ssl_mode) {
         (false, _) => "not encrypted",
         (true, PgSslMode::VerifyFull) => "certificate verified (CA and host name)",
-        (true, PgSslMode::VerifyCa) => "certificate chain verified, host name not checked",
+        (true, PgSslMode::VerifyCa) => {
+            "certificate verified (CA; this build checks the host name too)"
+        }
         (true, _) => "certificate NOT verified (use sslmode=verify-full)",
     };
     Ok(TlsStatus {

@@ -193,6 +193,49 @@ async fn ddl_never_reports_the_missing_column() {
 }
 
 #[tokio::test]
+async fn check_names_the_missing_grants() {
+    let app = spawn_app(10).await;
+    let first = app.idem(&["run", "--no-notify"]).await;
+    assert_eq!(first.status.code(), Some(0), "{}", stderr(&first));
+    let role = format!("idem_reader_{}", uuid::Uuid::new_v4().simple());
+    for sql in [
+        format!("CREATE ROLE {role} LOGIN"),
+        format!("GRANT SELECT ON demo_invoices, _sqlx_migrations TO {role}"),
+        format!(
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON idem_runs, idem_checkpoints, idem_failures TO {role}"
+        ),
+    ] {
+        sqlx::query(&sql).execute(&app.pool).await.unwrap();
+    }
+    let url = app
+        .database_url
+        .replacen("postgres@", &format!("{role}@"), 1);
+    let check = app
+        .command(&["check"])
+        .env("DATABASE_URL", &url)
+        .output()
+        .await
+        .unwrap();
+    let text = stdout(&check);
+    for sql in [
+        format!("REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {role}"),
+        format!("DROP ROLE {role}"),
+    ] {
+        sqlx::query(&sql).execute(&app.pool).await.unwrap();
+    }
+    assert_eq!(check.status.code(), Some(1), "{text}{}", stderr(&check));
+    assert!(text.contains("grants: 2 missing"), "{text}");
+    assert!(
+        text.contains("GRANT SELECT, INSERT, UPDATE, DELETE ON idem_ledger"),
+        "{text}"
+    );
+    assert!(
+        text.contains("GRANT INSERT, UPDATE ON demo_invoices"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
 async fn idem_sessions_are_named_in_pg_stat_activity() {
     let app = spawn_app(500).await;
     let run = app.spawn_slow_nightly_run().await;
@@ -470,13 +513,13 @@ async fn a_wrong_server_certificate_is_refused() {
         "{text}"
     );
     assert!(text.contains("not valid for name"), "{text}");
-    assert!(text.contains("sslmode=verify-ca"), "{text}");
+    assert!(text.contains("a host name the certificate lists"), "{text}");
     assert_eq!(app.vendor.request_count("/v1/invoices"), 0);
 
-    // Nothing reached the server: not even idem's migrations.
     let unverified = idem::store::connect(&cluster.url("sslmode=require"), 1)
         .await
         .unwrap();
+    // Nothing reached the server: not even idem's migrations.
     let tables: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM pg_tables WHERE tablename IN ('demo_invoices', '_sqlx_migrations', 'idem_runs')",
     )
