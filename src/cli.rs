@@ -87,7 +87,12 @@ pub enum Command {
         json: bool,
     },
     /// Apply idem's database migrations.
-    Migrate,
+    Migrate {
+        /// Also create or extend every connector's destination tables (even with
+        /// `ddl = "never"`): the step for a role that may alter them.
+        #[arg(long)]
+        tables: bool,
+    },
     /// Validate the config and every connector file, without any request.
     Check,
     /// Show or change checkpoints.
@@ -181,10 +186,16 @@ async fn execute(cli: Cli) -> anyhow::Result<u8> {
     let _ = SESSION_NAME.set(session_name(&cli.command));
     match cli.command {
         Command::Check => check(&settings).await,
-        Command::Migrate => {
+        Command::Migrate { tables } => {
+            let connectors = if tables {
+                settings.load_connectors()?
+            } else {
+                Vec::new()
+            };
             let pool = connect(&settings).await?;
             store::migrate(&pool).await?;
             println!("migrations applied");
+            migrate_tables(&pool, &settings, &connectors).await?;
             Ok(EXIT_OK)
         }
         Command::Run {
@@ -346,7 +357,7 @@ fn session_name(command: &Command) -> String {
         Command::Run { targets, .. } => ("run", targets.iter().map(String::as_str).collect()),
         Command::Replay { target, .. } => ("replay", vec![target.as_str()]),
         Command::Status { .. } => ("status", vec![]),
-        Command::Migrate => ("migrate", vec![]),
+        Command::Migrate { .. } => ("migrate", vec![]),
         Command::Check => ("check", vec![]),
         Command::Checkpoint { .. } => ("checkpoint", vec![]),
         Command::Serve { .. } => ("serve", vec![]),
@@ -525,6 +536,39 @@ async fn check_database(settings: &Settings, connectors: &[Connector]) -> anyhow
         println!("  {line}");
     }
     Ok(EXIT_FAILED)
+}
+
+/// `idem migrate --tables`: brings every destination table to its connector's shape,
+/// with the same lock timeout as a run, whatever `ddl` says.
+async fn migrate_tables(
+    pool: &PgPool,
+    settings: &Settings,
+    connectors: &[Connector],
+) -> anyhow::Result<()> {
+    let policy = store::table::DdlPolicy {
+        allow: true,
+        ..settings.database.ddl_policy()
+    };
+    let mut done: Vec<&str> = Vec::new();
+    for connector in connectors {
+        for stream in connector.spec.streams.values() {
+            if done.contains(&stream.table.as_str()) {
+                continue;
+            }
+            done.push(&stream.table);
+            let table = store::table::DestinationTable::new(&stream.table, &stream.columns)
+                .with_ddl(policy.clone());
+            let statements = table.missing_ddl(pool).await?;
+            table.ensure(pool).await?;
+            if statements.is_empty() {
+                println!("table {}: up to date", stream.table);
+            }
+            for statement in statements {
+                println!("table {}: {statement}", stream.table);
+            }
+        }
+    }
+    Ok(())
 }
 
 fn select<'a>(

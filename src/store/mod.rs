@@ -28,7 +28,7 @@ pub enum StoreError {
     SchemaLocked(Box<table::LockedOut>),
     /// The destination table lacks what the connector needs and `ddl = "never"`.
     #[error(
-        "table {table} needs a schema change and [database] ddl = \"never\": run as a role that may alter it:\n  {}\nthen run idem again (or set ddl = \"auto\")",
+        "table {table} needs a schema change and [database] ddl = \"never\": run as a role that may alter it:\n  {}\nthen run idem again (`idem migrate --tables` run as that role does it; or set ddl = \"auto\")",
         statements.join(";\n  ")
     )]
     SchemaChangeNotAllowed {
