@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use idem::fake_vendor::{Fault, FaultKind};
 use idem::store::SessionSettings;
 use sqlx::{Connection, PgConnection};
 
@@ -70,9 +71,27 @@ async fn an_unchanged_run_never_blocks_readers() {
         .update_invoice("in_000007", |inv| inv["amount_due"] = 4242.into());
     let (mut analyst, _) = open_reader(&app).await;
 
-    // The nightly run starts while the analyst's transaction is open; the helper returns
-    // once the run is recorded, i.e. past its start-up (where DDL used to queue).
-    let run = app.spawn_slow_nightly_run().await;
+    // The nightly run starts while the analyst's transaction is open, its pages slow;
+    // once it is recorded it is past its start-up (where DDL used to queue).
+    app.vendor.inject(Fault::new(
+        "/v1/invoices",
+        5,
+        FaultKind::Delay(Duration::from_millis(400)),
+    ));
+    let run = app
+        .command(&["run", "--no-notify"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while app.count("SELECT count(*) FROM idem_runs").await < 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the second run never got past its start-up"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let mut dashboard = PgConnection::connect(&app.database_url).await.unwrap();
     sqlx::query("SET statement_timeout = '2s'")
         .execute(&mut dashboard)
