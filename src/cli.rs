@@ -90,7 +90,12 @@ pub enum Command {
         json: bool,
     },
     /// Apply idem's database migrations.
-    Migrate,
+    Migrate {
+        /// Also create or extend every connector's destination tables (even with
+        /// `ddl = "never"`): the step for a role that may alter them.
+        #[arg(long)]
+        tables: bool,
+    },
     /// Validate the config and every connector file, without any request.
     Check,
     /// Show or change checkpoints.
@@ -192,6 +197,7 @@ pub async fn main() -> ExitCode {
 
 async fn execute(cli: Cli) -> anyhow::Result<u8> {
     let settings = Settings::load(cli.config.as_deref())?;
+    let _ = SESSION_NAME.set(session_name(&cli.command));
     let insecure = insecure_files(&settings);
     for warning in &insecure {
         tracing::warn!("{warning}");
@@ -201,12 +207,18 @@ async fn execute(cli: Cli) -> anyhow::Result<u8> {
             for warning in &insecure {
                 println!("warning: {warning}");
             }
-            check(&settings)
+            check(&settings).await
         }
-        Command::Migrate => {
+        Command::Migrate { tables } => {
+            let connectors = if tables {
+                settings.load_connectors()?
+            } else {
+                Vec::new()
+            };
             let pool = connect(&settings).await?;
             store::migrate(&pool).await?;
             println!("migrations applied");
+            migrate_tables(&pool, &settings, &connectors).await?;
             Ok(EXIT_OK)
         }
         Command::Run {
@@ -221,7 +233,8 @@ async fn execute(cli: Cli) -> anyhow::Result<u8> {
             let url = settings.database_url()?;
             let transport =
                 AnyTransport::from_settings(&settings.notify).map_err(|e| usage(e.to_string()))?;
-            let options = RunOptions::new(Mode::Regular, dry_run);
+            let mut options = RunOptions::new(Mode::Regular, dry_run);
+            options.ddl = settings.database.ddl_policy();
             let code = run_all(&pool, &url, &selected, &options, json).await?;
             if !no_notify && !dry_run {
                 let report = notify(&pool, &settings, &transport).await?;
@@ -269,7 +282,7 @@ async fn execute(cli: Cli) -> anyhow::Result<u8> {
             let url = settings.database_url()?;
             let transport =
                 AnyTransport::from_settings(&settings.notify).map_err(|e| usage(e.to_string()))?;
-            let options = RunOptions::new(
+            let mut options = RunOptions::new(
                 Mode::Replay {
                     from,
                     to,
@@ -278,6 +291,7 @@ async fn execute(cli: Cli) -> anyhow::Result<u8> {
                 },
                 false,
             );
+            options.ddl = settings.database.ddl_policy();
             let code = run_all(&pool, &url, &selected, &options, json).await?;
             if !no_notify {
                 let report = notify(&pool, &settings, &transport).await?;
@@ -359,9 +373,33 @@ fn usage(message: String) -> anyhow::Error {
     })
 }
 
+/// The `application_name` of this process's pooled sessions, e.g. `idem run stripe`.
+static SESSION_NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+fn session_name(command: &Command) -> String {
+    let (name, targets): (&str, Vec<&str>) = match command {
+        Command::Run { targets, .. } => ("run", targets.iter().map(String::as_str).collect()),
+        Command::Replay { target, .. } => ("replay", vec![target.as_str()]),
+        Command::Status { .. } => ("status", vec![]),
+        Command::Migrate { .. } => ("migrate", vec![]),
+        Command::Check => ("check", vec![]),
+        Command::Checkpoint { .. } => ("checkpoint", vec![]),
+        Command::Serve { .. } => ("serve", vec![]),
+        Command::Notify { .. } => ("notify", vec![]),
+        Command::Ledger { .. } => ("ledger", vec![]),
+    };
+    let mut session = format!("idem {name}");
+    for target in targets {
+        session.push(' ');
+        session.push_str(target);
+    }
+    session
+}
+
 async fn connect(settings: &Settings) -> anyhow::Result<PgPool> {
     let url = settings.database_url()?;
-    let pool = store::connect(&url, 4).await?;
+    let name = SESSION_NAME.get().map_or("idem", String::as_str);
+    let pool = store::connect_with(&url, 4, &settings.database.session(name)).await?;
     store::migrate(&pool).await?;
     Ok(pool)
 }
@@ -507,7 +545,7 @@ fn insecure_files(settings: &Settings) -> Vec<String> {
     crate::secret::insecure_secret_files(&files)
 }
 
-fn check(settings: &Settings) -> anyhow::Result<u8> {
+async fn check(settings: &Settings) -> anyhow::Result<u8> {
     let connectors = settings.load_connectors()?;
     for connector in &connectors {
         let streams: Vec<&str> = connector.spec.streams.keys().map(String::as_str).collect();
@@ -533,7 +571,103 @@ fn check(settings: &Settings) -> anyhow::Result<u8> {
         connectors.len()
     );
     println!("{POOLING_NOTE}");
+    if settings.database_url.is_some() {
+        return check_database(settings, &connectors).await;
+    }
     Ok(EXIT_OK)
+}
+
+/// With a database: how the connection is secured, and which grants (or, with
+/// `ddl = "never"`, which schema changes) are missing. Changes nothing.
+async fn check_database(settings: &Settings, connectors: &[Connector]) -> anyhow::Result<u8> {
+    let url = settings.database_url()?;
+    let target = store::Target::parse(&url)?;
+    let pool = store::connect_with(&url, 1, &settings.database.session("idem check")).await?;
+    let tls = store::session::tls_status(&pool, &target).await?;
+    match (&tls.version, tls.encrypted) {
+        (Some(version), true) => println!(
+            "database {}: TLS {version} ({}), {}",
+            target.describe(),
+            tls.cipher.as_deref().unwrap_or("cipher unknown"),
+            tls.verified
+        ),
+        _ => println!(
+            "database {}: NOT encrypted{}",
+            target.describe(),
+            if target.loopback {
+                " (loopback)"
+            } else {
+                "; records and passwords cross the network readable"
+            }
+        ),
+    }
+    let ddl_allowed = settings.database.ddl == crate::config::DdlMode::Auto;
+    let mut tables = Vec::new();
+    for connector in connectors {
+        for stream in connector.spec.streams.values() {
+            if !tables
+                .iter()
+                .any(|t: &store::table::DestinationTable| t.name == stream.table)
+            {
+                tables.push(store::table::DestinationTable::new(
+                    &stream.table,
+                    &stream.columns,
+                ));
+            }
+        }
+    }
+    let destinations: Vec<store::grants::Destination> = tables
+        .iter()
+        .map(|table| store::grants::Destination { table, ddl_allowed })
+        .collect();
+    let missing = store::grants::missing(&pool, &destinations).await?;
+    pool.close().await;
+    let mode = if ddl_allowed { "auto" } else { "never" };
+    if missing.is_empty() {
+        println!(
+            "grants: all in place for {} destination table(s) with ddl = \"{mode}\"",
+            tables.len()
+        );
+        return Ok(EXIT_OK);
+    }
+    println!("grants: {} missing (ddl = \"{mode}\"):", missing.len());
+    for line in &missing {
+        println!("  {line}");
+    }
+    Ok(EXIT_FAILED)
+}
+
+/// `idem migrate --tables`: brings every destination table to its connector's shape,
+/// with the same lock timeout as a run, whatever `ddl` says.
+async fn migrate_tables(
+    pool: &PgPool,
+    settings: &Settings,
+    connectors: &[Connector],
+) -> anyhow::Result<()> {
+    let policy = store::table::DdlPolicy {
+        allow: true,
+        ..settings.database.ddl_policy()
+    };
+    let mut done: Vec<&str> = Vec::new();
+    for connector in connectors {
+        for stream in connector.spec.streams.values() {
+            if done.contains(&stream.table.as_str()) {
+                continue;
+            }
+            done.push(&stream.table);
+            let table = store::table::DestinationTable::new(&stream.table, &stream.columns)
+                .with_ddl(policy.clone());
+            let statements = table.missing_ddl(pool).await?;
+            table.ensure(pool).await?;
+            if statements.is_empty() {
+                println!("table {}: up to date", stream.table);
+            }
+            for statement in statements {
+                println!("table {}: {statement}", stream.table);
+            }
+        }
+    }
+    Ok(())
 }
 
 fn select<'a>(

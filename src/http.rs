@@ -100,7 +100,12 @@ pub struct VendorClient {
 
 impl VendorClient {
     pub fn new(connector: Connector) -> Arc<Self> {
-        let client = reqwest::Client::builder()
+        // Proxies come from HTTPS_PROXY / HTTP_PROXY / NO_PROXY (reqwest reads them).
+        let mut builder = reqwest::Client::builder();
+        for certificate in &connector.ca_certificates {
+            builder = builder.add_root_certificate(certificate.clone());
+        }
+        let client = builder
             .timeout(connector.spec.http.timeout.0)
             .connect_timeout(connector.spec.http.timeout.0.min(Duration::from_secs(10)))
             .user_agent(concat!("idem/", env!("CARGO_PKG_VERSION")))

@@ -98,6 +98,7 @@ async fn schedule_loop(
     };
     let options = RunOptions {
         stop: Some(shutdown.clone()),
+        ddl: service.settings.database.ddl_policy(),
         ..RunOptions::new(Mode::Regular, false)
     };
     loop {

@@ -2,6 +2,7 @@
 //! fake vendor over HTTP, and the real `idem` binary where a process must die or race.
 
 mod connectors;
+mod database;
 mod edges;
 mod edges_cursors;
 mod helpers;
