@@ -279,7 +279,7 @@ async fn execute(cli: Cli) -> anyhow::Result<u8> {
                 .await
                 .map_err(|err| usage(format!("serve.listen: cannot listen on {address}: {err}")))?;
             println!(
-                "idem serve: {} schedule(s); health http://{addr}/healthz, metrics http://{addr}/metrics",
+                "idem serve: {} schedule(s); health http://{addr}/healthz, metrics http://{addr}/metrics, console http://{addr}/",
                 settings.serve.schedules.len(),
                 addr = listener.local_addr()?
             );

@@ -20,11 +20,13 @@
 //! - [`telemetry`]: the tracing subscriber.
 //! - [`cli`]: the command line; maps outcomes to exit codes.
 //! - [`serve`]: the long-running service: schedules, dispatcher, health and metrics.
+//! - [`console`]: the operator console `idem serve` serves: pages and guarded actions.
 //! - [`fake_vendor`]: an in-project fake vendor (HTTP API + SMTP sink) for tests and the demo.
 
 pub mod cli;
 pub mod config;
 pub mod connector;
+pub mod console;
 pub mod duration;
 pub mod failpoint;
 pub mod fake_vendor;
