@@ -178,6 +178,11 @@ pub async fn main() -> ExitCode {
 
 async fn execute(cli: Cli) -> anyhow::Result<u8> {
     let settings = Settings::load(cli.config.as_deref())?;
+    if let Command::Run { json, .. } | Command::Replay { json, .. } | Command::Notify { json } =
+        &cli.command
+    {
+        crate::progress::enable(*json, cli.log_format == LogFormat::Json);
+    }
     match cli.command {
         Command::Check => check(&settings),
         Command::Migrate => {
@@ -352,7 +357,12 @@ async fn notify(
         transport,
         DispatchSettings::from_config(&settings.notify),
     );
-    Ok(dispatcher.run_once().await?)
+    let bar = crate::progress::NotifyBar::start(pool).await;
+    let report = dispatcher.run_once().await;
+    if let Some(bar) = bar {
+        bar.finish();
+    }
+    Ok(report?)
 }
 
 fn notify_summary(report: &DispatchReport) -> String {
@@ -455,10 +465,17 @@ async fn run_all(
     let mut code = EXIT_OK;
     let mut reports = Vec::new();
     for (connector, stream) in selected {
-        match runner
-            .run(pool, database_url, connector, stream, options)
-            .await
-        {
+        let name = format!("{}.{stream}", connector.spec.source_system);
+        let bar = crate::progress::StreamBar::start(&name);
+        let mut options = options.clone();
+        options.progress = bar.as_ref().map(|(_, sender)| sender.clone());
+        let result = runner
+            .run(pool, database_url, connector, stream, &options)
+            .await;
+        if let Some((bar, _)) = bar {
+            bar.finish();
+        }
+        match result {
             Ok(report) => {
                 let stream_code = match report.status {
                     RunStatus::Succeeded => EXIT_OK,

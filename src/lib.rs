@@ -18,6 +18,7 @@
 //! - [`ledger`]: the notification ledger (transactional outbox) and its dispatcher.
 //! - [`run`]: one stream run, regular or replay: fetch pages, write each page atomically.
 //! - [`telemetry`]: the tracing subscriber.
+//! - [`progress`]: progress bars on the terminal that log lines do not tear.
 //! - [`cli`]: the command line; maps outcomes to exit codes.
 //! - [`serve`]: the long-running service: schedules, dispatcher, health and metrics.
 //! - [`console`]: the operator console `idem serve` serves: pages and guarded actions.
@@ -34,6 +35,7 @@ pub mod http;
 pub mod ledger;
 pub mod normalize;
 pub mod paginate;
+pub mod progress;
 pub mod run;
 pub mod secret;
 pub mod serve;

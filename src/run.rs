@@ -53,6 +53,9 @@ pub struct RunOptions {
     /// When this turns true the run stops after the page it is writing; the next run
     /// resumes after it (graceful shutdown of `idem serve`).
     pub stop: Option<tokio::sync::watch::Receiver<bool>>,
+    /// Receives the run's counters after every committed page (a terminal progress bar
+    /// watches it); `None` costs nothing.
+    pub progress: Option<tokio::sync::watch::Sender<Counters>>,
 }
 
 impl RunOptions {
@@ -61,6 +64,7 @@ impl RunOptions {
             mode,
             dry_run,
             stop: None,
+            progress: None,
         }
     }
 }
@@ -699,6 +703,9 @@ impl<'a> Walk<'a> {
             seen.extend(rows.iter().map(|r| r.source_id.clone()));
         }
         self.counters += counters;
+        if let Some(progress) = &self.options.progress {
+            progress.send_replace(self.counters);
+        }
         tracing::debug!(
             page = page_number,
             fetched,

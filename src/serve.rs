@@ -219,7 +219,10 @@ async fn readyz(State(service): State<Arc<Service>>) -> impl IntoResponse {
             } else {
                 (
                     StatusCode::SERVICE_UNAVAILABLE,
-                    format!("not ready: migrations not applied (run `idem migrate`): {}\n", missing.join(", ")),
+                    format!(
+                        "not ready: migrations not applied (run `idem migrate`): {}\n",
+                        missing.join(", ")
+                    ),
                 )
             }
         }

@@ -35,6 +35,14 @@ use auth::{Gate, Refusal, Session};
 const RUNS_SHOWN: i64 = 20;
 const FAILURES_SHOWN: i64 = 50;
 const LEDGER_SHOWN: i64 = 200;
+const LEDGER_STATUSES: [&str; 6] = [
+    "needs_review",
+    "failed",
+    "pending",
+    "sending",
+    "sent",
+    "cancelled",
+];
 
 /// Why the console could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -173,10 +181,7 @@ fn html_response(status: StatusCode, html: String) -> Response {
 
 /// Headers every console response carries: no framing, no scripts, no caching of pages
 /// that may show customer data, no referrer to other sites.
-async fn security_headers(
-    request: axum::extract::Request,
-    next: middleware::Next,
-) -> Response {
+async fn security_headers(request: axum::extract::Request, next: middleware::Next) -> Response {
     let mut response = next.run(request).await;
     let headers = response.headers_mut();
     for (name, value) in [
@@ -400,8 +405,7 @@ async fn stream_page(
         let checkpoints = views::checkpoints(&console.pool, &source_system, &stream).await?;
         let failures =
             views::failures(&console.pool, &source_system, &stream, FAILURES_SHOWN + 1).await?;
-        let actions =
-            views::recent_actions(&console.pool, &format!("stream:{name}"), 20).await?;
+        let actions = views::recent_actions(&console.pool, &format!("stream:{name}"), 20).await?;
         Ok::<_, crate::store::StoreError>((row, runs, checkpoints, failures, actions))
     }
     .await;
@@ -449,7 +453,12 @@ async fn ledger_page(
     headers: HeaderMap,
 ) -> Response {
     let (_, frame) = console.frame(&headers, "ledger");
-    let nonempty = |v: &Option<String>| v.as_deref().map(str::trim).filter(|s| !s.is_empty()).map(str::to_string);
+    let nonempty = |v: &Option<String>| {
+        v.as_deref()
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+    };
     let (status, stream, key) = (
         nonempty(&filter.status),
         nonempty(&filter.stream),
@@ -464,7 +473,20 @@ async fn ledger_page(
             LEDGER_SHOWN,
         )
         .await?;
-        let statuses = crate::ledger::counts_by_status(&console.pool).await?;
+        let counts = crate::ledger::counts_by_status(&console.pool).await?;
+        // Every status is offered, counted or not, so a filter on an empty one still shows.
+        let mut statuses: Vec<(String, i64)> = LEDGER_STATUSES
+            .iter()
+            .map(|s| {
+                let n = counts.iter().find(|(c, _)| c == s).map_or(0, |(_, n)| *n);
+                (s.to_string(), n)
+            })
+            .collect();
+        for (status, n) in counts {
+            if !LEDGER_STATUSES.contains(&status.as_str()) {
+                statuses.push((status, n));
+            }
+        }
         let actions = views::recent_actions(&console.pool, "ledger:", 20).await?;
         Ok::<_, crate::store::StoreError>((rows, statuses, actions))
     }
@@ -537,8 +559,7 @@ async fn login(
                 Refusal::NotSignedIn => "Wrong admin token, or no name given.",
                 other => other.message(),
             };
-            let mut response =
-                console.render("login.html", context! { error => message, ..frame });
+            let mut response = console.render("login.html", context! { error => message, ..frame });
             *response.status_mut() = StatusCode::UNAUTHORIZED;
             response
         }
@@ -672,7 +693,9 @@ async fn act_on_stream(
                 return Redirect::to(&page).into_response();
             }
             Err(err) => {
-                console.gate.flash(&headers, format!("Not replayed: {err}."));
+                console
+                    .gate
+                    .flash(&headers, format!("Not replayed: {err}."));
                 return Redirect::to(&page).into_response();
             }
         },
@@ -682,9 +705,9 @@ async fn act_on_stream(
         Some(since) => format!("replay of the last {since}"),
     };
     let outcome = match console.start(connector, stream.clone(), mode).await {
-        Ok(StartOutcome::Started) => format!(
-            "started a {what} of {name}; this page shows its progress (reload)"
-        ),
+        Ok(StartOutcome::Started) => {
+            format!("started a {what} of {name}; this page shows its progress (reload)")
+        }
         Ok(StartOutcome::AlreadyRunning(progress)) => format!(
             "not started: {name} is running now ({progress}); nothing was queued. Try again when it has finished."
         ),
@@ -775,11 +798,7 @@ impl Console {
                     warn!(stream = %name, error = %crate::run::error_chain(&err), "console-started run did not start")
                 }
             }
-            console
-                .started
-                .lock()
-                .expect("started lock")
-                .remove(&name);
+            console.started.lock().expect("started lock").remove(&name);
         });
         Ok(StartOutcome::Started)
     }
@@ -813,7 +832,10 @@ async fn resolve(
     if note.is_empty() {
         console.gate.flash(
             &headers,
-            format!("Not resolved: {} needs a note saying how you know.", form.key),
+            format!(
+                "Not resolved: {} needs a note saying how you know.",
+                form.key
+            ),
         );
         return Redirect::to(back).into_response();
     }
@@ -824,7 +846,10 @@ async fn resolve(
         other => {
             console.gate.flash(
                 &headers,
-                format!("Not resolved: '{}' is not sent, retry or cancel.", views::cut(other, 20)),
+                format!(
+                    "Not resolved: '{}' is not sent, retry or cancel.",
+                    views::cut(other, 20)
+                ),
             );
             return Redirect::to(back).into_response();
         }
@@ -849,7 +874,10 @@ async fn resolve(
     console.gate.flash(
         &headers,
         if done {
-            format!("{}: {outcome} (resolved as {} by {}).", form.key, form.resolution, session.operator)
+            format!(
+                "{}: {outcome} (resolved as {} by {}).",
+                form.key, form.resolution, session.operator
+            )
         } else {
             format!("{}: {outcome}", form.key)
         },

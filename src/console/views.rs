@@ -164,7 +164,11 @@ pub async fn runs(
 /// Whether some session holds the stream's lock right now (the same key as
 /// [`crate::store::StreamLock`]). Read from `pg_locks`, never by trying the lock: a probe
 /// that took it for an instant could make a real run give up.
-pub async fn lock_held(pool: &PgPool, source_system: &str, stream: &str) -> Result<bool, StoreError> {
+pub async fn lock_held(
+    pool: &PgPool,
+    source_system: &str,
+    stream: &str,
+) -> Result<bool, StoreError> {
     sqlx::query_scalar(
         "WITH k AS (SELECT hashtextextended($1, 0) AS h)
          SELECT EXISTS (SELECT 1 FROM pg_locks l, k WHERE l.locktype = 'advisory' AND l.granted
@@ -179,12 +183,11 @@ pub async fn lock_held(pool: &PgPool, source_system: &str, stream: &str) -> Resu
 
 /// Counts keyed by `(source_system, stream)`.
 pub async fn failure_counts(pool: &PgPool) -> Result<BTreeMap<(String, String), i64>, StoreError> {
-    let rows: Vec<(String, String, i64)> = sqlx::query_as(
-        "SELECT source_system, stream, count(*) FROM idem_failures GROUP BY 1, 2",
-    )
-    .fetch_all(pool)
-    .await
-    .context(|| "counting failures for the console".into())?;
+    let rows: Vec<(String, String, i64)> =
+        sqlx::query_as("SELECT source_system, stream, count(*) FROM idem_failures GROUP BY 1, 2")
+            .fetch_all(pool)
+            .await
+            .context(|| "counting failures for the console".into())?;
     Ok(rows.into_iter().map(|(a, b, n)| ((a, b), n)).collect())
 }
 
@@ -353,17 +356,14 @@ pub async fn checkpoints(
     stream: &str,
 ) -> Result<Vec<CheckpointView>, StoreError> {
     let now = Utc::now();
-    let rows =
-        crate::store::state::list_checkpoints(pool, Some((source_system, stream))).await?;
+    let rows = crate::store::state::list_checkpoints(pool, Some((source_system, stream))).await?;
     Ok(rows
         .into_iter()
         .map(|cp| CheckpointView {
             scope: cp.scope,
             high_water_mark: cp.high_water_mark.map_or("-".into(), |t| when(t, now)),
             cursor: cp.cursor.map_or("-".into(), |c| cut(&redact_text(&c), 120)),
-            resume: cp
-                .resume
-                .map(|r| pretty_cut(&redact(r), PAYLOAD_SHOWN)),
+            resume: cp.resume.map(|r| pretty_cut(&redact(r), PAYLOAD_SHOWN)),
             updated: when(cp.updated_at, now),
         })
         .collect())
@@ -441,7 +441,19 @@ pub async fn ledger_rows(
     Ok(rows
         .into_iter()
         .map(
-            |(key, stream, status, recipient, subject, _rule, attempts, last_error, provider, created, resolution)| {
+            |(
+                key,
+                stream,
+                status,
+                recipient,
+                subject,
+                _rule,
+                attempts,
+                last_error,
+                provider,
+                created,
+                resolution,
+            )| {
                 LedgerView {
                     resolvable: matches!(status.as_str(), "needs_review" | "failed"),
                     key,
@@ -477,16 +489,22 @@ pub async fn recent_actions(
     limit: i64,
 ) -> Result<Vec<ActionView>, StoreError> {
     let now = Utc::now();
-    let rows: Vec<(DateTime<Utc>, String, String, String, Option<String>, String)> =
-        sqlx::query_as(
-            "SELECT at, operator, action, target, note, outcome FROM idem_console_actions
+    let rows: Vec<(
+        DateTime<Utc>,
+        String,
+        String,
+        String,
+        Option<String>,
+        String,
+    )> = sqlx::query_as(
+        "SELECT at, operator, action, target, note, outcome FROM idem_console_actions
              WHERE starts_with(target, $1) ORDER BY at DESC, id DESC LIMIT $2",
-        )
-        .bind(target_prefix)
-        .bind(limit)
-        .fetch_all(pool)
-        .await
-        .context(|| "reading the console's action log".into())?;
+    )
+    .bind(target_prefix)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+    .context(|| "reading the console's action log".into())?;
     Ok(rows
         .into_iter()
         .map(|(at, operator, action, target, note, outcome)| ActionView {

@@ -76,10 +76,7 @@ impl Served {
         form: &[(&str, &str)],
         origin: Option<&str>,
     ) -> reqwest::Response {
-        let mut request = self
-            .client
-            .post(format!("{}{path}", self.base))
-            .form(form);
+        let mut request = self.client.post(format!("{}{path}", self.base)).form(form);
         if let Some(cookie) = cookie {
             request = request.header("cookie", cookie);
         }
@@ -108,7 +105,10 @@ impl Served {
             .unwrap()
             .to_string();
         assert!(set_cookie.contains("HttpOnly") && set_cookie.contains("SameSite=Strict"));
-        assert!(!set_cookie.contains(TOKEN), "the cookie must not be the token");
+        assert!(
+            !set_cookie.contains(TOKEN),
+            "the cookie must not be the token"
+        );
         let cookie = set_cookie.split(';').next().unwrap().to_string();
         let (_, page) = self.get("/", Some(&cookie)).await;
         let csrf = page
@@ -147,7 +147,10 @@ async fn console_pages_render_from_real_runs() {
     let (status, index) = served.get("/", None).await;
     assert_eq!(status, StatusCode::OK);
     assert!(index.contains("demo_billing.invoices"), "{index}");
-    assert!(index.contains(">partial<"), "last run status shown: {index}");
+    assert!(
+        index.contains(">partial<"),
+        "last run status shown: {index}"
+    );
     assert!(index.contains(">150<"), "records in shown: {index}");
     assert!(index.contains(">149<"), "inserted shown: {index}");
     assert!(
@@ -155,7 +158,10 @@ async fn console_pages_render_from_real_runs() {
         "a stream with failures stands out: {index}"
     );
     assert!(index.contains("read-only"), "{index}");
-    assert!(!index.contains("name=\"csrf\""), "no action forms without a session");
+    assert!(
+        !index.contains("name=\"csrf\""),
+        "no action forms without a session"
+    );
 
     let (status, page) = served.get("/streams/demo_billing/invoices", None).await;
     assert_eq!(status, StatusCode::OK);
@@ -199,7 +205,12 @@ async fn console_actions_require_the_admin_token() {
     let runs = "SELECT count(*) FROM idem_runs";
 
     let anonymous = served
-        .post("/streams/demo_billing/invoices/run", None, &[("csrf", "x")], None)
+        .post(
+            "/streams/demo_billing/invoices/run",
+            None,
+            &[("csrf", "x")],
+            None,
+        )
         .await;
     assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED);
     let wrong = served
@@ -235,7 +246,10 @@ async fn console_actions_require_the_admin_token() {
     let (_, page) = served
         .get("/streams/demo_billing/invoices", Some(&cookie))
         .await;
-    assert!(page.contains("started a run of demo_billing.invoices"), "{page}");
+    assert!(
+        page.contains("started a run of demo_billing.invoices"),
+        "{page}"
+    );
     let logged: (String, String) = sqlx::query_as(
         "SELECT operator, action FROM idem_console_actions WHERE target = 'stream:demo_billing.invoices'",
     )
@@ -346,7 +360,12 @@ async fn console_resolve_changes_the_row_with_who_and_note() {
         .post(
             "/ledger/resolve",
             None,
-            &[("csrf", &csrf), ("key", &key), ("resolution", "sent"), ("note", "x")],
+            &[
+                ("csrf", &csrf),
+                ("key", &key),
+                ("resolution", "sent"),
+                ("note", "x"),
+            ],
             None,
         )
         .await;
@@ -355,12 +374,21 @@ async fn console_resolve_changes_the_row_with_who_and_note() {
         .post(
             "/ledger/resolve",
             Some(&cookie),
-            &[("csrf", &csrf), ("key", &key), ("resolution", "sent"), ("note", "  ")],
+            &[
+                ("csrf", &csrf),
+                ("key", &key),
+                ("resolution", "sent"),
+                ("note", "  "),
+            ],
             None,
         )
         .await;
     assert_eq!(without_note.status(), StatusCode::SEE_OTHER);
-    assert_eq!(status_of(key.clone()).await, "needs_review", "a note is required");
+    assert_eq!(
+        status_of(key.clone()).await,
+        "needs_review",
+        "a note is required"
+    );
 
     let resolved = served
         .post(
@@ -392,7 +420,8 @@ async fn console_resolve_changes_the_row_with_who_and_note() {
         .get(&format!("/ledger?key={key}"), Some(&cookie))
         .await;
     assert!(
-        ledger.contains("resolved by carol at") && ledger.contains("found it in the SMTP sink&#x27;s log"),
+        ledger.contains("resolved by carol at")
+            && ledger.contains("found it in the SMTP sink&#x27;s log"),
         "{ledger}"
     );
     // Resolving again is refused by the ledger (the row is sent) and says so.
@@ -400,7 +429,12 @@ async fn console_resolve_changes_the_row_with_who_and_note() {
         .post(
             "/ledger/resolve",
             Some(&cookie),
-            &[("csrf", &csrf), ("key", &key), ("resolution", "retry"), ("note", "oops")],
+            &[
+                ("csrf", &csrf),
+                ("key", &key),
+                ("resolution", "retry"),
+                ("note", "oops"),
+            ],
             None,
         )
         .await;
