@@ -323,7 +323,7 @@ async fn execute(cli: Cli) -> anyhow::Result<u8> {
         Command::Status { json } => {
             let connectors = settings.load_connectors()?;
             let pool = connect(&settings).await?;
-            status(&pool, &connectors, json).await
+            status(&pool, &connectors, settings.serve.lag_alert, json).await
         }
         Command::Checkpoint { command } => {
             let connectors = settings.load_connectors()?;
@@ -560,7 +560,12 @@ pub fn summary(report: &RunReport) -> String {
     line
 }
 
-async fn status(pool: &PgPool, connectors: &[Connector], json: bool) -> anyhow::Result<u8> {
+async fn status(
+    pool: &PgPool,
+    connectors: &[Connector],
+    lag_alert: HumanDuration,
+    json: bool,
+) -> anyhow::Result<u8> {
     let checkpoints = store::state::list_checkpoints(pool, None).await?;
     let runs = store::state::recent_runs(pool, 5).await?;
     let failures: Vec<(String, String, String, String, i32)> = sqlx::query_as(
@@ -581,53 +586,21 @@ async fn status(pool: &PgPool, connectors: &[Connector], json: bool) -> anyhow::
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(EXIT_OK);
     }
-    println!("Checkpoints");
-    if checkpoints.is_empty() {
-        println!("  (none yet)");
-    }
-    for cp in &checkpoints {
-        let mut line = format!("  {}.{} [{}]", cp.source_system, cp.stream, cp.scope);
-        if let Some(hwm) = cp.high_water_mark {
-            line.push_str(&format!(" high-water mark {}", hwm.to_rfc3339()));
+    let rows = crate::console::overview(pool, connectors, lag_alert, &Default::default()).await?;
+    print!("{}", crate::console::table::render(&rows));
+    if runs.iter().any(|r| r.error.is_some()) {
+        println!("Last errors");
+        for r in runs.iter().filter(|r| r.error.is_some()).take(5) {
+            println!(
+                "  {}.{} {} {} {}: {}",
+                r.source_system,
+                r.stream,
+                r.mode,
+                r.status,
+                r.started_at.to_rfc3339(),
+                r.error.as_deref().unwrap_or_default()
+            );
         }
-        if let Some(cursor) = &cp.cursor {
-            line.push_str(&format!(" cursor {cursor}"));
-        }
-        if cp.resume.is_some() {
-            line.push_str(" (an interrupted walk will resume)");
-        }
-        println!("{line}, updated {}", cp.updated_at.to_rfc3339());
-    }
-    println!("Recent runs");
-    if runs.is_empty() {
-        println!("  (none yet)");
-    }
-    for r in &runs {
-        let window = match (r.window_from, r.window_to) {
-            (None, None) => String::new(),
-            (from, to) => format!(
-                " window [{}, {})",
-                from.map_or("-".into(), |t| t.to_rfc3339()),
-                to.map_or("-".into(), |t| t.to_rfc3339())
-            ),
-        };
-        println!(
-            "  {}.{} {} {} {}{window}: {} fetched, {} inserted, {} updated, {} unchanged, {} failed, {} deleted{}",
-            r.source_system,
-            r.stream,
-            r.mode,
-            r.status,
-            r.started_at.to_rfc3339(),
-            r.fetched,
-            r.inserted,
-            r.updated,
-            r.unchanged,
-            r.failed,
-            r.deleted,
-            r.error
-                .as_ref()
-                .map_or(String::new(), |e| format!("\n    error: {e}"))
-        );
     }
     println!("Record failures: {}", failures.len());
     for (ss, st, key, error, attempts) in failures.iter().take(20) {

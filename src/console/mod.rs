@@ -6,6 +6,7 @@
 //! are redacted and cut, see [`views`]). Templates are minijinja with HTML autoescape.
 
 pub mod auth;
+pub mod table;
 pub mod views;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -242,8 +243,26 @@ async fn index(State(console): State<Arc<Console>>, headers: HeaderMap) -> Respo
 }
 
 async fn stream_rows(console: &Console) -> Result<Vec<views::StreamRow>, crate::store::StoreError> {
+    let next_runs = console.next_runs.lock().expect("next runs lock").clone();
+    overview(
+        &console.pool,
+        &console.connectors,
+        console.lag_alert,
+        &next_runs,
+    )
+    .await
+}
+
+/// One row per configured stream: its last run, mark and lag, next run, failures and
+/// ledger rows, and why it is in trouble, if it is (the console's first page and
+/// `idem status`).
+pub async fn overview(
+    pool: &PgPool,
+    connectors: &[Connector],
+    lag_alert: HumanDuration,
+    next_runs: &HashMap<String, DateTime<Utc>>,
+) -> Result<Vec<views::StreamRow>, crate::store::StoreError> {
     let now = Utc::now();
-    let pool = &console.pool;
     let last: BTreeMap<(String, String), views::RunRecord> = views::runs(pool, None, 1)
         .await?
         .into_iter()
@@ -258,9 +277,14 @@ async fn stream_rows(console: &Console) -> Result<Vec<views::StreamRow>, crate::
             .collect();
     let failures = views::failure_counts(pool).await?;
     let ledger = views::ledger_counts(pool).await?;
-    let next_runs = console.next_runs.lock().expect("next runs lock").clone();
     let mut rows = Vec::new();
-    for (source_system, stream) in console.streams() {
+    let mut streams: Vec<(String, String)> = Vec::new();
+    for connector in connectors {
+        for stream in connector.spec.streams.keys() {
+            streams.push((connector.spec.source_system.clone(), stream.clone()));
+        }
+    }
+    for (source_system, stream) in streams {
         let key = (source_system.clone(), stream.clone());
         let name = format!("{source_system}.{stream}");
         let record = last.get(&key);
@@ -294,22 +318,22 @@ async fn stream_rows(console: &Console) -> Result<Vec<views::StreamRow>, crate::
             Some(cp) => match (&cp.high_water_mark, &cp.cursor) {
                 (Some(hwm), _) => {
                     let lag = now - *hwm;
-                    if lag > console.lag_alert.as_chrono() {
+                    if lag > lag_alert.as_chrono() {
                         trouble.push(format!(
                             "mark {} behind (alert past {})",
                             views::human_span(lag),
-                            console.lag_alert
+                            lag_alert
                         ));
                     }
                     (views::short_time(*hwm), views::human_span(lag))
                 }
                 (None, Some(cursor)) => {
                     let lag = now - cp.updated_at;
-                    if lag > console.lag_alert.as_chrono() {
+                    if lag > lag_alert.as_chrono() {
                         trouble.push(format!(
                             "cursor unchanged for {} (alert past {})",
                             views::human_span(lag),
-                            console.lag_alert
+                            lag_alert
                         ));
                     }
                     (
