@@ -186,7 +186,7 @@ async fn execute(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Check => check(&settings),
         Command::Migrate => {
-            let pool = connect(&settings).await?;
+            let pool = connect_creating(&settings, true).await?;
             store::migrate(&pool).await?;
             println!("migrations applied");
             Ok(EXIT_OK)
@@ -199,7 +199,7 @@ async fn execute(cli: Cli) -> anyhow::Result<u8> {
         } => {
             let connectors = settings.load_connectors()?;
             let selected = select(&connectors, &targets)?;
-            let pool = connect(&settings).await?;
+            let pool = connect_creating(&settings, true).await?;
             let url = settings.database_url()?;
             let transport =
                 AnyTransport::from_settings(&settings.notify).map_err(|e| usage(e.to_string()))?;
@@ -247,7 +247,7 @@ async fn execute(cli: Cli) -> anyhow::Result<u8> {
                     ));
                 }
             };
-            let pool = connect(&settings).await?;
+            let pool = connect_creating(&settings, true).await?;
             let url = settings.database_url()?;
             let transport =
                 AnyTransport::from_settings(&settings.notify).map_err(|e| usage(e.to_string()))?;
@@ -277,7 +277,7 @@ async fn execute(cli: Cli) -> anyhow::Result<u8> {
             }
             let transport =
                 AnyTransport::from_settings(&settings.notify).map_err(|e| usage(e.to_string()))?;
-            let pool = connect(&settings).await?;
+            let pool = connect_creating(&settings, true).await?;
             let url = settings.database_url()?;
             let address = listen.unwrap_or_else(|| settings.serve.listen.clone());
             let listener = tokio::net::TcpListener::bind(&address)
@@ -341,7 +341,16 @@ fn usage(message: String) -> anyhow::Error {
 }
 
 async fn connect(settings: &Settings) -> anyhow::Result<PgPool> {
+    connect_creating(settings, false).await
+}
+
+/// Connects and migrates; with `create`, first creates the database when it does not
+/// exist yet (`idem migrate`, and the first `run`, `replay` or `serve`).
+async fn connect_creating(settings: &Settings, create: bool) -> anyhow::Result<PgPool> {
     let url = settings.database_url()?;
+    if let Some(created) = store::bootstrap::ensure_database(&url, create).await? {
+        eprintln!("created database \"{created}\" (first run)");
+    }
     let pool = store::connect(&url, 4).await?;
     store::migrate(&pool).await?;
     Ok(pool)

@@ -196,6 +196,19 @@ async fn console_pages_render_from_real_runs() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     let (status, ready) = served.get("/readyz", None).await;
     assert_eq!((status, ready.as_str()), (StatusCode::OK, "ready\n"));
+    // A schema behind the binary (a migration missing) is alive but not ready.
+    sqlx::query("DELETE FROM _sqlx_migrations WHERE version = 20261202000001")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let (status, ready) = served.get("/readyz", None).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        ready.contains("console actions") && ready.contains("idem migrate"),
+        "{ready}"
+    );
+    let (status, _) = served.get("/healthz", None).await;
+    assert_eq!(status, StatusCode::OK);
 }
 
 #[tokio::test]

@@ -3,6 +3,7 @@
 
 mod connectors;
 mod console;
+mod first_run;
 mod helpers;
 mod ledger;
 mod replay;
