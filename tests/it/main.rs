@@ -3,6 +3,7 @@
 
 mod connectors;
 mod console;
+mod deploy;
 mod first_run;
 mod helpers;
 mod ledger;
