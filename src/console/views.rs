@@ -488,15 +488,16 @@ pub async fn recent_actions(
     target_prefix: &str,
     limit: i64,
 ) -> Result<Vec<ActionView>, StoreError> {
-    let now = Utc::now();
-    let rows: Vec<(
+    type Row = (
         DateTime<Utc>,
         String,
         String,
         String,
         Option<String>,
         String,
-    )> = sqlx::query_as(
+    );
+    let now = Utc::now();
+    let rows: Vec<Row> = sqlx::query_as(
         "SELECT at, operator, action, target, note, outcome FROM idem_console_actions
              WHERE starts_with(target, $1) ORDER BY at DESC, id DESC LIMIT $2",
     )

@@ -24,9 +24,13 @@ fn connectors() -> Vec<idem::connector::Connector> {
         .iter()
         .map(|f| {
             idem::connector::load_file_with(f, &|name| {
-                Some(if name.ends_with("_URL") { "http://127.0.0.1:1".into() } else { "placeholder".into() })
+                Some(if name.ends_with("_URL") {
+                    "http://127.0.0.1:1".into()
+                } else {
+                    "placeholder".into()
+                })
             })
-                .unwrap_or_else(|e| panic!("{}: {e}", f.display()))
+            .unwrap_or_else(|e| panic!("{}: {e}", f.display()))
         })
         .collect()
 }
@@ -49,9 +53,7 @@ fn check_command(origin: &str, args: &[String], connectors: &[idem::connector::C
 fn documents(path: &Path) -> Vec<Value> {
     let text = std::fs::read_to_string(path).unwrap();
     serde_yaml::Deserializer::from_str(&text)
-        .map(|doc| {
-            Value::deserialize(doc).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        })
+        .map(|doc| Value::deserialize(doc).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
         .collect()
 }
 
@@ -74,15 +76,28 @@ fn deploy_manifests_name_existing_commands_flags_streams_and_endpoints() {
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
         for doc in documents(&path) {
-            let kind = doc["kind"].as_str().expect("every document has a kind").to_string();
+            let kind = doc["kind"]
+                .as_str()
+                .expect("every document has a kind")
+                .to_string();
             if kind == "ConfigMap" {
                 config_toml = doc["data"]["idem.toml"].as_str().map(str::to_string);
             }
             if kind == "CronJob" {
-                assert_eq!(doc["spec"]["concurrencyPolicy"], "Forbid", "{}", path.display());
+                assert_eq!(
+                    doc["spec"]["concurrencyPolicy"],
+                    "Forbid",
+                    "{}",
+                    path.display()
+                );
             }
             if let Some(pod) = pod_spec(&doc) {
-                assert_eq!(pod["securityContext"]["runAsNonRoot"], true, "{}", path.display());
+                assert_eq!(
+                    pod["securityContext"]["runAsNonRoot"],
+                    true,
+                    "{}",
+                    path.display()
+                );
                 for container in pod["containers"].as_sequence().unwrap() {
                     let args: Vec<String> = container["args"]
                         .as_sequence()
@@ -97,7 +112,10 @@ fn deploy_manifests_name_existing_commands_flags_streams_and_endpoints() {
                         path.display()
                     );
                     if kind == "Deployment" {
-                        assert_eq!(args.iter().find(|a| *a == "serve").map(String::as_str), Some("serve"));
+                        assert_eq!(
+                            args.iter().find(|a| *a == "serve").map(String::as_str),
+                            Some("serve")
+                        );
                         assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
                         assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
                     }
@@ -107,14 +125,20 @@ fn deploy_manifests_name_existing_commands_flags_streams_and_endpoints() {
         }
     }
     kinds.sort();
-    assert!(kinds.iter().filter(|k| *k == "CronJob").count() >= 2, "{kinds:?}");
+    assert!(
+        kinds.iter().filter(|k| *k == "CronJob").count() >= 2,
+        "{kinds:?}"
+    );
     for kind in ["ConfigMap", "Deployment", "Secret", "Service"] {
         assert!(kinds.iter().any(|k| k == kind), "no {kind} in {kinds:?}");
     }
     // The ConfigMap's idem.toml is a valid config for those commands.
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("idem.toml"), config_toml.expect("a ConfigMap with idem.toml"))
-        .unwrap();
+    std::fs::write(
+        dir.path().join("idem.toml"),
+        config_toml.expect("a ConfigMap with idem.toml"),
+    )
+    .unwrap();
     std::fs::create_dir(dir.path().join("connectors")).unwrap();
     std::fs::copy(
         root().join("connectors/stripe.toml"),
@@ -123,7 +147,10 @@ fn deploy_manifests_name_existing_commands_flags_streams_and_endpoints() {
     .unwrap();
     let settings = idem::config::Settings::load(Some(&dir.path().join("idem.toml")))
         .expect("the ConfigMap's idem.toml loads");
-    assert_eq!(settings.serve.admin_token.as_deref(), Some("${IDEM_ADMIN_TOKEN}"));
+    assert_eq!(
+        settings.serve.admin_token.as_deref(),
+        Some("${IDEM_ADMIN_TOKEN}")
+    );
 }
 
 #[test]
