@@ -556,7 +556,14 @@ mod tests {
             "amount": 5
         }));
         let text = value.to_string();
-        for secret in ["sk_live_1", "k2", "tok_v4lue", "pw_v4lue", "abc_v4lue", "u:pw"] {
+        for secret in [
+            "sk_live_1",
+            "k2",
+            "tok_v4lue",
+            "pw_v4lue",
+            "abc_v4lue",
+            "u:pw",
+        ] {
             assert!(!text.contains(secret), "{secret} leaked: {text}");
         }
         assert!(text.contains("starting_after=in_9"), "{text}");

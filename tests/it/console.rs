@@ -213,7 +213,7 @@ async fn console_pages_render_from_real_runs() {
 
 #[tokio::test]
 async fn console_actions_require_the_admin_token() {
-    let app = spawn_app_with(40, "[notify]\ntransport = \"log\"\n").await;
+    let app = spawn_app_with(400, "[notify]\ntransport = \"log\"\n").await;
     let served = serve(&app, true).await;
     let runs = "SELECT count(*) FROM idem_runs";
 
@@ -274,6 +274,13 @@ async fn console_actions_require_the_admin_token() {
     // A click while the stream runs (here: a nightly `idem run` in another process) says so
     // and starts nothing.
     let mut nightly = app.spawn_slow_nightly_run().await;
+    // Its run is recorded once it holds the lock (the console's own run is finished).
+    wait_until(
+        &app,
+        "SELECT count(*) FROM idem_runs WHERE status = 'running'",
+        1,
+    )
+    .await;
     let before = app.count(runs).await;
     let clicked = served
         .post(
