@@ -202,6 +202,11 @@ async fn execute(cli: Cli) -> anyhow::Result<u8> {
     for warning in &insecure {
         tracing::warn!("{warning}");
     }
+    if let Command::Run { json, .. } | Command::Replay { json, .. } | Command::Notify { json } =
+        &cli.command
+    {
+        crate::progress::enable(*json, cli.log_format == LogFormat::Json);
+    }
     match cli.command {
         Command::Check => {
             for warning in &insecure {
@@ -215,7 +220,7 @@ async fn execute(cli: Cli) -> anyhow::Result<u8> {
             } else {
                 Vec::new()
             };
-            let pool = connect(&settings).await?;
+            let pool = connect_creating(&settings, true).await?;
             store::migrate(&pool).await?;
             println!("migrations applied");
             migrate_tables(&pool, &settings, &connectors).await?;
@@ -229,7 +234,7 @@ async fn execute(cli: Cli) -> anyhow::Result<u8> {
         } => {
             let connectors = settings.load_connectors()?;
             let selected = select(&connectors, &targets)?;
-            let pool = connect(&settings).await?;
+            let pool = connect_creating(&settings, true).await?;
             let url = settings.database_url()?;
             let transport =
                 AnyTransport::from_settings(&settings.notify).map_err(|e| usage(e.to_string()))?;
@@ -278,7 +283,7 @@ async fn execute(cli: Cli) -> anyhow::Result<u8> {
                     ));
                 }
             };
-            let pool = connect(&settings).await?;
+            let pool = connect_creating(&settings, true).await?;
             let url = settings.database_url()?;
             let transport =
                 AnyTransport::from_settings(&settings.notify).map_err(|e| usage(e.to_string()))?;
@@ -309,14 +314,14 @@ async fn execute(cli: Cli) -> anyhow::Result<u8> {
             }
             let transport =
                 AnyTransport::from_settings(&settings.notify).map_err(|e| usage(e.to_string()))?;
-            let pool = connect(&settings).await?;
+            let pool = connect_creating(&settings, true).await?;
             let url = settings.database_url()?;
             let address = listen.unwrap_or_else(|| settings.serve.listen.clone());
             let listener = tokio::net::TcpListener::bind(&address)
                 .await
                 .map_err(|err| usage(format!("serve.listen: cannot listen on {address}: {err}")))?;
             println!(
-                "idem serve: {} schedule(s); health http://{addr}/healthz, metrics http://{addr}/metrics",
+                "idem serve: {} schedule(s); health http://{addr}/healthz, metrics http://{addr}/metrics, console http://{addr}/",
                 settings.serve.schedules.len(),
                 addr = listener.local_addr()?
             );
@@ -355,7 +360,7 @@ async fn execute(cli: Cli) -> anyhow::Result<u8> {
         Command::Status { json } => {
             let connectors = settings.load_connectors()?;
             let pool = connect(&settings).await?;
-            status(&pool, &connectors, json).await
+            status(&pool, &connectors, settings.serve.lag_alert, json).await
         }
         Command::Checkpoint { command } => {
             let connectors = settings.load_connectors()?;
@@ -397,7 +402,16 @@ fn session_name(command: &Command) -> String {
 }
 
 async fn connect(settings: &Settings) -> anyhow::Result<PgPool> {
+    connect_creating(settings, false).await
+}
+
+/// Connects and migrates; with `create`, first creates the database when it does not
+/// exist yet (`idem migrate`, and the first `run`, `replay` or `serve`).
+async fn connect_creating(settings: &Settings, create: bool) -> anyhow::Result<PgPool> {
     let url = settings.database_url()?;
+    if let Some(created) = store::bootstrap::ensure_database(&url, create).await? {
+        eprintln!("created database \"{created}\" (first run)");
+    }
     let name = SESSION_NAME.get().map_or("idem", String::as_str);
     let pool = store::connect_with(&url, 4, &settings.database.session(name)).await?;
     store::migrate(&pool).await?;
@@ -414,7 +428,12 @@ async fn notify(
         transport,
         DispatchSettings::from_config(&settings.notify),
     );
-    Ok(dispatcher.run_once().await?)
+    let bar = crate::progress::NotifyBar::start(pool).await;
+    let report = dispatcher.run_once().await;
+    if let Some(bar) = bar {
+        bar.finish();
+    }
+    Ok(report?)
 }
 
 fn notify_summary(report: &DispatchReport) -> String {
@@ -688,10 +707,17 @@ async fn run_all(
     let mut code = EXIT_OK;
     let mut reports = Vec::new();
     for (connector, stream) in selected {
-        match runner
-            .run(pool, database_url, connector, stream, options)
-            .await
-        {
+        let name = format!("{}.{stream}", connector.spec.source_system);
+        let bar = crate::progress::StreamBar::start(&name);
+        let mut options = options.clone();
+        options.progress = bar.as_ref().map(|(_, sender)| sender.clone());
+        let result = runner
+            .run(pool, database_url, connector, stream, &options)
+            .await;
+        if let Some((bar, _)) = bar {
+            bar.finish();
+        }
+        match result {
             Ok(report) => {
                 let stream_code = match report.status {
                     RunStatus::Succeeded => EXIT_OK,
@@ -779,7 +805,12 @@ pub fn summary(report: &RunReport) -> String {
     line
 }
 
-async fn status(pool: &PgPool, connectors: &[Connector], json: bool) -> anyhow::Result<u8> {
+async fn status(
+    pool: &PgPool,
+    connectors: &[Connector],
+    lag_alert: HumanDuration,
+    json: bool,
+) -> anyhow::Result<u8> {
     let checkpoints = store::state::list_checkpoints(pool, None).await?;
     let runs = store::state::recent_runs(pool, 5).await?;
     let failures: Vec<(String, String, String, String, i32)> = sqlx::query_as(
@@ -800,54 +831,26 @@ async fn status(pool: &PgPool, connectors: &[Connector], json: bool) -> anyhow::
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(EXIT_OK);
     }
-    println!("Checkpoints");
-    if checkpoints.is_empty() {
-        println!("  (none yet)");
-    }
-    for cp in &checkpoints {
-        let mut line = format!("  {}.{} [{}]", cp.source_system, cp.stream, cp.scope);
-        if let Some(hwm) = cp.high_water_mark {
-            line.push_str(&format!(" high-water mark {}", hwm.to_rfc3339()));
+    let rows = crate::console::overview(pool, connectors, lag_alert, &Default::default()).await?;
+    print!(
+        "{}",
+        crate::redact::for_terminal(&crate::console::table::render(&rows))
+    );
+    if runs.iter().any(|r| r.error.is_some()) {
+        println!("Last errors");
+        for r in runs.iter().filter(|r| r.error.is_some()).take(5) {
+            println!(
+                "  {}.{} {} {} {}: {}",
+                r.source_system,
+                r.stream,
+                r.mode,
+                r.status,
+                r.started_at.to_rfc3339(),
+                crate::redact::for_terminal(&crate::redact::redact(
+                    r.error.as_deref().unwrap_or_default()
+                ))
+            );
         }
-        if let Some(cursor) = &cp.cursor {
-            line.push_str(&format!(" cursor {}", crate::redact::for_terminal(cursor)));
-        }
-        if cp.resume.is_some() {
-            line.push_str(" (an interrupted walk will resume)");
-        }
-        println!("{line}, updated {}", cp.updated_at.to_rfc3339());
-    }
-    println!("Recent runs");
-    if runs.is_empty() {
-        println!("  (none yet)");
-    }
-    for r in &runs {
-        let window = match (r.window_from, r.window_to) {
-            (None, None) => String::new(),
-            (from, to) => format!(
-                " window [{}, {})",
-                from.map_or("-".into(), |t| t.to_rfc3339()),
-                to.map_or("-".into(), |t| t.to_rfc3339())
-            ),
-        };
-        println!(
-            "  {}.{} {} {} {}{window}: {} fetched, {} inserted, {} updated, {} unchanged, {} failed, {} deleted{}",
-            r.source_system,
-            r.stream,
-            r.mode,
-            r.status,
-            r.started_at.to_rfc3339(),
-            r.fetched,
-            r.inserted,
-            r.updated,
-            r.unchanged,
-            r.failed,
-            r.deleted,
-            r.error.as_ref().map_or(String::new(), |e| format!(
-                "\n    error: {}",
-                crate::redact::for_terminal(&crate::redact::redact(e))
-            ))
-        );
     }
     println!("Record failures: {}", failures.len());
     for (ss, st, key, error, attempts) in failures.iter().take(20) {

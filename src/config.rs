@@ -52,6 +52,14 @@ pub struct ServeSettings {
     /// Scheduled runs, e.g. `{ streams = ["stripe.invoices"], every = "1h" }`.
     #[serde(default)]
     pub schedules: Vec<Schedule>,
+    /// The console's admin token, a `${ENV}` or `${file:...}` reference. Without it the
+    /// console is read-only: nobody can run, replay or resolve from the browser.
+    #[serde(default)]
+    pub admin_token: Option<String>,
+    /// A stream whose mark (or cursor) has not moved for longer than this stands out on
+    /// the console (default `"2d"`).
+    #[serde(default = "default_lag_alert")]
+    pub lag_alert: HumanDuration,
 }
 
 impl Default for ServeSettings {
@@ -60,8 +68,14 @@ impl Default for ServeSettings {
             listen: default_listen(),
             notify_every: default_notify_every(),
             schedules: Vec::new(),
+            admin_token: None,
+            lag_alert: default_lag_alert(),
         }
     }
+}
+
+fn default_lag_alert() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(2 * 86_400))
 }
 
 fn default_listen() -> String {

@@ -55,6 +55,9 @@ pub struct RunOptions {
     pub stop: Option<tokio::sync::watch::Receiver<bool>>,
     /// Whether and how destination tables' schema may change (`[database]` settings).
     pub ddl: crate::store::table::DdlPolicy,
+    /// Receives the run's counters after every committed page (a terminal progress bar
+    /// watches it); `None` costs nothing.
+    pub progress: Option<tokio::sync::watch::Sender<Counters>>,
 }
 
 impl RunOptions {
@@ -64,6 +67,7 @@ impl RunOptions {
             dry_run,
             stop: None,
             ddl: Default::default(),
+            progress: None,
         }
     }
 }
@@ -952,6 +956,9 @@ impl<'a> Walk<'a> {
             seen.extend(failures.iter().filter_map(|f| f.source_id.clone()));
         }
         self.counters += counters;
+        if let Some(progress) = &self.options.progress {
+            progress.send_replace(self.counters);
+        }
         tracing::debug!(
             page = page_number,
             fetched,

@@ -35,6 +35,7 @@ struct Service {
     connectors: Vec<Connector>,
     settings: Settings,
     transport: AnyTransport,
+    console: Arc<crate::console::Console>,
 }
 
 /// Runs the service until `shutdown` turns true; returns when every loop has stopped.
@@ -47,12 +48,21 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
+    let console = crate::console::Console::new(
+        &settings,
+        connectors.clone(),
+        pool.clone(),
+        database_url.clone(),
+        shutdown.clone(),
+    )
+    .map_err(|err| std::io::Error::new(std::io::ErrorKind::InvalidInput, err.to_string()))?;
     let service = Arc::new(Service {
         pool,
         database_url,
         connectors,
         settings,
         transport,
+        console: console.clone(),
     });
     let mut tasks = Vec::new();
     for (index, schedule) in service.settings.serve.schedules.iter().enumerate() {
@@ -66,8 +76,10 @@ pub async fn serve(
     tasks.push(tokio::spawn(notify_loop(service.clone(), shutdown.clone())));
     let app = Router::new()
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(service.clone());
+        .with_state(service.clone())
+        .merge(crate::console::router(console));
     let mut server_shutdown = shutdown.clone();
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
@@ -132,6 +144,11 @@ async fn schedule_loop(
             }
         }
         dispatch(&service).await;
+        let next = Utc::now() + schedule.every.as_chrono();
+        for (connector, stream) in &targets {
+            let name = format!("{}.{stream}", connector.spec.source_system);
+            service.console.set_next_run(&name, next);
+        }
         tokio::select! {
             _ = tokio::time::sleep(schedule.every.0) => {}
             _ = shutdown.wait_for(|stop| *stop) => return,
@@ -174,6 +191,42 @@ async fn healthz(State(service): State<Arc<Service>>) -> impl IntoResponse {
             StatusCode::SERVICE_UNAVAILABLE,
             format!("database unreachable: {err}\n"),
         ),
+    }
+}
+
+/// The migrations this binary applies, to compare with what the database has.
+static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Ready when the database answers and every migration this binary knows is applied
+/// (a new binary against an old schema is alive but not ready).
+async fn readyz(State(service): State<Arc<Service>>) -> impl IntoResponse {
+    let applied: Result<Vec<i64>, sqlx::Error> =
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+            .fetch_all(&service.pool)
+            .await;
+    match applied {
+        Err(err) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: database unreachable or not migrated: {err}\n"),
+        ),
+        Ok(applied) => {
+            let missing: Vec<String> = MIGRATIONS
+                .iter()
+                .filter(|m| !applied.contains(&m.version))
+                .map(|m| format!("{} {}", m.version, m.description))
+                .collect();
+            if missing.is_empty() {
+                (StatusCode::OK, "ready\n".to_string())
+            } else {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "not ready: migrations not applied (run `idem migrate`): {}\n",
+                        missing.join(", ")
+                    ),
+                )
+            }
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! Postgres: the pool, migrations, the per-stream lock, and (in submodules) destination
 //! tables, checkpoints, runs and record failures.
 
+pub mod bootstrap;
 pub mod grants;
 pub mod session;
 pub mod state;
