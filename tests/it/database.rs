@@ -230,12 +230,23 @@ async fn check_names_the_missing_grants() {
     for sql in [
         format!("CREATE ROLE {role} LOGIN"),
         format!("GRANT SELECT ON demo_invoices, _sqlx_migrations TO {role}"),
-        format!(
-            "GRANT SELECT, INSERT, UPDATE, DELETE ON idem_runs, idem_checkpoints, idem_failures TO {role}"
-        ),
     ] {
         sqlx::query(&sql).execute(&app.pool).await.unwrap();
     }
+    // Every bookkeeping table but the ledger, whichever tables later migrations add.
+    let bookkeeping: Vec<String> = sqlx::query_scalar(
+        "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' AND tablename LIKE 'idem\\_%' AND tablename <> 'idem_ledger'",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    sqlx::query(&format!(
+        "GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO {role}",
+        bookkeeping.join(", ")
+    ))
+    .execute(&app.pool)
+    .await
+    .unwrap();
     let url = app
         .database_url
         .replacen("postgres@", &format!("{role}@"), 1);
