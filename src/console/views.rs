@@ -169,13 +169,14 @@ pub async fn lock_held(
     source_system: &str,
     stream: &str,
 ) -> Result<bool, StoreError> {
+    // The two-key form shows as classid = key 1, objid = key 2 (as unsigned), objsubid = 2.
     sqlx::query_scalar(
-        "WITH k AS (SELECT hashtextextended($1, 0) AS h)
-         SELECT EXISTS (SELECT 1 FROM pg_locks l, k WHERE l.locktype = 'advisory' AND l.granted
-           AND l.objsubid = 1 AND l.classid::bigint = ((k.h >> 32) & 4294967295)
-           AND l.objid::bigint = (k.h & 4294967295))",
+        "SELECT EXISTS (SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted
+           AND l.objsubid = 2 AND l.classid::bigint = ($1::bigint & 4294967295)
+           AND l.objid::bigint = (hashtext($2)::bigint & 4294967295))",
     )
-    .bind(format!("idem:{source_system}.{stream}"))
+    .bind(crate::store::LOCK_CLASS)
+    .bind(crate::store::lock_key(source_system, stream))
     .fetch_one(pool)
     .await
     .context(|| format!("checking whether {source_system}.{stream} is running"))

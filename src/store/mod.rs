@@ -223,7 +223,8 @@ impl StreamLock {
     }
 }
 
-fn lock_key(source_system: &str, stream: &str) -> String {
+/// The text the stream lock's second key hashes.
+pub fn lock_key(source_system: &str, stream: &str) -> String {
     format!("idem:{source_system}.{stream}")
 }
 

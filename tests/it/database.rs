@@ -247,6 +247,12 @@ async fn check_names_the_missing_grants() {
     .execute(&app.pool)
     .await
     .unwrap();
+    sqlx::query(&format!(
+        "GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}"
+    ))
+    .execute(&app.pool)
+    .await
+    .unwrap();
     let url = app
         .database_url
         .replacen("postgres@", &format!("{role}@"), 1);
@@ -259,6 +265,7 @@ async fn check_names_the_missing_grants() {
     let text = stdout(&check);
     for sql in [
         format!("REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {role}"),
+        format!("REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM {role}"),
         format!("DROP ROLE {role}"),
     ] {
         sqlx::query(&sql).execute(&app.pool).await.unwrap();
@@ -579,6 +586,7 @@ async fn connection_errors_name_the_cause_once() {
         .unwrap()
         .port();
     let cluster = TlsCluster::start(&["127.0.0.1"]);
+    let missing = format!("no_such_db_{}", uuid::Uuid::new_v4().simple());
     let cases = [
         (
             format!("postgres://postgres@127.0.0.1:{closed_port}/billing"),
@@ -597,17 +605,18 @@ async fn connection_errors_name_the_cause_once() {
                 "{}?sslmode=disable",
                 app.database_url.replace(
                     &app.database_url.rsplit('/').next().unwrap().to_string(),
-                    "no_such_db"
+                    &missing
                 )
             ),
-            "database no_such_db".to_string(),
+            format!("database \"{missing}\""),
             "does not exist",
-            "fix the name",
+            "run `idem migrate`",
         ),
     ];
+    // `status`, not `migrate`: migrate would create the missing database.
     for (url, place, cause, hint) in cases {
         let migrate = app
-            .command(&["migrate"])
+            .command(&["status"])
             .env("DATABASE_URL", &url)
             .output()
             .await
