@@ -198,7 +198,10 @@ async fn execute(cli: Cli) -> anyhow::Result<u8> {
             let url = settings.database_url()?;
             let transport =
                 AnyTransport::from_settings(&settings.notify).map_err(|e| usage(e.to_string()))?;
-            let options = RunOptions::new(Mode::Regular, dry_run);
+            let options = RunOptions {
+                batching: settings.import.batching(),
+                ..RunOptions::new(Mode::Regular, dry_run)
+            };
             let code = run_all(&pool, &url, &selected, &options, json).await?;
             if !no_notify && !dry_run {
                 let report = notify(&pool, &settings, &transport).await?;
@@ -246,15 +249,18 @@ async fn execute(cli: Cli) -> anyhow::Result<u8> {
             let url = settings.database_url()?;
             let transport =
                 AnyTransport::from_settings(&settings.notify).map_err(|e| usage(e.to_string()))?;
-            let options = RunOptions::new(
-                Mode::Replay {
-                    from,
-                    to,
-                    label,
-                    restart,
-                },
-                false,
-            );
+            let options = RunOptions {
+                batching: settings.import.batching(),
+                ..RunOptions::new(
+                    Mode::Replay {
+                        from,
+                        to,
+                        label,
+                        restart,
+                    },
+                    false,
+                )
+            };
             let code = run_all(&pool, &url, &selected, &options, json).await?;
             if !no_notify {
                 let report = notify(&pool, &settings, &transport).await?;

@@ -37,3 +37,4 @@ pub mod secret;
 pub mod serve;
 pub mod store;
 pub mod telemetry;
+pub mod writer;

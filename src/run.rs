@@ -15,13 +15,13 @@ use uuid::Uuid;
 use crate::connector::{
     Connector, IncrementalSpec, Page, PageRequest, Source, SourceError, StreamSpec,
 };
-use crate::failpoint::crash_point;
 use crate::http::{HttpSource, VendorClient};
 use crate::ledger;
 use crate::normalize::{Normalizer, RecordFailure, Row};
 use crate::store::state::{self, Checkpoint, Counters, MAIN_SCOPE, Resume};
 use crate::store::table::{Compare, DestinationTable};
 use crate::store::{Context, StoreError, StreamLock};
+use crate::writer::{Batching, PageWork, PageWriter, WriteTarget};
 
 /// Pages fetched ahead of the writer: enough to keep both the network and Postgres busy,
 /// few enough that memory stays flat whatever the stream's size.
@@ -53,6 +53,8 @@ pub struct RunOptions {
     /// When this turns true the run stops after the page it is writing; the next run
     /// resumes after it (graceful shutdown of `idem serve`).
     pub stop: Option<tokio::sync::watch::Receiver<bool>>,
+    /// How pages are grouped into transactions and how many connections write them.
+    pub batching: Batching,
 }
 
 impl RunOptions {
@@ -61,6 +63,7 @@ impl RunOptions {
             mode,
             dry_run,
             stop: None,
+            batching: Batching::default(),
         }
     }
 }
@@ -369,18 +372,41 @@ impl<'a> Walk<'a> {
             .instrument(tracing::Span::current()),
         );
         let mut failure: Option<String> = None;
+        let mut write_failed = false;
         let mut stop = self.options.stop.clone();
-        // Where the time goes: waiting for the vendor, or writing to Postgres.
+        let mut writer = PageWriter::new(self.write_target(), self.options.batching);
+        // Where the time goes: waiting for the vendor, or handing pages to the writer
+        // (which waits only when Postgres is behind).
         let (mut waiting, mut writing) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
         loop {
             let wait_started = Instant::now();
-            let message = match &mut stop {
-                Some(stop) if *stop.borrow() => None,
-                Some(stop) => tokio::select! {
-                    message = pages_rx.recv() => message,
-                    _ = stop.changed() => None,
-                },
-                None => pages_rx.recv().await,
+            let deadline = writer.deadline();
+            let due = async {
+                match deadline {
+                    Some(deadline) => tokio::time::sleep_until(deadline).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let stopping = async {
+                match &mut stop {
+                    Some(stop) => {
+                        if !*stop.borrow() {
+                            let _ = stop.changed().await;
+                        }
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            let message = tokio::select! {
+                biased;
+                _ = stopping => None,
+                message = pages_rx.recv() => message,
+                _ = due => {
+                    // The open transaction is old enough: commit it without waiting for
+                    // the next page.
+                    writer.close_open();
+                    continue;
+                }
             };
             let Some(message) = message else {
                 if stop.as_ref().is_some_and(|s| *s.borrow()) {
@@ -395,10 +421,11 @@ impl<'a> Walk<'a> {
             match message {
                 Ok(fetched) => {
                     let write_started = Instant::now();
-                    let committed = self.commit_page(fetched).await;
+                    let committed = self.commit_page(&mut writer, fetched).await;
                     writing += write_started.elapsed();
                     if let Err(err) = committed {
                         failure = Some(error_chain(&err));
+                        write_failed = true;
                         break;
                     }
                 }
@@ -410,6 +437,21 @@ impl<'a> Walk<'a> {
         }
         drop(pages_rx);
         fetcher.abort();
+        // Pages handed to the writer before a stop or a vendor error are committed; after
+        // a write error nothing more is.
+        let written = if !write_failed {
+            let write_started = Instant::now();
+            let finished = writer.finish().await;
+            writing += write_started.elapsed();
+            finished
+        } else {
+            Ok(())
+        };
+        self.counters += writer.take_committed();
+        drop(writer);
+        if let Err(err) = written {
+            failure.get_or_insert_with(|| error_chain(&err));
+        }
         if failure.is_none() && !self.options.dry_run {
             if let Err(err) = self.complete().await {
                 failure = Some(error_chain(&err));
@@ -584,7 +626,13 @@ impl<'a> Walk<'a> {
         (rows, failures)
     }
 
-    async fn commit_page(&mut self, fetched_page: Fetched) -> Result<(), StoreError> {
+    /// Prepares a page's work (rows, failures, the checkpoint after it) and hands it to
+    /// the writer, which commits it in its transaction.
+    async fn commit_page(
+        &mut self,
+        writer: &mut PageWriter,
+        fetched_page: Fetched,
+    ) -> Result<(), StoreError> {
         let Fetched {
             token,
             page,
@@ -594,41 +642,6 @@ impl<'a> Walk<'a> {
         let fetched = page.records.len() as u64;
         let (rows, failures) = self.normalize(page.records);
         let page_number = self.resume.pages + 1;
-        let compare = match self.options.mode {
-            Mode::Regular => Compare::Hash,
-            Mode::Replay { .. } => Compare::Content,
-        };
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .context(|| "starting a page transaction".into())?;
-        let written = if self.table_exists {
-            self.table
-                .write_page(
-                    &mut tx,
-                    self.source_system,
-                    self.run_id,
-                    &rows,
-                    compare,
-                    self.options.dry_run,
-                )
-                .await?
-        } else {
-            crate::store::table::WriteCounts {
-                inserted: rows.len() as u64,
-                ..Default::default()
-            }
-        };
-        let counters = Counters {
-            pages: 1,
-            fetched,
-            inserted: written.inserted,
-            updated: written.updated,
-            unchanged: written.unchanged,
-            failed: failures.len() as u64,
-            deleted: 0,
-        };
         let max_in_page = rows.iter().filter_map(|r| r.updated_at).max();
         self.resume.max_applied = self.resume.max_applied.max(max_in_page);
         self.resume.pages = page_number;
@@ -642,80 +655,63 @@ impl<'a> Walk<'a> {
         if page.next.is_some() || token.is_some() {
             self.last_token = page.next.clone().or(token);
         }
-        if !self.options.dry_run {
-            state::record_failures(
-                &mut tx,
-                self.source_system,
-                self.stream_name,
-                self.run_id,
-                &failures,
-            )
-            .await?;
-            let resolved: Vec<String> = rows
-                .iter()
-                .filter(|r| self.failing_keys.contains(&r.source_id))
-                .map(|r| r.source_id.clone())
-                .collect();
-            state::clear_failures(&mut tx, self.source_system, self.stream_name, &resolved).await?;
-            state::add_counters(&mut tx, self.run_id, &counters).await?;
-            if written.inserted + written.updated > 0 {
-                let ids: Vec<&str> = rows.iter().map(|r| r.source_id.as_str()).collect();
-                ledger::rules::enqueue(
-                    &mut tx,
-                    self.source_system,
-                    self.stream_name,
-                    self.stream,
-                    Some(&ids),
-                )
-                .await?;
-            }
-            let mut checkpoint = self.checkpoint.clone();
-            if self.sorted() && self.scope == MAIN_SCOPE {
-                checkpoint.high_water_mark =
-                    checkpoint.high_water_mark.max(self.resume.max_applied);
-            }
-            checkpoint.resume = Some(Resume {
-                run_id: self.run_id,
-                ..self.resume.clone()
-            });
-            state::save_checkpoint(
-                &mut tx,
-                self.source_system,
-                self.stream_name,
-                &self.scope,
-                &checkpoint,
-                self.run_id,
-            )
-            .await?;
-            crash_point("page_before_commit", page_number);
-            tx.commit().await.context(|| "committing a page".into())?;
-            crash_point("page_after_commit", page_number);
-            for key in &resolved {
-                self.failing_keys.remove(key);
-            }
-            self.checkpoint = checkpoint;
+        // Removed here rather than after the commit: if that transaction fails, the run
+        // fails and this set is not used again.
+        let resolved: Vec<String> = rows
+            .iter()
+            .filter(|r| self.failing_keys.remove(&r.source_id))
+            .map(|r| r.source_id.clone())
+            .collect();
+        let mut checkpoint = self.checkpoint.clone();
+        if self.sorted() && self.scope == MAIN_SCOPE {
+            checkpoint.high_water_mark = checkpoint.high_water_mark.max(self.resume.max_applied);
         }
+        checkpoint.resume = Some(Resume {
+            run_id: self.run_id,
+            ..self.resume.clone()
+        });
+        self.checkpoint = checkpoint.clone();
         if let Some(seen) = &mut self.seen_ids {
             seen.extend(rows.iter().map(|r| r.source_id.clone()));
         }
-        self.counters += counters;
-        tracing::debug!(
-            page = page_number,
-            fetched,
-            inserted = written.inserted,
-            updated = written.updated,
-            unchanged = written.unchanged,
-            failed = counters.failed,
-            "page committed"
-        );
+        writer
+            .push(PageWork {
+                page_number,
+                rows,
+                failures,
+                resolved,
+                fetched,
+                checkpoint,
+            })
+            .await?;
+        self.counters += writer.take_committed();
+        tracing::debug!(page = page_number, fetched, "page handed to the writer");
         if page_number % 50 == 0 {
             info!(
                 pages = page_number,
-                fetched = self.counters.fetched,
+                committed_records = self.counters.fetched,
                 "progress"
             );
         }
         Ok(())
+    }
+
+    fn write_target(&self) -> WriteTarget {
+        WriteTarget {
+            pool: self.pool.clone(),
+            source_system: self.source_system.to_string(),
+            stream_name: self.stream_name.to_string(),
+            stream: self.stream.clone(),
+            scope: self.scope.clone(),
+            run_id: self.run_id,
+            table: DestinationTable::new(&self.stream.table, &self.stream.columns),
+            table_exists: self.table_exists,
+            compare: match self.options.mode {
+                Mode::Regular => Compare::Hash,
+                Mode::Replay { .. } => Compare::Content,
+            },
+            dry_run: self.options.dry_run,
+        }
     }
 
     /// The walk is complete: clear the resume point, advance the mark or cursor, mark

@@ -98,6 +98,7 @@ async fn schedule_loop(
     };
     let options = RunOptions {
         stop: Some(shutdown.clone()),
+        batching: service.settings.import.batching(),
         ..RunOptions::new(Mode::Regular, false)
     };
     loop {

@@ -1,0 +1,390 @@
+//! The page writer: groups a walk's pages into transactions (up to N records or T
+//! milliseconds each) and commits them strictly in page order over one or more
+//! connections, each transaction carrying the checkpoint of its own last page.
+//!
+//! Why this is safe (invariants 4 and 15): a transaction's bookkeeping (failures, run
+//! counters, ledger rows, checkpoint) is written only after every earlier transaction has
+//! committed, and it commits only then. So the stored checkpoint always names a page whose
+//! data, and all data before it, is committed; a crash loses the open transactions whole
+//! and the next run re-reads their pages (as no-ops where they were unchanged). Only the
+//! destination rows are written concurrently, and never the same row by two open
+//! transactions: a page that shares a record with a still-uncommitted transaction waits
+//! for it first, so two transactions never wait on each other.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use crate::connector::StreamSpec;
+use crate::failpoint::crash_point;
+use crate::ledger;
+use crate::normalize::{RecordFailure, Row};
+use crate::store::state::{self, Checkpoint, Counters};
+use crate::store::table::{Compare, DestinationTable, WriteCounts};
+use crate::store::{Context, StoreError};
+
+/// How pages are grouped into transactions and how many connections write them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batching {
+    /// A transaction is committed once it holds at least this many records (1: one page
+    /// per transaction).
+    pub max_records: usize,
+    /// ...or once its first page is this old, so a slow vendor does not hold work
+    /// uncommitted for long.
+    pub max_wait: Duration,
+    /// Transactions written at the same time (each on its own connection); commits stay
+    /// in page order whatever this is.
+    pub connections: usize,
+}
+
+impl Default for Batching {
+    /// Chosen by measurement (BENCHMARKS.md): 5,000 records make the per-transaction
+    /// bookkeeping and WAL flush negligible; two connections use both of Postgres' cores.
+    fn default() -> Self {
+        Self {
+            max_records: 5_000,
+            max_wait: Duration::from_secs(1),
+            connections: 2,
+        }
+    }
+}
+
+/// What one page brings to its transaction, prepared by the walk.
+pub(crate) struct PageWork {
+    pub page_number: u64,
+    pub rows: Vec<Row>,
+    pub failures: Vec<RecordFailure>,
+    /// Stored failures whose records this page now stores.
+    pub resolved: Vec<String>,
+    pub fetched: u64,
+    /// The checkpoint as it stands once this page is committed.
+    pub checkpoint: Checkpoint,
+}
+
+/// The run's fixed facts every transaction needs.
+pub(crate) struct WriteTarget {
+    pub pool: PgPool,
+    pub source_system: String,
+    pub stream_name: String,
+    pub stream: StreamSpec,
+    pub scope: String,
+    pub run_id: Uuid,
+    pub table: DestinationTable,
+    pub table_exists: bool,
+    pub compare: Compare,
+    pub dry_run: bool,
+}
+
+/// Why a transaction did not commit.
+enum BatchError {
+    Store(StoreError),
+    /// An earlier transaction failed, so this one rolled back (its pages are re-read).
+    EarlierFailed,
+}
+
+impl From<StoreError> for BatchError {
+    fn from(err: StoreError) -> Self {
+        BatchError::Store(err)
+    }
+}
+
+/// A transaction still receiving pages.
+struct OpenBatch {
+    pages: mpsc::Sender<PageWork>,
+    ids: HashSet<String>,
+    records: usize,
+    deadline: Instant,
+    task: JoinHandle<Result<Counters, BatchError>>,
+}
+
+/// A transaction that has all its pages and is waiting for its turn to commit.
+struct Closed {
+    ids: HashSet<String>,
+    task: JoinHandle<Result<Counters, BatchError>>,
+}
+
+/// Feeds pages into page-ordered transactions; see the module doc.
+pub(crate) struct PageWriter {
+    target: Arc<WriteTarget>,
+    batching: Batching,
+    open: Option<OpenBatch>,
+    closed: VecDeque<Closed>,
+    /// Tells the next transaction that the last one opened has committed.
+    last_committed: Option<oneshot::Receiver<()>>,
+    /// Counters of committed transactions not yet taken by the walk.
+    committed: Counters,
+}
+
+impl PageWriter {
+    pub fn new(target: WriteTarget, batching: Batching) -> Self {
+        Self {
+            target: Arc::new(target),
+            batching: Batching {
+                max_records: batching.max_records.max(1),
+                connections: batching.connections.max(1),
+                ..batching
+            },
+            open: None,
+            closed: VecDeque::new(),
+            last_committed: None,
+            committed: Counters::default(),
+        }
+    }
+
+    /// When the open transaction must be committed even if no page arrives.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.open.as_ref().map(|open| open.deadline)
+    }
+
+    /// Counters of the transactions committed since the last call.
+    pub fn take_committed(&mut self) -> Counters {
+        std::mem::take(&mut self.committed)
+    }
+
+    /// Adds a page to the open transaction (opening one if needed); commits it once full.
+    pub async fn push(&mut self, work: PageWork) -> Result<(), StoreError> {
+        if self.open.is_none() {
+            // Each transaction in flight holds a connection.
+            while self.closed.len() + 1 > self.batching.connections {
+                self.commit_oldest().await?;
+            }
+        }
+        // A record still uncommitted in an earlier transaction: wait for it, so that no
+        // two open transactions ever hold locks on the same row.
+        if self
+            .closed
+            .iter()
+            .any(|c| work.rows.iter().any(|r| c.ids.contains(&r.source_id)))
+        {
+            if let Some(open) = self.open.take() {
+                self.close(open);
+            }
+            while !self.closed.is_empty() {
+                self.commit_oldest().await?;
+            }
+        }
+        if self.open.is_none() {
+            self.open = Some(self.start());
+        }
+        let open = self.open.as_mut().expect("opened above");
+        open.records += work.rows.len() + work.failures.len();
+        open.ids.extend(work.rows.iter().map(|r| r.source_id.clone()));
+        if open.pages.send(work).await.is_err() {
+            // The transaction's task ended early: it failed on a page.
+            let open = self.open.take().expect("open");
+            return Err(self.fail(open.task).await);
+        }
+        if self.open.as_ref().expect("open").records >= self.batching.max_records {
+            self.close_open();
+        }
+        Ok(())
+    }
+
+    /// Commits the open transaction now (its time is up, or the walk is stopping).
+    pub fn close_open(&mut self) {
+        if let Some(open) = self.open.take() {
+            self.close(open);
+        }
+    }
+
+    /// Commits everything pushed, in order.
+    pub async fn finish(&mut self) -> Result<(), StoreError> {
+        self.close_open();
+        while !self.closed.is_empty() {
+            self.commit_oldest().await?;
+        }
+        Ok(())
+    }
+
+    fn close(&mut self, open: OpenBatch) {
+        drop(open.pages);
+        self.closed.push_back(Closed {
+            ids: open.ids,
+            task: open.task,
+        });
+    }
+
+    async fn commit_oldest(&mut self) -> Result<(), StoreError> {
+        let Some(oldest) = self.closed.pop_front() else {
+            return Ok(());
+        };
+        match oldest.task.await {
+            Ok(Ok(counters)) => {
+                self.committed += counters;
+                Ok(())
+            }
+            Ok(Err(BatchError::Store(err))) => {
+                self.abort_rest();
+                Err(err)
+            }
+            Ok(Err(BatchError::EarlierFailed)) | Err(_) => {
+                self.abort_rest();
+                Err(StoreError::Query {
+                    context: "a page transaction stopped unexpectedly".into(),
+                    source: sqlx::Error::WorkerCrashed,
+                })
+            }
+        }
+    }
+
+    async fn fail(&mut self, task: JoinHandle<Result<Counters, BatchError>>) -> StoreError {
+        self.abort_rest();
+        match task.await {
+            Ok(Err(BatchError::Store(err))) => err,
+            _ => {
+                // The error is an earlier transaction's: report that one.
+                StoreError::Query {
+                    context: "a page transaction stopped unexpectedly".into(),
+                    source: sqlx::Error::WorkerCrashed,
+                }
+            }
+        }
+    }
+
+    /// Rolls back every transaction not committed yet (dropping a transaction rolls it
+    /// back); none of them can have committed, as each waits for the one that failed.
+    fn abort_rest(&mut self) {
+        if let Some(open) = self.open.take() {
+            open.task.abort();
+        }
+        for closed in self.closed.drain(..) {
+            closed.task.abort();
+        }
+    }
+
+    fn start(&mut self) -> OpenBatch {
+        let (pages_tx, pages_rx) = mpsc::channel(2);
+        let (committed_tx, committed_rx) = oneshot::channel();
+        let after = self.last_committed.replace(committed_rx);
+        let task = tokio::spawn(write_transaction(
+            self.target.clone(),
+            pages_rx,
+            after,
+            committed_tx,
+        ));
+        OpenBatch {
+            pages: pages_tx,
+            ids: HashSet::new(),
+            records: 0,
+            deadline: Instant::now() + self.batching.max_wait,
+            task,
+        }
+    }
+}
+
+impl Drop for PageWriter {
+    fn drop(&mut self) {
+        // A walk that ends on an error leaves nothing half-done running behind it.
+        self.abort_rest();
+    }
+}
+
+/// One transaction: writes its pages' rows as they come, then, once every earlier
+/// transaction has committed, its bookkeeping and checkpoint, and commits.
+async fn write_transaction(
+    target: Arc<WriteTarget>,
+    mut pages: mpsc::Receiver<PageWork>,
+    after: Option<oneshot::Receiver<()>>,
+    committed: oneshot::Sender<()>,
+) -> Result<Counters, BatchError> {
+    let t = &*target;
+    let mut tx = t
+        .pool
+        .begin()
+        .await
+        .context(|| "starting a page transaction".into())?;
+    let mut counters = Counters::default();
+    let mut failures: Vec<RecordFailure> = Vec::new();
+    let mut resolved: Vec<String> = Vec::new();
+    let mut written_ids: Vec<String> = Vec::new();
+    let mut last: Option<(u64, Checkpoint)> = None;
+    while let Some(work) = pages.recv().await {
+        let written = if t.table_exists {
+            t.table
+                .write_page(
+                    &mut tx,
+                    &t.source_system,
+                    t.run_id,
+                    &work.rows,
+                    t.compare,
+                    t.dry_run,
+                )
+                .await?
+        } else {
+            WriteCounts {
+                inserted: work.rows.len() as u64,
+                ..WriteCounts::default()
+            }
+        };
+        counters += Counters {
+            pages: 1,
+            fetched: work.fetched,
+            inserted: written.inserted,
+            updated: written.updated,
+            unchanged: written.unchanged,
+            failed: work.failures.len() as u64,
+            deleted: 0,
+        };
+        if written.inserted + written.updated > 0 {
+            written_ids.extend(work.rows.into_iter().map(|r| r.source_id));
+        }
+        failures.extend(work.failures);
+        resolved.extend(work.resolved);
+        // A kill here loses this transaction's pages, and only them.
+        crash_point("page_written", work.page_number);
+        last = Some((work.page_number, work.checkpoint));
+    }
+    if t.dry_run {
+        return Ok(counters);
+    }
+    if let Some(after) = after {
+        if after.await.is_err() {
+            return Err(BatchError::EarlierFailed);
+        }
+    }
+    let Some((page_number, checkpoint)) = last else {
+        let _ = committed.send(());
+        return Ok(counters);
+    };
+    state::record_failures(
+        &mut tx,
+        &t.source_system,
+        &t.stream_name,
+        t.run_id,
+        &failures,
+    )
+    .await?;
+    state::clear_failures(&mut tx, &t.source_system, &t.stream_name, &resolved).await?;
+    state::add_counters(&mut tx, t.run_id, &counters).await?;
+    if !written_ids.is_empty() {
+        let ids: Vec<&str> = written_ids.iter().map(String::as_str).collect();
+        ledger::rules::enqueue(
+            &mut tx,
+            &t.source_system,
+            &t.stream_name,
+            &t.stream,
+            Some(&ids),
+        )
+        .await?;
+    }
+    state::save_checkpoint(
+        &mut tx,
+        &t.source_system,
+        &t.stream_name,
+        &t.scope,
+        &checkpoint,
+        t.run_id,
+    )
+    .await?;
+    crash_point("page_before_commit", page_number);
+    tx.commit().await.context(|| "committing a page".into())?;
+    crash_point("page_after_commit", page_number);
+    let _ = committed.send(());
+    Ok(counters)
+}
