@@ -7,3 +7,4 @@ mod ledger;
 mod replay;
 mod serve;
 mod sync_core;
+mod throughput;
