@@ -31,16 +31,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let (db, vendor, bearer) = (&args[1], &args[2], &args[3]);
     let max: usize = args.get(4).map_or(Ok(usize::MAX), |n| n.parse())?;
+    let started = Instant::now();
     let records = fetch_all(vendor, bearer, max).await?;
-    eprintln!("raw_limits: {} invoices read from the vendor", records.len());
+    let seconds = started.elapsed().as_secs_f64();
+    // The vendor's serving rate (with a plain JSON client): it must not be idem's limit.
+    println!("vendor read_1conn {:.0}", records.len() as f64 / seconds);
 
     for connections in [1usize, 2] {
-        let seconds = timed(db, "raw_upsert", connections, &records, upsert_slice).await?;
+        let seconds = timed(db, "raw_upsert", connections, &records, Method::Upsert).await?;
         println!(
             "limit upsert_{connections}conn {:.0}",
             records.len() as f64 / seconds
         );
-        let seconds = timed(db, "raw_copy", connections, &records, copy_slice).await?;
+        let seconds = timed(db, "raw_copy", connections, &records, Method::Copy).await?;
         println!(
             "limit copy_{connections}conn {:.0}",
             records.len() as f64 / seconds
@@ -99,17 +102,31 @@ async fn fetch_all(
 
 /// Creates `table` fresh (idem's shape), then times `write` over the rows split into
 /// `connections` interleaved shares, each on its own connection.
-async fn timed<F, Fut>(
+#[derive(Clone, Copy)]
+enum Method {
+    Upsert,
+    Copy,
+}
+
+async fn write_share(
+    method: Method,
+    conn: PgConnection,
+    table: &'static str,
+    rows: Vec<&Rec>,
+) -> Result<(), sqlx::Error> {
+    match method {
+        Method::Upsert => upsert_slice(conn, table, rows).await,
+        Method::Copy => copy_slice(conn, table, rows).await,
+    }
+}
+
+async fn timed(
     db: &str,
     table: &'static str,
     connections: usize,
     records: &[Rec],
-    write: F,
-) -> Result<f64, Box<dyn std::error::Error>>
-where
-    F: Fn(PgConnection, &'static str, Vec<&Rec>) -> Fut + Copy,
-    Fut: std::future::Future<Output = Result<(), sqlx::Error>>,
-{
+    method: Method,
+) -> Result<f64, Box<dyn std::error::Error>> {
     let mut conn = PgConnection::connect(db).await?;
     sqlx::query(&format!("DROP TABLE IF EXISTS {table}"))
         .execute(&mut conn)
@@ -140,7 +157,7 @@ where
         conns
             .into_iter()
             .zip(shares)
-            .map(|(c, share)| write(c, table, share))
+            .map(|(c, share)| write_share(method, c, table, share))
             .collect(),
     )
     .await;
