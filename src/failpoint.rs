@@ -3,6 +3,9 @@
 //!
 //! Points: `page_before_commit`, `page_after_commit` (n = page number of the run),
 //! `notify_after_send` (n = message number of the dispatcher).
+//!
+//! `IDEM_PANIC_AT=<point>:<n>` panics there instead (a bug in a task, not a power cut).
+//! Points: `fetch_page` (n = page number the fetcher task is about to fetch).
 
 use std::sync::OnceLock;
 
@@ -22,6 +25,22 @@ pub fn crash_point(point: &str, n: u64) {
             unsafe {
                 libc::kill(libc::getpid(), libc::SIGKILL);
             }
+        }
+    }
+}
+
+static PANIC_TARGET: OnceLock<Option<(String, u64)>> = OnceLock::new();
+
+/// Panics here if `IDEM_PANIC_AT` asks for it.
+pub fn panic_point(point: &str, n: u64) {
+    let target = PANIC_TARGET.get_or_init(|| {
+        let value = std::env::var("IDEM_PANIC_AT").ok()?;
+        let (name, count) = value.rsplit_once(':')?;
+        Some((name.to_string(), count.parse().ok()?))
+    });
+    if let Some((name, count)) = target {
+        if name == point && *count == n {
+            panic!("IDEM_PANIC_AT: panicking at {point}:{n}");
         }
     }
 }

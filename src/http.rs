@@ -492,7 +492,8 @@ impl Source for HttpSource {
             url: shown.clone(),
             reason,
         };
-        let json: Value = serde_json::from_slice(&fetched.body).map_err(|err| {
+        // A lone surrogate or an out-of-range number fails its record, not the page.
+        let json: Value = crate::values::parse_body(&fetched.body).map_err(|err| {
             malformed(format!(
                 "the body is not JSON ({err}): {}",
                 truncate(&String::from_utf8_lossy(&fetched.body))

@@ -18,6 +18,7 @@
 //! - [`ledger`]: the notification ledger (transactional outbox) and its dispatcher.
 //! - [`run`]: one stream run, regular or replay: fetch pages, write each page atomically.
 //! - [`telemetry`]: the tracing subscriber.
+//! - [`values`]: what Postgres refuses in valid JSON (NUL, lone surrogates, ranges), per record.
 //! - [`cli`]: the command line; maps outcomes to exit codes.
 //! - [`serve`]: the long-running service: schedules, dispatcher, health and metrics.
 //! - [`fake_vendor`]: an in-project fake vendor (HTTP API + SMTP sink) for tests and the demo.
@@ -37,4 +38,5 @@ pub mod secret;
 pub mod serve;
 pub mod store;
 pub mod telemetry;
+pub mod values;
 pub mod writer;

@@ -7,6 +7,7 @@ use chrono::{DateTime, NaiveDate, NaiveDateTime, TimeZone, Utc};
 use serde_json::Value;
 
 use crate::connector::{ColumnSpec, ColumnType, StreamSpec, TimeFormat};
+use crate::values;
 
 /// A record ready to upsert. Typed values are text that Postgres casts without error
 /// (checked here), so one statement can carry every row of a page.
@@ -31,6 +32,10 @@ pub struct RecordFailure {
     pub payload: Value,
     pub error: String,
 }
+
+/// The longest id a row may have: `UNIQUE (source_system, source_id)` is a btree index,
+/// whose entries Postgres caps at 2704 bytes.
+const MAX_ID_BYTES: usize = 2000;
 
 /// Normalizes the records of one stream.
 pub struct Normalizer {
@@ -72,17 +77,24 @@ impl Normalizer {
     pub fn normalize(&self, record: Value) -> Result<Row, RecordFailure> {
         let data = serde_json::to_string(&record).expect("a JSON value serializes");
         let fail = |source_id: Option<String>, record: Value, error: String| {
-            let record_key = source_id.clone().unwrap_or_else(|| {
-                format!(
-                    "no-id:{}",
-                    hex(&xxhash_rust::xxh3::xxh3_128(data.as_bytes()).to_be_bytes()[..8])
-                )
-            });
+            // What goes into idem_failures must itself be storable: no NUL in the key, the
+            // error or the payload.
+            let payload_hash =
+                || hex(&xxhash_rust::xxh3::xxh3_128(data.as_bytes()).to_be_bytes()[..8]);
+            let source_id = source_id.map(|id| values::sanitize_text(&id));
+            let record_key = match &source_id {
+                None => format!("no-id:{}", payload_hash()),
+                // The key is in idem_failures' primary key, which has the same size limit.
+                Some(id) if id.len() > MAX_ID_BYTES => {
+                    format!("long-id:{}…{}", values::cut(id, 100), payload_hash())
+                }
+                Some(id) => id.clone(),
+            };
             RecordFailure {
                 record_key,
                 source_id,
-                payload: record,
-                error,
+                payload: values::storable_payload(record),
+                error: values::sanitize_text(&error),
             }
         };
         let source_id = match record.pointer(&self.id) {
@@ -93,6 +105,17 @@ impl Normalizer {
                 return Err(fail(None, record, error));
             }
         };
+        if source_id.len() > MAX_ID_BYTES {
+            let error = format!(
+                "the id is {} bytes long; Postgres cannot index ids longer than {MAX_ID_BYTES} bytes",
+                source_id.len()
+            );
+            return Err(fail(Some(source_id), record, error));
+        }
+        if let Some(why) = values::refused_value(&record, &data) {
+            let error = format!("the record holds {why}");
+            return Err(fail(Some(source_id), record, error));
+        }
         let updated_at = match &self.updated_at {
             None => None,
             Some((pointer, format)) => match record.pointer(pointer) {
@@ -137,12 +160,40 @@ impl Normalizer {
     }
 }
 
+/// A value as an error message quotes it: short, cut on a character boundary.
+fn shown(value: &Value) -> String {
+    let text = value.to_string();
+    match values::cut(&text, 80) {
+        short if short.len() < text.len() => format!("{short}…"),
+        _ => text,
+    }
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Reads a point in time written in `format`.
+/// Reads a point in time written in `format`, refusing years outside
+/// [`values::YEARS`] (milliseconds in a seconds field land in year ~58,000: storing that, or
+/// letting it move a high-water mark, would stall the stream).
 pub fn parse_time(value: &Value, format: &TimeFormat) -> Result<DateTime<Utc>, String> {
+    let time = parse_time_unchecked(value, format)?;
+    let year = chrono::Datelike::year(&time);
+    if !values::YEARS.contains(&year) {
+        let hint = if *format == TimeFormat::UnixSeconds && year > 9999 {
+            " (milliseconds in a unix_seconds field?)"
+        } else {
+            ""
+        };
+        return Err(format!(
+            "{} is in year {year}, outside 1..=9999{hint}",
+            values::cut(&value.to_string(), 80)
+        ));
+    }
+    Ok(time)
+}
+
+fn parse_time_unchecked(value: &Value, format: &TimeFormat) -> Result<DateTime<Utc>, String> {
     let as_integer = || -> Result<i64, String> {
         match value {
             Value::Number(n) => n
@@ -152,8 +203,8 @@ pub fn parse_time(value: &Value, format: &TimeFormat) -> Result<DateTime<Utc>, S
             Value::String(s) => s
                 .trim()
                 .parse()
-                .map_err(|_| format!("'{s}' is not an integer")),
-            other => Err(format!("expected a number, found {other}")),
+                .map_err(|_| format!("'{}' is not an integer", values::cut(s, 80))),
+            other => Err(format!("expected a number, found {}", shown(other))),
         }
     };
     let out_of_range = || "timestamp out of range".to_string();
@@ -169,15 +220,15 @@ pub fn parse_time(value: &Value, format: &TimeFormat) -> Result<DateTime<Utc>, S
         TimeFormat::Rfc3339 => {
             let text = value
                 .as_str()
-                .ok_or_else(|| format!("expected an RFC 3339 string, found {value}"))?;
+                .ok_or_else(|| format!("expected an RFC 3339 string, found {}", shown(value)))?;
             DateTime::parse_from_rfc3339(text)
                 .map(|t| t.with_timezone(&Utc))
-                .map_err(|err| format!("'{text}' is not RFC 3339: {err}"))
+                .map_err(|err| format!("'{}' is not RFC 3339: {err}", values::cut(text, 80)))
         }
         TimeFormat::Custom(pattern) => {
             let text = value
                 .as_str()
-                .ok_or_else(|| format!("expected a string, found {value}"))?;
+                .ok_or_else(|| format!("expected a string, found {}", shown(value)))?;
             if let Ok(time) = DateTime::parse_from_str(text, pattern) {
                 return Ok(time.with_timezone(&Utc));
             }
@@ -187,7 +238,12 @@ pub fn parse_time(value: &Value, format: &TimeFormat) -> Result<DateTime<Utc>, S
                     NaiveDate::parse_from_str(text, pattern)
                         .map(|d| d.and_hms_opt(0, 0, 0).expect("midnight").and_utc())
                 })
-                .map_err(|err| format!("'{text}' does not match '{pattern}': {err}"))
+                .map_err(|err| {
+                    format!(
+                        "'{}' does not match '{pattern}': {err}",
+                        values::cut(text, 80)
+                    )
+                })
         }
     }
 }
@@ -212,8 +268,8 @@ fn typed_value(value: Option<&Value>, column: &ColumnSpec) -> Result<Option<Stri
                 Value::String(s) => s
                     .trim()
                     .parse()
-                    .map_err(|_| format!("'{s}' is not a whole number"))?,
-                other => return Err(format!("expected a whole number, found {other}")),
+                    .map_err(|_| format!("'{}' is not a whole number", values::cut(s, 80)))?,
+                other => return Err(format!("expected a whole number, found {}", shown(other))),
             };
             if column.column_type == ColumnType::Integer && i32::try_from(parsed).is_err() {
                 return Err(format!("{parsed} does not fit in integer"));
@@ -221,31 +277,27 @@ fn typed_value(value: Option<&Value>, column: &ColumnSpec) -> Result<Option<Stri
             Ok(Some(parsed.to_string()))
         }
         ColumnType::Numeric | ColumnType::Double => {
-            let raw = text();
-            let number: f64 = raw
-                .trim()
-                .parse()
-                .map_err(|_| format!("'{raw}' is not a number"))?;
-            if !number.is_finite() && column.column_type == ColumnType::Numeric {
-                return Err(format!("'{raw}' is not a finite number"));
+            if !matches!(value, Value::String(_) | Value::Number(_)) {
+                return Err(format!(
+                    "expected a number, found {}",
+                    values::cut(&value.to_string(), 80)
+                ));
             }
-            if matches!(value, Value::String(_) | Value::Number(_)) {
-                Ok(Some(raw.trim().to_string()))
+            let raw = text();
+            if column.column_type == ColumnType::Numeric {
+                values::numeric_text(&raw).map(Some)
             } else {
-                Err(format!("expected a number, found {value}"))
+                values::double_text(&raw).map(Some)
             }
         }
         ColumnType::Boolean => match value {
             Value::Bool(b) => Ok(Some(b.to_string())),
             Value::String(s) if matches!(s.as_str(), "true" | "false") => Ok(Some(s.clone())),
-            other => Err(format!("expected true or false, found {other}")),
+            other => Err(format!("expected true or false, found {}", shown(other))),
         },
         ColumnType::Timestamptz | ColumnType::Date => {
             let format = column.format.clone().unwrap_or_default();
             let time = parse_time(value, &format)?;
-            if !(-4713..=294_276).contains(&chrono::Datelike::year(&time)) {
-                return Err("timestamp out of Postgres' range".into());
-            }
             Ok(Some(if column.column_type == ColumnType::Date {
                 time.date_naive().to_string()
             } else {

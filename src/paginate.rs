@@ -106,7 +106,7 @@ fn describe(value: Option<&Value>) -> String {
         Some(value) => {
             let text = value.to_string();
             if text.len() > 40 {
-                format!("{}…", &text[..40])
+                format!("{}…", crate::values::cut(&text, 40))
             } else {
                 text
             }

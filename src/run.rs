@@ -180,7 +180,10 @@ pub async fn run_stream<S: Source + 'static>(
                     })?,
             )
         };
+        let same_table = streams_sharing_table(connector, stream);
         let result = Walk::prepare(pool, &source_system, stream_name, stream, options)
+            .await?
+            .sharing_table_with(same_table)
             .await?
             .execute(source)
             .await;
@@ -191,6 +194,18 @@ pub async fn run_stream<S: Source + 'static>(
     }
     .instrument(span)
     .await
+}
+
+/// The streams of `connector` that write `stream`'s table (itself included): a record is
+/// one row whichever of them stores it, so a failure of one is cleared by any of them.
+fn streams_sharing_table(connector: &Connector, stream: &StreamSpec) -> Vec<String> {
+    connector
+        .spec
+        .streams
+        .iter()
+        .filter(|(_, other)| other.table == stream.table)
+        .map(|(name, _)| name.clone())
+        .collect()
 }
 
 /// One walk's fixed inputs and running state.
@@ -210,7 +225,10 @@ struct Walk<'a> {
     run_id: Uuid,
     /// Records outside a replay's window are skipped when the vendor cannot filter.
     filter_window: Option<(DateTime<Utc>, DateTime<Utc>)>,
+    /// Source ids with a stored failure in any stream writing this table.
     failing_keys: HashSet<String>,
+    /// The streams writing this table (see [`streams_sharing_table`]).
+    same_table: Vec<String>,
     counters: Counters,
     skipped_outside_window: u64,
     seen_ids: Option<Vec<String>>,
@@ -315,15 +333,6 @@ impl<'a> Walk<'a> {
         if resumed {
             info!(page_token = ?resume.next_page, pages_done = resume.pages, "resuming an interrupted walk after its last committed page");
         }
-        let failing_keys = if options.dry_run {
-            HashSet::new()
-        } else {
-            state::failures_of(pool, source_system, stream_name)
-                .await?
-                .into_iter()
-                .map(|f| f.record_key)
-                .collect()
-        };
         let seen_ids = matches!(
             stream.incremental,
             IncrementalSpec::Full { mark_deleted: true }
@@ -345,7 +354,8 @@ impl<'a> Walk<'a> {
             resumed,
             run_id,
             filter_window,
-            failing_keys,
+            failing_keys: HashSet::new(),
+            same_table: vec![stream_name.to_string()],
             counters: Counters::default(),
             skipped_outside_window: 0,
             seen_ids,
@@ -353,13 +363,25 @@ impl<'a> Walk<'a> {
         })
     }
 
+    /// Records which streams write this walk's table, and which of their records have a
+    /// stored failure: storing such a record clears its failure, whichever stream failed it.
+    async fn sharing_table_with(mut self, streams: Vec<String>) -> Result<Walk<'a>, RunError> {
+        if !self.options.dry_run {
+            self.failing_keys = state::failing_source_ids(self.pool, self.source_system, &streams)
+                .await?
+                .into_iter()
+                .collect();
+        }
+        self.same_table = streams;
+        Ok(self)
+    }
+
     async fn execute<S: Source + 'static>(mut self, source: S) -> Result<RunReport, RunError> {
         let started = Instant::now();
         if !self.options.dry_run && self.options.mode == Mode::Regular {
             self.retry_stored_failures().await?;
         }
-        let (pages_tx, mut pages_rx) =
-            mpsc::channel::<Result<Fetched, SourceError>>(PAGES_IN_FLIGHT);
+        let (pages_tx, mut pages_rx) = mpsc::channel::<FetcherMessage>(PAGES_IN_FLIGHT);
         let fetcher = tokio::spawn(
             fetch_pages(
                 source,
@@ -373,6 +395,9 @@ impl<'a> Walk<'a> {
         );
         let mut failure: Option<String> = None;
         let mut write_failed = false;
+        // Only the fetcher's own word ends a walk: a channel that closes without it (the
+        // task panicked or was cancelled) is a failed walk, never a complete one.
+        let mut walk_complete = false;
         let mut stop = self.options.stop.clone();
         let mut writer = PageWriter::new(self.write_target(), self.options.batching);
         // Where the time goes: waiting for the vendor, or handing pages to the writer
@@ -417,6 +442,13 @@ impl<'a> Walk<'a> {
                 }
                 break;
             };
+            let message = match message {
+                FetcherMessage::Page(page) => page,
+                FetcherMessage::Done => {
+                    walk_complete = true;
+                    break;
+                }
+            };
             waiting += wait_started.elapsed();
             match message {
                 Ok(fetched) => {
@@ -436,7 +468,6 @@ impl<'a> Walk<'a> {
             }
         }
         drop(pages_rx);
-        fetcher.abort();
         // Pages handed to the writer before a stop or a vendor error are committed; after
         // a write error nothing more is.
         let written = if !write_failed {
@@ -451,6 +482,24 @@ impl<'a> Walk<'a> {
         drop(writer);
         if let Err(err) = written {
             failure.get_or_insert_with(|| error_chain(&err));
+        }
+        if failure.is_none() && !walk_complete {
+            failure = Some(match fetcher.await {
+                Err(err) if err.is_panic() => {
+                    let panic = err.into_panic();
+                    let reason = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "no message".into());
+                    format!(
+                        "the page fetcher panicked ({reason}); the walk is incomplete and the next run resumes after the last committed page"
+                    )
+                }
+                _ => "the page fetcher stopped before the last page; the walk is incomplete".into(),
+            });
+        } else {
+            fetcher.abort();
         }
         if failure.is_none() && !self.options.dry_run {
             if let Err(err) = self.complete().await {
@@ -565,8 +614,12 @@ impl<'a> Walk<'a> {
                 false,
             )
             .await?;
+        // The stored row may be newer than the retried payload (another stream stored the
+        // record since): the upsert's version guard keeps it, and the failure is cleared
+        // all the same, since the record is stored.
         let keys: Vec<String> = rows.iter().map(|r| r.source_id.clone()).collect();
-        state::clear_failures(&mut tx, self.source_system, self.stream_name, &keys).await?;
+        state::clear_failures_of_records(&mut tx, self.source_system, &self.same_table, &keys)
+            .await?;
         let counters = Counters {
             inserted: written.inserted,
             updated: written.updated,
@@ -588,12 +641,18 @@ impl<'a> Walk<'a> {
         Ok(())
     }
 
+    /// Normalizes a page and merges the copies of one record inside it: the newest wins
+    /// (the larger `updated_at`, else the later one), so a record is one row or one failure,
+    /// and one statement never touches a row twice.
     fn normalize(&mut self, records: Vec<Value>) -> (Vec<Row>, Vec<RecordFailure>) {
-        let mut rows: Vec<Row> = Vec::with_capacity(records.len());
-        let mut failures = Vec::new();
+        enum Copy {
+            Row(Row),
+            Failed(RecordFailure),
+        }
+        let mut merged: Vec<Copy> = Vec::with_capacity(records.len());
         let mut position: HashMap<String, usize> = HashMap::new();
         for record in records {
-            match self.normalizer.normalize(record) {
+            let copy = match self.normalizer.normalize(record) {
                 Ok(row) => {
                     if let (Some((from, to)), Some(updated)) = (self.filter_window, row.updated_at)
                     {
@@ -602,17 +661,38 @@ impl<'a> Walk<'a> {
                             continue;
                         }
                     }
-                    // A record twice in one page: the later copy wins, and one statement
-                    // never touches a row twice.
-                    match position.get(&row.source_id) {
-                        Some(&index) => rows[index] = row,
-                        None => {
-                            position.insert(row.source_id.clone(), rows.len());
-                            rows.push(row);
+                    Copy::Row(row)
+                }
+                Err(failure) => Copy::Failed(failure),
+            };
+            let key = match &copy {
+                Copy::Row(row) => row.source_id.clone(),
+                Copy::Failed(failure) => failure.record_key.clone(),
+            };
+            match position.get(&key) {
+                Some(&index) => {
+                    let keep_earlier = match (&merged[index], &copy) {
+                        (Copy::Row(earlier), Copy::Row(later)) => {
+                            earlier.updated_at > later.updated_at
                         }
+                        _ => false,
+                    };
+                    if !keep_earlier {
+                        merged[index] = copy;
                     }
                 }
-                Err(failure) => {
+                None => {
+                    position.insert(key, merged.len());
+                    merged.push(copy);
+                }
+            }
+        }
+        let mut rows = Vec::with_capacity(merged.len());
+        let mut failures = Vec::new();
+        for copy in merged {
+            match copy {
+                Copy::Row(row) => rows.push(row),
+                Copy::Failed(failure) => {
                     let _span = info_span!(
                         "record",
                         source_id = failure.source_id.as_deref().unwrap_or("")
@@ -672,7 +752,9 @@ impl<'a> Walk<'a> {
         });
         self.checkpoint = checkpoint.clone();
         if let Some(seen) = &mut self.seen_ids {
+            // A record that failed was seen all the same: it is not deleted at the vendor.
             seen.extend(rows.iter().map(|r| r.source_id.clone()));
+            seen.extend(failures.iter().filter_map(|f| f.source_id.clone()));
         }
         writer
             .push(PageWork {
@@ -701,6 +783,7 @@ impl<'a> Walk<'a> {
             pool: self.pool.clone(),
             source_system: self.source_system.to_string(),
             stream_name: self.stream_name.to_string(),
+            same_table: self.same_table.clone(),
             stream: self.stream.clone(),
             scope: self.scope.clone(),
             run_id: self.run_id,
@@ -810,15 +893,18 @@ async fn fetch_pages<S: Source>(
     query_cap: Option<u64>,
     mut results_in_query: u64,
     updated: Option<(String, crate::connector::TimeFormat)>,
-    pages: mpsc::Sender<Result<Fetched, SourceError>>,
+    pages: mpsc::Sender<FetcherMessage>,
 ) {
     let mut max_updated: Option<DateTime<Utc>> = None;
+    let mut page_number = 0;
     loop {
+        page_number += 1;
+        crate::failpoint::panic_point("fetch_page", page_number);
         let result = source.fetch_page(&request).await;
         let page = match result {
             Ok(page) => page,
             Err(err) => {
-                let _ = pages.send(Err(err)).await;
+                let _ = pages.send(FetcherMessage::Page(Err(err))).await;
                 return;
             }
         };
@@ -851,14 +937,24 @@ async fn fetch_pages<S: Source>(
             next: next.clone(),
             results_in_query,
         };
-        if pages.send(Ok(fetched)).await.is_err() {
+        if pages.send(FetcherMessage::Page(Ok(fetched))).await.is_err() {
             return;
         }
         match next {
             Some(next) => request = next,
-            None => return,
+            None => {
+                let _ = pages.send(FetcherMessage::Done).await;
+                return;
+            }
         }
     }
+}
+
+/// What the fetcher hands the writer: a page (or the error that ended the walk), then
+/// `Done` once the last page has been handed on.
+enum FetcherMessage {
+    Page(Result<Fetched, SourceError>),
+    Done,
 }
 
 /// One fetched page, with the request that fetches the page after it.

@@ -72,6 +72,8 @@ pub(crate) struct WriteTarget {
     pub pool: PgPool,
     pub source_system: String,
     pub stream_name: String,
+    /// The streams writing this table: a stored record clears its failure in any of them.
+    pub same_table: Vec<String>,
     pub stream: StreamSpec,
     pub scope: String,
     pub run_id: Uuid,
@@ -360,7 +362,7 @@ async fn write_transaction(
         &failures,
     )
     .await?;
-    state::clear_failures(&mut tx, &t.source_system, &t.stream_name, &resolved).await?;
+    state::clear_failures_of_records(&mut tx, &t.source_system, &t.same_table, &resolved).await?;
     state::add_counters(&mut tx, t.run_id, &counters).await?;
     if !written_ids.is_empty() {
         let ids: Vec<&str> = written_ids.iter().map(String::as_str).collect();

@@ -225,7 +225,18 @@ impl<'de> Deserialize<'de> for TimeFormat {
             "unix_seconds" => TimeFormat::UnixSeconds,
             "unix_millis" => TimeFormat::UnixMillis,
             "rfc3339" => TimeFormat::Rfc3339,
-            custom if custom.contains('%') => TimeFormat::Custom(custom.to_string()),
+            custom if custom.contains('%') => {
+                // chrono panics when formatting with a bad pattern: refuse it here, when the
+                // connector is checked, not on the first window bound a run writes.
+                let bad = chrono::format::StrftimeItems::new(custom)
+                    .any(|item| matches!(item, chrono::format::Item::Error));
+                if bad {
+                    return Err(serde::de::Error::custom(format!(
+                        "'{custom}' is not a valid chrono time format (see https://docs.rs/chrono/latest/chrono/format/strftime/)"
+                    )));
+                }
+                TimeFormat::Custom(custom.to_string())
+            }
             other => {
                 return Err(serde::de::Error::custom(format!(
                     "unknown time format '{other}': expected unix_seconds, unix_millis, rfc3339 or a chrono format like \"%Y-%m-%d %H:%M:%S\""

@@ -333,6 +333,15 @@ impl FakeVendor {
         self.lock().emails.clone()
     }
 
+    /// Replaces `from` by `to` in the raw text of every later response body (control
+    /// endpoints excluded): e.g. a placeholder string by `\ud800`, a lone surrogate escape
+    /// that serde_json refuses and no `Value` can hold.
+    pub fn rewrite_bodies(&self, from: &str, to: &str) {
+        self.lock()
+            .body_rewrites
+            .push((from.to_owned(), to.to_owned()));
+    }
+
     /// Serves `sink`'s messages at `GET /_fake/mailbox`.
     pub fn attach_mailbox(&self, sink: &SmtpSink) {
         self.lock().mailbox = Some(sink.store());

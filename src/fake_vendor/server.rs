@@ -71,6 +71,8 @@ pub(crate) struct State {
     /// Idempotency key → (payload, message id).
     pub(crate) email_keys: HashMap<String, (Value, String)>,
     pub(crate) mailbox: Option<Arc<Mutex<Vec<ReceivedMail>>>>,
+    /// Text replacements applied to every response body (see `FakeVendor::rewrite_bodies`).
+    pub(crate) body_rewrites: Vec<(String, String)>,
 }
 
 impl State {
@@ -86,6 +88,7 @@ impl State {
             emails: Vec::new(),
             email_keys: HashMap::new(),
             mailbox: None,
+            body_rewrites: Vec::new(),
         }
     }
 
@@ -242,11 +245,30 @@ async fn serve(
         }
     }
     let resp = next.run(req).await;
-    match fault {
+    let resp = match fault {
         Some(FaultKind::MalformedJson) => malformed(resp).await,
         Some(FaultKind::WrongShape) => wrong_shape(resp).await,
         _ => resp,
+    };
+    let rewrites = lock(st).body_rewrites.clone();
+    if rewrites.is_empty() {
+        resp
+    } else {
+        rewrite_body(resp, &rewrites).await
     }
+}
+
+/// Applies raw text replacements to a body: how a test serves JSON that no `Value` can
+/// hold (a lone surrogate escape, a number beyond f64).
+async fn rewrite_body(resp: Response, rewrites: &[(String, String)]) -> Response {
+    let (mut parts, body) = resp.into_parts();
+    let bytes = to_bytes(body, usize::MAX).await.unwrap_or_default();
+    let mut text = String::from_utf8_lossy(&bytes).into_owned();
+    for (from, to) in rewrites {
+        text = text.replace(from.as_str(), to);
+    }
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, axum::body::Body::from(text))
 }
 
 fn status_fault(code: u16, retry_after: Option<&str>, body: Option<String>) -> Response {

@@ -20,6 +20,10 @@ pub enum StoreError {
     },
     #[error("applying migrations failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error(
+        "table {table} does not match its connector, so no page was written: {changes} (or change the connector back)"
+    )]
+    SchemaDrift { table: String, changes: String },
     #[error("{context}: {source}")]
     Query {
         context: String,

@@ -261,10 +261,12 @@ pub async fn finish_run(
     status: &str,
     error: Option<&str>,
 ) -> Result<(), StoreError> {
+    // The error may quote a vendor's body: a NUL in it would make the run's end
+    // unrecordable, leaving it `running`.
     sqlx::query("UPDATE idem_runs SET status = $2, error = $3, finished_at = now() WHERE id = $1")
         .bind(run_id)
         .bind(status)
-        .bind(error)
+        .bind(error.map(crate::values::sanitize_text))
         .execute(pool)
         .await
         .context(|| format!("recording the end of run {run_id}"))?;
@@ -383,4 +385,45 @@ pub async fn failures_of(
     .fetch_all(pool)
     .await
     .context(|| format!("reading failures of {source_system}.{stream}"))
+}
+
+/// Source ids with a stored failure in any of `streams` (the streams writing one table).
+pub async fn failing_source_ids(
+    pool: &PgPool,
+    source_system: &str,
+    streams: &[String],
+) -> Result<Vec<String>, StoreError> {
+    sqlx::query_scalar(
+        "SELECT DISTINCT source_id FROM idem_failures
+         WHERE source_system = $1 AND stream = ANY($2) AND source_id IS NOT NULL",
+    )
+    .bind(source_system)
+    .bind(streams)
+    .fetch_all(pool)
+    .await
+    .context(|| format!("reading failed records of {source_system}"))
+}
+
+/// Removes the failures of records now stored, by record identity: `streams` are all the
+/// streams writing the record's table, so a failure is superseded whichever stream (or
+/// run) stores the record later.
+pub async fn clear_failures_of_records(
+    connection: &mut PgConnection,
+    source_system: &str,
+    streams: &[String],
+    source_ids: &[String],
+) -> Result<u64, StoreError> {
+    if source_ids.is_empty() {
+        return Ok(0);
+    }
+    let done = sqlx::query(
+        "DELETE FROM idem_failures WHERE source_system = $1 AND stream = ANY($2) AND source_id = ANY($3)",
+    )
+    .bind(source_system)
+    .bind(streams)
+    .bind(source_ids)
+    .execute(connection)
+    .await
+    .context(|| format!("clearing resolved failures of {source_system}"))?;
+    Ok(done.rows_affected())
 }

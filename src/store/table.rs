@@ -68,12 +68,15 @@ impl DestinationTable {
              ON CONFLICT (source_system, source_id) DO UPDATE SET
                source_updated_at = EXCLUDED.source_updated_at, data = EXCLUDED.data,
                content_hash = EXCLUDED.content_hash, last_run_id = EXCLUDED.last_run_id,
-               last_changed_at = now(), deleted_at = NULL{updates}",
+               last_changed_at = now(), deleted_at = NULL{updates}
+             WHERE {table}.source_updated_at IS NULL OR EXCLUDED.source_updated_at IS NULL
+                OR EXCLUDED.source_updated_at >= {table}.source_updated_at",
             upsert_args = args_from(7)
         );
         let classify_hash_sql = format!(
-            "SELECT t.source_id, t.content_hash = u.hash AND t.deleted_at IS NULL AS same
-             FROM UNNEST($2::text[], $3::bytea[]) AS u(source_id, hash)
+            "SELECT t.source_id, t.content_hash = u.hash AND t.deleted_at IS NULL AS same,
+                    t.source_updated_at > u.updated_at AS stored_is_newer
+             FROM UNNEST($2::text[], $3::bytea[], $4::timestamptz[]) AS u(source_id, hash, updated_at)
              JOIN {table} t ON t.source_system = $1 AND t.source_id = u.source_id"
         );
         let same_columns: String = columns
@@ -88,10 +91,11 @@ impl DestinationTable {
             })
             .collect();
         let classify_content_sql = format!(
-            "SELECT t.source_id, t.content_hash = u.hash AND t.deleted_at IS NULL AND t.data = u.data::jsonb{same_columns} AS same
-             FROM UNNEST($2::text[], $3::bytea[], $4::text[]{content_args}) AS u(source_id, hash, data{column_aliases})
+            "SELECT t.source_id, t.content_hash = u.hash AND t.deleted_at IS NULL AND t.data = u.data::jsonb{same_columns} AS same,
+                    t.source_updated_at > u.updated_at AS stored_is_newer
+             FROM UNNEST($2::text[], $3::bytea[], $4::timestamptz[], $5::text[]{content_args}) AS u(source_id, hash, updated_at, data{column_aliases})
              JOIN {table} t ON t.source_system = $1 AND t.source_id = u.source_id",
-            content_args = args_from(5)
+            content_args = args_from(6)
         );
         Self {
             name: name.to_string(),
@@ -143,7 +147,54 @@ impl DestinationTable {
                 .await
                 .context(|| format!("creating or evolving table {}", self.name))?;
         }
-        Ok(())
+        self.check_column_types(pool).await
+    }
+
+    /// Compares the typed columns' types in Postgres with the connector's. `ADD COLUMN IF
+    /// NOT EXISTS` leaves a column whose declared type changed as it was, and every later
+    /// upsert would fail (or cast silently): the run stops first and says how to migrate.
+    /// idem does not run the ALTER itself: it rewrites the table under an exclusive lock,
+    /// and whether the old values convert is the user's call.
+    pub async fn check_column_types(&self, pool: &PgPool) -> Result<(), StoreError> {
+        let names: Vec<&str> = self.columns.iter().map(|c| c.name.as_str()).collect();
+        let declared: Vec<&str> = self.columns.iter().map(|c| c.column_type.sql()).collect();
+        let drift: Vec<(String, String, String)> = sqlx::query_as(
+            "SELECT c.name, format_type(a.atttypid, a.atttypmod), c.declared::regtype::text
+             FROM unnest($2::text[], $3::text[]) WITH ORDINALITY AS c(name, declared, n)
+             JOIN pg_attribute a ON a.attrelid = to_regclass($1) AND a.attname = c.name
+                                 AND a.attnum > 0 AND NOT a.attisdropped
+             WHERE a.atttypid <> c.declared::regtype
+             ORDER BY c.n",
+        )
+        .bind(quote(&self.name))
+        .bind(&names)
+        .bind(&declared)
+        .fetch_all(pool)
+        .await
+        .context(|| {
+            format!(
+                "comparing the columns of table {} with the connector",
+                self.name
+            )
+        })?;
+        if drift.is_empty() {
+            return Ok(());
+        }
+        let table = quote(&self.name);
+        let changes = drift
+            .iter()
+            .map(|(column, stored, wanted)| {
+                let column_sql = quote(column);
+                format!(
+                    "column {column} is {stored} in Postgres but the connector declares {wanted}; to migrate: ALTER TABLE {table} ALTER COLUMN {column_sql} TYPE {wanted} USING {column_sql}::{wanted};"
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" ");
+        Err(StoreError::SchemaDrift {
+            table: self.name.clone(),
+            changes,
+        })
     }
 
     /// Upserts one page's rows (already de-duplicated by source id): one statement to
@@ -163,17 +214,21 @@ impl DestinationTable {
         }
         let ids: Vec<&str> = rows.iter().map(|r| r.source_id.as_str()).collect();
         let hashes: Vec<&[u8]> = rows.iter().map(|r| r.hash.as_slice()).collect();
+        let versions: Vec<Option<chrono::DateTime<chrono::Utc>>> =
+            rows.iter().map(|r| r.updated_at).collect();
         let existing: HashMap<String, bool> = match compare {
             Compare::Hash => sqlx::query(&self.classify_hash_sql)
                 .bind(source_system)
                 .bind(&ids)
-                .bind(&hashes),
+                .bind(&hashes)
+                .bind(&versions),
             Compare::Content => {
                 let data: Vec<&str> = rows.iter().map(|r| r.data.as_str()).collect();
                 let mut query = sqlx::query(&self.classify_content_sql)
                     .bind(source_system)
                     .bind(&ids)
                     .bind(&hashes)
+                    .bind(&versions)
                     .bind(data);
                 for index in 0..self.columns.len() {
                     query = query.bind(
@@ -190,10 +245,12 @@ impl DestinationTable {
         .context(|| format!("comparing a page with table {}", self.name))?
         .into_iter()
         .map(|row| {
-            (
-                row.get::<String, _>(0),
-                row.get::<Option<bool>, _>(1).unwrap_or(false),
-            )
+            // An older version than the stored one is not written: to the caller it is
+            // unchanged (the table already holds something newer). Skipping it here keeps
+            // the row unlocked; the upsert's WHERE guards against a concurrent writer.
+            let same = row.get::<Option<bool>, _>(1).unwrap_or(false);
+            let stored_is_newer = row.get::<Option<bool>, _>(2).unwrap_or(false);
+            (row.get::<String, _>(0), same || stored_is_newer)
         })
         .collect();
 

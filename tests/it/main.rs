@@ -2,6 +2,7 @@
 //! fake vendor over HTTP, and the real `idem` binary where a process must die or race.
 
 mod connectors;
+mod edges;
 mod helpers;
 mod ledger;
 mod replay;
