@@ -27,6 +27,9 @@ pub const EXIT_CONFIG: u8 = 2;
 pub const EXIT_PARTIAL: u8 = 3;
 pub const EXIT_LOCKED: u8 = 75;
 
+/// What `idem check` says about connection poolers (it cannot tell from here).
+pub const POOLING_NOTE: &str = "note: one run per stream relies on a Postgres session advisory lock: DATABASE_URL must reach Postgres directly or through a session-mode pool, not a transaction-pooling proxy (PgBouncer pool_mode=transaction), where the lock can stay held by a pooled server connection or be taken twice. Writes stay fenced either way: a run commits only while it owns the stream.";
+
 /// idem imports records from vendor APIs into Postgres; every job is safe to run twice.
 #[derive(Debug, Parser)]
 #[command(name = "idem", version, about)]
@@ -329,7 +332,8 @@ async fn execute(cli: Cli) -> anyhow::Result<u8> {
         Command::Checkpoint { command } => {
             let connectors = settings.load_connectors()?;
             let pool = connect(&settings).await?;
-            checkpoint(&pool, &connectors, command).await
+            let url = settings.database_url()?;
+            checkpoint(&pool, &url, &connectors, command).await
         }
     }
 }
@@ -440,6 +444,7 @@ fn check(settings: &Settings) -> anyhow::Result<u8> {
         "{} connector file(s) valid; notify and serve settings valid",
         connectors.len()
     );
+    println!("{POOLING_NOTE}");
     Ok(EXIT_OK)
 }
 
@@ -636,6 +641,7 @@ async fn status(pool: &PgPool, connectors: &[Connector], json: bool) -> anyhow::
 
 async fn checkpoint(
     pool: &PgPool,
+    database_url: &str,
     connectors: &[Connector],
     command: CheckpointCommand,
 ) -> anyhow::Result<u8> {
@@ -680,7 +686,12 @@ async fn checkpoint(
                 println!("nothing changed");
                 return Ok(EXIT_OK);
             }
-            store::state::overwrite_checkpoint(pool, &ss, &st, None).await?;
+            let Some(lock) = store::StreamLock::try_acquire(database_url, &ss, &st).await? else {
+                return Ok(checkpoint_locked(&ss, &st));
+            };
+            let done = store::state::overwrite_checkpoint(pool, &ss, &st, None).await;
+            lock.release().await;
+            done?;
             println!("{ss}.{st}: checkpoint reset");
             Ok(EXIT_OK)
         }
@@ -689,7 +700,13 @@ async fn checkpoint(
             high_water_mark,
         } => {
             let (ss, st) = one(&target)?;
-            store::state::overwrite_checkpoint(pool, &ss, &st, Some(high_water_mark)).await?;
+            let Some(lock) = store::StreamLock::try_acquire(database_url, &ss, &st).await? else {
+                return Ok(checkpoint_locked(&ss, &st));
+            };
+            let done =
+                store::state::overwrite_checkpoint(pool, &ss, &st, Some(high_water_mark)).await;
+            lock.release().await;
+            done?;
             println!(
                 "{ss}.{st}: high-water mark set to {}",
                 high_water_mark.to_rfc3339()
@@ -697,6 +714,15 @@ async fn checkpoint(
             Ok(EXIT_OK)
         }
     }
+}
+
+/// A run holds the stream: changing its checkpoint now would be overwritten by the run's
+/// next page (or would move the ground under it), so nothing is changed.
+fn checkpoint_locked(source_system: &str, stream: &str) -> u8 {
+    eprintln!(
+        "error: a run of {source_system}.{stream} is in progress (it holds the stream's lock); the checkpoint was not changed, try again when it ends"
+    );
+    EXIT_LOCKED
 }
 
 fn confirm(question: &str) -> anyhow::Result<bool> {

@@ -414,11 +414,26 @@ impl HttpSource {
         }
         match (&self.stream.pagination, &request.token) {
             (
-                PaginationSpec::BodyCursor { param, .. }
-                | PaginationSpec::LastRecord { param, .. }
-                | PaginationSpec::FirstRecord { param, .. },
+                PaginationSpec::BodyCursor { param, .. } | PaginationSpec::LastRecord { param, .. },
                 Some(token),
             ) => params.push((param.clone(), Value::String(token.clone()))),
+            (
+                PaginationSpec::FirstRecord {
+                    param,
+                    backward_param,
+                    ..
+                },
+                Some(token),
+            ) => match paginate::FeedToken::parse(token) {
+                paginate::FeedToken::Newer(cursor) => {
+                    params.push((param.clone(), Value::String(cursor.to_string())))
+                }
+                paginate::FeedToken::Older(cursor) | paginate::FeedToken::Oldest(cursor) => {
+                    if let (Some(back), false) = (backward_param, cursor.is_empty()) {
+                        params.push((back.clone(), Value::String(cursor.to_string())));
+                    }
+                }
+            },
             (PaginationSpec::PageNumber { param, start, .. }, token) => params.push((
                 param.clone(),
                 Value::String(token.clone().unwrap_or_else(|| start.to_string())),
@@ -530,6 +545,34 @@ impl Source for HttpSource {
             },
         )
         .map_err(malformed)?;
+        // Walking back to find a feed's oldest page: the next token is the oldest record's.
+        let next = match (
+            request.token.as_deref().map(paginate::FeedToken::parse),
+            &self.stream.pagination,
+        ) {
+            (Some(paginate::FeedToken::Older(_)), PaginationSpec::FirstRecord { field, .. }) => {
+                let pointer = field.as_deref().unwrap_or(&self.stream.id);
+                match records.last() {
+                    None => None,
+                    Some(oldest) => Some(
+                        oldest
+                            .pointer(pointer)
+                            .and_then(|v| {
+                                v.as_str()
+                                    .map(str::to_string)
+                                    .or_else(|| v.as_i64().map(|n| n.to_string()))
+                            })
+                            .map(|id| format!("{}{id}", paginate::FEED_OLDER))
+                            .ok_or_else(|| {
+                                malformed(format!(
+                                    "the oldest record has no cursor value at '{pointer}'"
+                                ))
+                            })?,
+                    ),
+                }
+            }
+            _ => next,
+        };
         if let Some(token) = &next {
             if request.token.as_deref() == Some(token) || !self.seen_tokens.insert(token.clone()) {
                 return Err(SourceError::RepeatedCursor {
@@ -553,7 +596,17 @@ impl Source for HttpSource {
                 }
             }
         }
-        Ok(Page { records, next })
+        let vendor_time = fetched
+            .headers
+            .get(reqwest::header::DATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| chrono::DateTime::parse_from_rfc2822(v).ok())
+            .map(|t| t.with_timezone(&chrono::Utc));
+        Ok(Page {
+            records,
+            next,
+            vendor_time,
+        })
     }
 }
 

@@ -20,6 +20,36 @@ pub struct ResponseView<'a> {
     pub token: Option<&'a str>,
 }
 
+/// Tokens of a newest-first feed walked towards older records (replays only): `older:ID`
+/// pages back from `ID` to find the feed's oldest page; `oldest:ID` fetches that page
+/// again and continues towards newer records like any feed walk. An empty `ID` stands
+/// for the newest page.
+pub const FEED_OLDER: &str = "older:";
+/// See [`FEED_OLDER`].
+pub const FEED_OLDEST: &str = "oldest:";
+
+/// Which way a feed token pages, and the cursor it carries.
+pub enum FeedToken<'a> {
+    /// Towards newer records (the connector's `param`).
+    Newer(&'a str),
+    /// Back towards older records, finding where the feed starts.
+    Older(&'a str),
+    /// The oldest page, from where the walk goes towards newer records.
+    Oldest(&'a str),
+}
+
+impl<'a> FeedToken<'a> {
+    pub fn parse(token: &'a str) -> FeedToken<'a> {
+        if let Some(id) = token.strip_prefix(FEED_OLDER) {
+            FeedToken::Older(id)
+        } else if let Some(id) = token.strip_prefix(FEED_OLDEST) {
+            FeedToken::Oldest(id)
+        } else {
+            FeedToken::Newer(token)
+        }
+    }
+}
+
 /// The next page's token, or `None` when the walk is complete. `Err` names what is off.
 pub fn next_token(
     spec: &PaginationSpec,
@@ -189,6 +219,7 @@ mod tests {
         let spec = PaginationSpec::FirstRecord {
             param: "ending_before".into(),
             field: None,
+            backward_param: None,
         };
         // Stripe events: newest first, so the first record is the newest of the page.
         let records = vec![json!({"id": "evt_9"}), json!({"id": "evt_8"})];

@@ -13,8 +13,9 @@ use tracing::{Instrument, info, info_span, warn};
 use uuid::Uuid;
 
 use crate::connector::{
-    Connector, IncrementalSpec, Page, PageRequest, Source, SourceError, StreamSpec,
+    Connector, IncrementalSpec, Page, PageRequest, PaginationSpec, Source, SourceError, StreamSpec,
 };
+use crate::failpoint::crash_point;
 use crate::http::{HttpSource, VendorClient};
 use crate::ledger;
 use crate::normalize::{Normalizer, RecordFailure, Row};
@@ -180,13 +181,16 @@ pub async fn run_stream<S: Source + 'static>(
                     })?,
             )
         };
+        let owner = lock.as_ref().map(StreamLock::owner);
         let same_table = streams_sharing_table(connector, stream);
-        let result = Walk::prepare(pool, &source_system, stream_name, stream, options)
-            .await?
-            .sharing_table_with(same_table)
-            .await?
-            .execute(source)
-            .await;
+        let result =
+            match Walk::prepare(pool, &source_system, stream_name, stream, options, owner).await {
+                Ok(walk) => match walk.sharing_table_with(same_table).await {
+                    Ok(walk) => walk.execute(source).await,
+                    Err(err) => Err(err),
+                },
+                Err(err) => Err(err),
+            };
         if let Some(lock) = lock {
             lock.release().await;
         }
@@ -233,6 +237,9 @@ struct Walk<'a> {
     skipped_outside_window: u64,
     seen_ids: Option<Vec<String>>,
     last_token: Option<String>,
+    /// The owner id this run claimed the stream with (none for dry runs): every
+    /// transaction of the walk checks it first.
+    owner: Option<Uuid>,
 }
 
 impl<'a> Walk<'a> {
@@ -242,6 +249,7 @@ impl<'a> Walk<'a> {
         stream_name: &'a str,
         stream: &'a StreamSpec,
         options: &'a RunOptions,
+        owner: Option<Uuid>,
     ) -> Result<Walk<'a>, RunError> {
         let table = DestinationTable::new(&stream.table, &stream.columns);
         let table_exists = if options.dry_run {
@@ -263,9 +271,19 @@ impl<'a> Walk<'a> {
         if let Mode::Replay { restart: true, .. } = options.mode {
             checkpoint.resume = None;
         }
-        let now = Utc::now();
+        let now = walk_start_clock(pool).await?;
         let (resume, resumed) = match checkpoint.resume.clone() {
-            Some(resume) => (resume, true),
+            Some(mut resume) => {
+                // A feed walk interrupted after its last page resumes from the committed
+                // cursor: "no cursor" would read only the newest page of the feed.
+                if resume.next_page.is_none()
+                    && options.mode == Mode::Regular
+                    && matches!(stream.incremental, IncrementalSpec::Cursor)
+                {
+                    resume.next_page = checkpoint.cursor.clone();
+                }
+                (resume, true)
+            }
             None => {
                 let (from, to) = match (&options.mode, &stream.incremental) {
                     (Mode::Replay { from, to, .. }, _) => (Some(*from), Some(*to)),
@@ -360,6 +378,7 @@ impl<'a> Walk<'a> {
             skipped_outside_window: 0,
             seen_ids,
             last_token: None,
+            owner,
         })
     }
 
@@ -376,10 +395,17 @@ impl<'a> Walk<'a> {
         Ok(self)
     }
 
-    async fn execute<S: Source + 'static>(mut self, source: S) -> Result<RunReport, RunError> {
+    async fn execute<S: Source + 'static>(mut self, mut source: S) -> Result<RunReport, RunError> {
         let started = Instant::now();
         if !self.options.dry_run && self.options.mode == Mode::Regular {
             self.retry_stored_failures().await?;
+        }
+        let mut failure: Option<String> = None;
+        if self.replays_a_feed() && self.resume.next_page.is_none() {
+            match self.find_oldest_feed_page(&mut source).await {
+                Ok(token) => self.resume.next_page = Some(token),
+                Err(err) => failure = Some(err),
+            }
         }
         let (pages_tx, mut pages_rx) = mpsc::channel::<FetcherMessage>(PAGES_IN_FLIGHT);
         let fetcher = tokio::spawn(
@@ -389,11 +415,11 @@ impl<'a> Walk<'a> {
                 self.query_cap(),
                 self.resume.results_in_query,
                 self.updated_pointer(),
+                self.keyset_id_pointer(),
                 pages_tx,
             )
             .instrument(tracing::Span::current()),
         );
-        let mut failure: Option<String> = None;
         let mut write_failed = false;
         // Only the fetcher's own word ends a walk: a channel that closes without it (the
         // task panicked or was cancelled) is a failed walk, never a complete one.
@@ -403,7 +429,7 @@ impl<'a> Walk<'a> {
         // Where the time goes: waiting for the vendor, or handing pages to the writer
         // (which waits only when Postgres is behind).
         let (mut waiting, mut writing) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
-        loop {
+        while failure.is_none() {
             let wait_started = Instant::now();
             let deadline = writer.deadline();
             let due = async {
@@ -518,6 +544,7 @@ impl<'a> Walk<'a> {
                 RunStatus::Failed => "failed",
             };
             state::finish_run(self.pool, self.run_id, name, failure.as_deref()).await?;
+            crash_point("run_after_finish", self.resume.pages);
         }
         let duration = started.elapsed();
         let c = &self.counters;
@@ -551,8 +578,14 @@ impl<'a> Walk<'a> {
 
     fn first_request(&self) -> PageRequest {
         let vendor_window = self.filter_window.is_none();
+        // A keyset walk resumes from its committed instant: the ids of a tie it was paging
+        // by position are gone with the process, so the tie is read again from its start.
+        let token = match self.keyset_id_pointer() {
+            Some(_) if vendor_window => None,
+            _ => self.resume.next_page.clone(),
+        };
         PageRequest {
-            token: self.resume.next_page.clone(),
+            token,
             from: if vendor_window {
                 self.resume.from
             } else {
@@ -579,6 +612,83 @@ impl<'a> Walk<'a> {
             .map(|u| (u.pointer.clone(), u.format.clone()))
     }
 
+    /// A replay of a newest-first feed (events): "no cursor" is only the newest page, so
+    /// the walk must first find the feed's oldest page.
+    fn replays_a_feed(&self) -> bool {
+        matches!(self.options.mode, Mode::Replay { .. })
+            && matches!(self.stream.pagination, PaginationSpec::FirstRecord { .. })
+    }
+
+    /// Walks a newest-first feed back to its oldest page (writing nothing) and returns the
+    /// token that fetches that page and then walks forward, oldest record first, as a
+    /// regular run does: a record changed twice keeps its newest version. The feed goes
+    /// back as far as the vendor keeps it (Stripe: 30 days), which covers any window in it.
+    async fn find_oldest_feed_page<S: Source>(&self, source: &mut S) -> Result<String, String> {
+        let PaginationSpec::FirstRecord {
+            backward_param: Some(_),
+            ..
+        } = &self.stream.pagination
+        else {
+            return Err(format!(
+                "a replay of {}.{} (a newest-first feed) needs pagination.backward_param (Stripe: \"starting_after\") to find the oldest page of the window; without it only the newest page could be read",
+                self.source_system, self.stream_name
+            ));
+        };
+        let mut token = crate::paginate::FEED_OLDER.to_string();
+        let mut oldest = token.clone();
+        let mut probes = 0u64;
+        loop {
+            let request = PageRequest {
+                token: Some(token.clone()),
+                from: None,
+                to: None,
+            };
+            let page = source
+                .fetch_page(&request)
+                .await
+                .map_err(|e| e.to_string())?;
+            probes += 1;
+            if !page.records.is_empty() {
+                oldest = token.clone();
+            }
+            match page.next {
+                Some(next) => token = next,
+                None => break,
+            }
+        }
+        info!(
+            pages = probes,
+            "found the oldest page of the feed; the replay walks forward from it"
+        );
+        let cursor = oldest
+            .strip_prefix(crate::paginate::FEED_OLDER)
+            .unwrap_or_default();
+        Ok(format!("{}{cursor}", crate::paginate::FEED_OLDEST))
+    }
+
+    /// Aborts the transaction's work unless this run still owns the stream.
+    async fn fence(&self, tx: &mut sqlx::PgConnection) -> Result<(), StoreError> {
+        match self.owner {
+            Some(owner) => {
+                crate::store::verify_owner(tx, self.source_system, self.stream_name, owner).await
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Sorted streams paged by position are paged by keyset instead (see [`fetch_pages`]);
+    /// the id pointer tells the records of a tie apart.
+    fn keyset_id_pointer(&self) -> Option<String> {
+        let by_position = matches!(
+            self.stream.pagination,
+            PaginationSpec::BodyCursor { .. }
+                | PaginationSpec::Offset { .. }
+                | PaginationSpec::PageNumber { .. }
+        );
+        (self.sorted() && by_position && self.stream.updated_at.is_some())
+            .then(|| self.stream.id.clone())
+    }
+
     fn sorted(&self) -> bool {
         matches!(
             self.stream.incremental,
@@ -603,6 +713,7 @@ impl<'a> Walk<'a> {
             .begin()
             .await
             .context(|| "starting a transaction".into())?;
+        self.fence(&mut tx).await?;
         let written = self
             .table
             .write_page(
@@ -720,6 +831,14 @@ impl<'a> Walk<'a> {
             results_in_query,
         } = fetched_page;
         let fetched = page.records.len() as u64;
+        // The vendor's clock, not ours, stamps the changes made while we walk.
+        if let Some(vendor_now) = page.vendor_time {
+            self.resume.started_at = Some(
+                self.resume
+                    .started_at
+                    .map_or(vendor_now, |started| started.min(vendor_now)),
+            );
+        }
         let (rows, failures) = self.normalize(page.records);
         let page_number = self.resume.pages + 1;
         let max_in_page = rows.iter().filter_map(|r| r.updated_at).max();
@@ -743,6 +862,14 @@ impl<'a> Walk<'a> {
             .map(|r| r.source_id.clone())
             .collect();
         let mut checkpoint = self.checkpoint.clone();
+        // A feed's cursor is committed with the page that reached it: whatever
+        // interrupts the walk after this commit, the next run starts from here.
+        if self.scope == MAIN_SCOPE
+            && matches!(self.stream.incremental, IncrementalSpec::Cursor)
+            && self.last_token.is_some()
+        {
+            checkpoint.cursor = self.last_token.clone();
+        }
         if self.sorted() && self.scope == MAIN_SCOPE {
             checkpoint.high_water_mark = checkpoint.high_water_mark.max(self.resume.max_applied);
         }
@@ -784,6 +911,7 @@ impl<'a> Walk<'a> {
             source_system: self.source_system.to_string(),
             stream_name: self.stream_name.to_string(),
             same_table: self.same_table.clone(),
+            owner: self.owner,
             stream: self.stream.clone(),
             scope: self.scope.clone(),
             run_id: self.run_id,
@@ -805,6 +933,7 @@ impl<'a> Walk<'a> {
             .begin()
             .await
             .context(|| "starting the final transaction".into())?;
+        self.fence(&mut tx).await?;
         if self.scope == MAIN_SCOPE {
             let mut checkpoint = self.checkpoint.clone();
             match &self.stream.incremental {
@@ -878,25 +1007,39 @@ impl<'a> Walk<'a> {
             None,
         )
         .await?;
+        crash_point("walk_end_before_commit", self.resume.pages);
         tx.commit()
             .await
             .context(|| "committing the end of the walk".into())?;
+        crash_point("walk_end_after_commit", self.resume.pages);
         Ok(())
     }
 }
 
 /// Fetches pages one after another and hands them to the writer. A vendor that caps the
 /// results of one query gets the query restarted from the largest `updated_at` read.
+///
+/// With `keyset` (a sorted stream paged by position, like HubSpot search's `after`
+/// offset) every page restarts the query from the page's largest `updated_at` instead of
+/// following the position: a record edited during the walk moves to the end of the sort
+/// and shifts the later ones down, which makes a position skip one. Records at that
+/// instant are read again, as no-ops. When a whole page shares one instant the query pages
+/// within it by position; a record of that tie seen again later with a newer time moved
+/// while we paged, so the tie is read again from its start.
 async fn fetch_pages<S: Source>(
     mut source: S,
     mut request: PageRequest,
     query_cap: Option<u64>,
     mut results_in_query: u64,
     updated: Option<(String, crate::connector::TimeFormat)>,
+    keyset: Option<String>,
     pages: mpsc::Sender<FetcherMessage>,
 ) {
     let mut max_updated: Option<DateTime<Utc>> = None;
     let mut page_number = 0;
+    // The instants whose records were paged by position in this walk, and the ids read
+    // in each: a tie's record may move to the end of the sort any time until the walk ends.
+    let mut ties: Vec<(DateTime<Utc>, HashSet<String>)> = Vec::new();
     loop {
         page_number += 1;
         crate::failpoint::panic_point("fetch_page", page_number);
@@ -911,26 +1054,100 @@ async fn fetch_pages<S: Source>(
         let token = request.token.clone();
         let page_len = page.records.len() as u64;
         results_in_query += page_len;
-        if let Some((pointer, format)) = &updated {
-            for record in &page.records {
-                if let Some(time) = record
+        let time_of = |record: &Value| {
+            updated.as_ref().and_then(|(pointer, format)| {
+                record
                     .pointer(pointer)
                     .and_then(|v| crate::normalize::parse_time(v, format).ok())
-                {
-                    max_updated = max_updated.max(Some(time));
+            })
+        };
+        let page_max = page.records.iter().filter_map(time_of).max();
+        max_updated = max_updated.max(page_max);
+        // A record of a tie paged by position seen again with a newer time moved while we
+        // paged; a record after it may have slid into a position already read.
+        let moved = keyset.as_ref().and_then(|id_pointer| {
+            ties.iter()
+                .filter(|(at, ids)| {
+                    page.records.iter().any(|record| {
+                        time_of(record).is_some_and(|t| t > *at)
+                            && record
+                                .pointer(id_pointer)
+                                .and_then(id_text)
+                                .is_some_and(|id| ids.contains(&id))
+                    })
+                })
+                .map(|(at, _)| *at)
+                .min()
+        });
+        let next = match (&keyset, page.next.clone()) {
+            (Some(_), None) if moved.is_none() => None,
+            (None, None) => None,
+            (Some(id_pointer), next) => {
+                let id_of = |record: &Value| record.pointer(id_pointer).and_then(id_text);
+                let next = next.unwrap_or_default();
+                match moved {
+                    Some(at) => {
+                        info!(tie = %at, "a record of a tie paged by position moved while we walked: reading the tie again");
+                        ties.retain(|(other, _)| *other < at);
+                        results_in_query = 0;
+                        Some(PageRequest {
+                            token: None,
+                            from: Some(at),
+                            to: request.to,
+                        })
+                    }
+                    None if page_max.is_some() && page_max > request.from => {
+                        results_in_query = 0;
+                        Some(PageRequest {
+                            token: None,
+                            from: page_max,
+                            to: request.to,
+                        })
+                    }
+                    None => {
+                        // The whole page is one instant: restarting from it would return
+                        // this page again, so page within it by position.
+                        let at = request.from.or(page_max).unwrap_or_default();
+                        if ties.last().is_none_or(|(last, _)| *last != at) {
+                            ties.push((at, HashSet::new()));
+                        }
+                        if let Some((_, ids)) = ties.last_mut() {
+                            ids.extend(page.records.iter().filter_map(id_of));
+                        }
+                        if query_cap.is_some_and(|cap| results_in_query + page_len > cap) {
+                            let _ = pages
+                                .send(FetcherMessage::Page(Err(SourceError::TieBeyondCap {
+                                    at: at.to_rfc3339(),
+                                    cap: query_cap.unwrap_or_default(),
+                                })))
+                                .await;
+                            return;
+                        }
+                        Some(PageRequest {
+                            token: Some(next),
+                            ..request.clone()
+                        })
+                    }
                 }
             }
-        }
-        let next = page.next.clone().map(|next| {
-            let capped = query_cap.is_some_and(|cap| results_in_query + page_len > cap);
-            if capped && max_updated.is_some() {
-                info!(results_in_query, restart_from = ?max_updated, "the vendor caps results per query: restarting the query from the largest updated_at read");
-                results_in_query = 0;
-                PageRequest { token: None, from: max_updated, to: request.to }
-            } else {
-                PageRequest { token: Some(next), ..request.clone() }
+            (None, Some(next)) => {
+                let capped = query_cap.is_some_and(|cap| results_in_query + page_len > cap);
+                Some(if capped && max_updated.is_some() {
+                    info!(results_in_query, restart_from = ?max_updated, "the vendor caps results per query: restarting the query from the largest updated_at read");
+                    results_in_query = 0;
+                    PageRequest {
+                        token: None,
+                        from: max_updated,
+                        to: request.to,
+                    }
+                } else {
+                    PageRequest {
+                        token: Some(next),
+                        ..request.clone()
+                    }
+                })
             }
-        });
+        };
         let fetched = Fetched {
             token,
             page,
@@ -957,6 +1174,15 @@ enum FetcherMessage {
     Done,
 }
 
+/// An id as text, whether the vendor sends a string or a number.
+fn id_text(value: &Value) -> Option<String> {
+    match value {
+        Value::String(text) => Some(text.clone()),
+        Value::Number(number) => Some(number.to_string()),
+        _ => None,
+    }
+}
+
 /// One fetched page, with the request that fetches the page after it.
 struct Fetched {
     token: Option<String>,
@@ -977,4 +1203,13 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
         source = inner.source();
     }
     text
+}
+
+/// When a walk starts, by the database's clock: the host's may run ahead of everyone's.
+/// The first page's `Date` header lowers it further if the vendor's clock is behind.
+async fn walk_start_clock(pool: &PgPool) -> Result<DateTime<Utc>, StoreError> {
+    sqlx::query_scalar("SELECT now()")
+        .fetch_one(pool)
+        .await
+        .context(|| "reading the database's clock".into())
 }

@@ -74,6 +74,8 @@ pub(crate) struct WriteTarget {
     pub stream_name: String,
     /// The streams writing this table: a stored record clears its failure in any of them.
     pub same_table: Vec<String>,
+    /// The owner id this run claimed the stream with (none for dry runs).
+    pub owner: Option<Uuid>,
     pub stream: StreamSpec,
     pub scope: String,
     pub run_id: Uuid,
@@ -301,6 +303,11 @@ async fn write_transaction(
         .begin()
         .await
         .context(|| "starting a page transaction".into())?;
+    // The ownership fence (a shared row lock, so concurrent transactions of this run do not
+    // wait on each other) is held until this transaction ends.
+    if let Some(owner) = t.owner {
+        crate::store::verify_owner(&mut tx, &t.source_system, &t.stream_name, owner).await?;
+    }
     let mut counters = Counters::default();
     let mut failures: Vec<RecordFailure> = Vec::new();
     let mut resolved: Vec<String> = Vec::new();

@@ -647,6 +647,8 @@ pub struct Page {
     pub records: Vec<Value>,
     /// The token that fetches the next page; `None` when this was the last one.
     pub next: Option<String>,
+    /// The vendor's clock when it answered (its `Date` header), if it said.
+    pub vendor_time: Option<DateTime<Utc>>,
 }
 
 /// What to fetch: the page token and the window of `updated_at`.
@@ -671,6 +673,10 @@ pub enum SourceError {
         "the vendor returned the same cursor '{cursor}' twice from {url}; stopping instead of looping forever"
     )]
     RepeatedCursor { url: String, cursor: String },
+    #[error(
+        "more than {cap} records share the updated_at {at}: the vendor answers at most {cap} results per query and a query cannot restart inside one instant, so the walk stops here instead of skipping records (ask the vendor for a finer timestamp or a higher cap)"
+    )]
+    TieBeyondCap { at: String, cap: u64 },
 }
 
 /// Something that yields pages of raw records. The declarative HTTP connector

@@ -285,6 +285,11 @@ pub enum PaginationSpec {
         /// own id (default: the stream's `id`).
         #[serde(default)]
         field: Option<String>,
+        /// Parameter that pages towards older records from a record's cursor (Stripe:
+        /// `"starting_after"`). A replay needs it: it first finds the feed's oldest page
+        /// by walking back, then walks forward from there as a regular run does.
+        #[serde(default)]
+        backward_param: Option<String>,
     },
     /// The response carries the next page's URL (absolute, or relative to `base_url`).
     NextUrl {

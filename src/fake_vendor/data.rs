@@ -67,6 +67,11 @@ impl VendorData {
         self.clock
     }
 
+    /// Sets the vendor's "now" from inside a hook (see [`super::FakeVendor::set_clock`]).
+    pub fn set_clock(&mut self, unix_secs: i64) {
+        self.clock = unix_secs;
+    }
+
     /// Applies `f` to invoice `id`; bumps "updated" to now unless `f` changed it, and
     /// appends an `invoice.updated` event. Returns false when the id is unknown.
     pub fn update_invoice(&mut self, id: &str, f: impl FnOnce(&mut Value)) -> bool {

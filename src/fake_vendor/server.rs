@@ -212,9 +212,16 @@ async fn gate(AxState(st): AxState<Shared>, req: Request, next: Next) -> Respons
         }
         (nth - 1, s.take_fault(&path))
     };
-    let resp = serve(&st, &path, req, next, fault).await;
-    if let Some(r) = lock(&st).requests.get_mut(idx) {
+    let mut resp = serve(&st, &path, req, next, fault).await;
+    let mut s = lock(&st);
+    if let Some(r) = s.requests.get_mut(idx) {
         r.status = resp.status().as_u16();
+    }
+    // The vendor's own clock (see `FakeVendor::set_clock`), as a real vendor's `Date` is.
+    if let Some(date) = chrono::DateTime::from_timestamp(s.data.clock, 0).and_then(|t| {
+        HeaderValue::from_str(&t.format("%a, %d %b %Y %H:%M:%S GMT").to_string()).ok()
+    }) {
+        resp.headers_mut().insert(header::DATE, date);
     }
     resp
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool};
+use uuid::Uuid;
 
 /// A storage failure, with what was being done.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +25,13 @@ pub enum StoreError {
         "table {table} does not match its connector, so no page was written: {changes} (or change the connector back)"
     )]
     SchemaDrift { table: String, changes: String },
+    #[error(
+        "this run no longer owns {source_system}.{stream}: the connection holding its lock was lost and another run (or `idem checkpoint`) took the stream over; this run commits nothing more"
+    )]
+    LostOwnership {
+        source_system: String,
+        stream: String,
+    },
     #[error("{context}: {source}")]
     Query {
         context: String,
@@ -86,15 +94,26 @@ pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// The class half of idem's two-key advisory locks (`pg_try_advisory_lock(int4, int4)`):
+/// "idem" in ASCII. Two-key locks never collide with one-key (bigint) locks, and this class
+/// keeps idem's keys apart from an application's own two-key locks in the same database.
+pub const LOCK_CLASS: i32 = 0x6964_656d;
+
 /// The per-stream lock: a session advisory lock on a connection of its own, so that a
-/// crashed process releases it when its connection drops.
+/// crashed process releases it when its connection drops, plus a claim on the stream's
+/// owner row. The lock keeps a second run from starting; the claim fences the commits:
+/// if the lock's connection dies and another run takes over, [`verify_owner`] fails
+/// inside this run's next page transaction.
 pub struct StreamLock {
     connection: PgConnection,
-    key: String,
+    source_system: String,
+    stream: String,
+    owner: Uuid,
 }
 
 impl StreamLock {
-    /// Takes the lock of `source_system.stream`, or `None` at once if another run has it.
+    /// Takes the lock of `source_system.stream` and claims the stream for a new owner id,
+    /// or `None` at once if another run has the lock.
     pub async fn try_acquire(
         url: &str,
         source_system: &str,
@@ -107,22 +126,80 @@ impl StreamLock {
                     target: describe_url(url),
                     source,
                 })?;
-        let key = format!("idem:{source_system}.{stream}");
-        let acquired: bool =
-            sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
-                .bind(&key)
-                .fetch_one(&mut connection)
-                .await
-                .context(|| format!("taking the lock of {source_system}.{stream}"))?;
-        Ok(acquired.then_some(StreamLock { connection, key }))
+        let acquired: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, hashtext($2))")
+            .bind(LOCK_CLASS)
+            .bind(lock_key(source_system, stream))
+            .fetch_one(&mut connection)
+            .await
+            .context(|| format!("taking the lock of {source_system}.{stream}"))?;
+        if !acquired {
+            let _ = connection.close().await;
+            return Ok(None);
+        }
+        let owner = Uuid::new_v4();
+        // Waits for a page transaction of a previous owner still in flight (it holds the
+        // row FOR SHARE): that page commits whole before the stream changes hands.
+        sqlx::query(
+            "INSERT INTO idem_stream_owners (source_system, stream, owner) VALUES ($1, $2, $3)
+             ON CONFLICT (source_system, stream) DO UPDATE SET owner = EXCLUDED.owner, claimed_at = now()",
+        )
+        .bind(source_system)
+        .bind(stream)
+        .bind(owner)
+        .execute(&mut connection)
+        .await
+        .context(|| format!("claiming {source_system}.{stream} for this run"))?;
+        Ok(Some(StreamLock {
+            connection,
+            source_system: source_system.to_string(),
+            stream: stream.to_string(),
+            owner,
+        }))
+    }
+
+    /// The id this holder claimed the stream with; page transactions check it.
+    pub fn owner(&self) -> Uuid {
+        self.owner
     }
 
     /// Releases the lock (closing the connection would too).
     pub async fn release(mut self) {
-        let _ = sqlx::query("SELECT pg_advisory_unlock(hashtextextended($1, 0))")
-            .bind(&self.key)
+        let _ = sqlx::query("SELECT pg_advisory_unlock($1, hashtext($2))")
+            .bind(LOCK_CLASS)
+            .bind(lock_key(&self.source_system, &self.stream))
             .execute(&mut self.connection)
             .await;
         let _ = self.connection.close().await;
+    }
+}
+
+fn lock_key(source_system: &str, stream: &str) -> String {
+    format!("idem:{source_system}.{stream}")
+}
+
+/// Fails unless `owner` still owns the stream. Called first in every transaction of a
+/// walk: the row stays locked FOR SHARE until that transaction ends, so a takeover waits
+/// for it, and a transaction that starts after a takeover sees the new owner and aborts.
+pub async fn verify_owner(
+    connection: &mut PgConnection,
+    source_system: &str,
+    stream: &str,
+    owner: Uuid,
+) -> Result<(), StoreError> {
+    let current: Option<Uuid> = sqlx::query_scalar(
+        "SELECT owner FROM idem_stream_owners WHERE source_system = $1 AND stream = $2 FOR SHARE",
+    )
+    .bind(source_system)
+    .bind(stream)
+    .fetch_optional(&mut *connection)
+    .await
+    .context(|| format!("checking that this run still owns {source_system}.{stream}"))?;
+    if current == Some(owner) {
+        Ok(())
+    } else {
+        Err(StoreError::LostOwnership {
+            source_system: source_system.to_string(),
+            stream: stream.to_string(),
+        })
     }
 }

@@ -3,6 +3,7 @@
 
 mod connectors;
 mod edges;
+mod edges_cursors;
 mod helpers;
 mod ledger;
 mod replay;
