@@ -215,11 +215,26 @@ async fn upsert_slice(
             .bind(batch.iter().map(|r| r.updated).collect::<Vec<_>>())
             .bind(batch.iter().map(|r| r.data.as_str()).collect::<Vec<_>>())
             .bind(batch.iter().map(|r| r.hash.as_slice()).collect::<Vec<_>>())
-            .bind(batch.iter().map(|r| r.number.as_deref()).collect::<Vec<_>>())
+            .bind(
+                batch
+                    .iter()
+                    .map(|r| r.number.as_deref())
+                    .collect::<Vec<_>>(),
+            )
             .bind(batch.iter().map(|r| r.email.as_deref()).collect::<Vec<_>>())
-            .bind(batch.iter().map(|r| r.status.as_deref()).collect::<Vec<_>>())
+            .bind(
+                batch
+                    .iter()
+                    .map(|r| r.status.as_deref())
+                    .collect::<Vec<_>>(),
+            )
             .bind(batch.iter().map(|r| r.amount).collect::<Vec<_>>())
-            .bind(batch.iter().map(|r| r.currency.as_deref()).collect::<Vec<_>>())
+            .bind(
+                batch
+                    .iter()
+                    .map(|r| r.currency.as_deref())
+                    .collect::<Vec<_>>(),
+            )
             .execute(&mut conn)
             .await?;
     }

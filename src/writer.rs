@@ -178,7 +178,8 @@ impl PageWriter {
         }
         let open = self.open.as_mut().expect("opened above");
         open.records += work.rows.len() + work.failures.len();
-        open.ids.extend(work.rows.iter().map(|r| r.source_id.clone()));
+        open.ids
+            .extend(work.rows.iter().map(|r| r.source_id.clone()));
         if open.pages.send(work).await.is_err() {
             // The transaction's task ended early: it failed on a page.
             let open = self.open.take().expect("open");

@@ -33,7 +33,10 @@ async fn run_killed_inside_a_transaction(app: &TestApp, writers: &str, args: &[&
     .flatten();
     let pages = pages.unwrap_or(0);
     if writers == "1" {
-        assert_eq!(pages, 3, "one writer: the first transaction (pages 1-3) committed");
+        assert_eq!(
+            pages, 3,
+            "one writer: the first transaction (pages 1-3) committed"
+        );
     } else {
         // Two writers: the first transaction may still have been waiting to commit.
         assert!(
@@ -48,7 +51,8 @@ async fn run_killed_inside_a_transaction(app: &TestApp, writers: &str, args: &[&
 async fn crash_between_pages_of_one_transaction_loses_only_uncommitted_pages() {
     for writers in ["1", "2"] {
         let app = spawn_app(1000).await;
-        let committed = run_killed_inside_a_transaction(&app, writers, &["run", "--no-notify"]).await;
+        let committed =
+            run_killed_inside_a_transaction(&app, writers, &["run", "--no-notify"]).await;
         // The checkpoint is never ahead of the data, and the data never ahead of it: the
         // rows are exactly those of the committed pages (pages hold ids in order).
         assert_eq!(
@@ -102,7 +106,8 @@ async fn crash_inside_a_transaction_of_a_no_op_rewalk_rereads_its_pages_as_no_op
                 .await
                 .unwrap();
 
-        let committed = run_killed_inside_a_transaction(&app, writers, &["run", "--no-notify"]).await;
+        let committed =
+            run_killed_inside_a_transaction(&app, writers, &["run", "--no-notify"]).await;
         let rerun = app.idem(&["run", "--no-notify", "--json"]).await;
         assert_eq!(rerun.status.code(), Some(0), "{}", stderr(&rerun));
         let report: serde_json::Value = serde_json::from_slice(&rerun.stdout).unwrap();
@@ -131,12 +136,11 @@ async fn crash_inside_a_transaction_of_a_no_op_rewalk_rereads_its_pages_as_no_op
             versions_before, versions_after,
             "writers={writers}: no row was rewritten"
         );
-        let resume: Option<serde_json::Value> = sqlx::query_scalar(
-            "SELECT resume FROM idem_checkpoints WHERE scope = 'main'",
-        )
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
+        let resume: Option<serde_json::Value> =
+            sqlx::query_scalar("SELECT resume FROM idem_checkpoints WHERE scope = 'main'")
+                .fetch_one(&app.pool)
+                .await
+                .unwrap();
         assert_eq!(resume, None, "the walk completed");
     }
 }
