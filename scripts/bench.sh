@@ -56,6 +56,17 @@ if [ "$LIMITS" = 1 ]; then
 fi
 
 wal_lsn() { sql "SELECT pg_current_wal_lsn()"; }
+# WAL is cluster-wide and other databases may be busy: pg_walinspect attributes to this
+# database the records touching its relations and the commits of their transactions
+# ("?" when the range's WAL was already recycled; then only the cluster-wide figure).
+sql "CREATE EXTENSION IF NOT EXISTS pg_walinspect" >/dev/null 2>&1 || true
+db_oid=$(sql "SELECT oid FROM pg_database WHERE datname = current_database()")
+wal_of_this_db() {
+  sql "WITH r AS (SELECT xid, record_length, block_ref FROM pg_get_wal_records_info('$1', pg_current_wal_lsn())),
+            ours AS (SELECT DISTINCT xid FROM r WHERE block_ref LIKE '%rel %/${db_oid}/%' AND xid <> 0)
+       SELECT COALESCE(sum(record_length), 0) FROM r
+       WHERE block_ref LIKE '%rel %/${db_oid}/%' OR xid IN (SELECT xid FROM ours)" 2>/dev/null || echo "?"
+}
 # Row versions written to the destination table (insert + update + HOT), from the stats.
 row_versions() {
   sql "SELECT pg_stat_force_next_flush()" >/dev/null 2>&1 || true
@@ -68,26 +79,35 @@ measure() {
   local label="$1" records="$2"; shift 2
   local start end lsn_before versions_before
   lsn_before=$(wal_lsn)
+  local vendor_cpu_before
+  vendor_cpu_before=$(awk '{print $14 + $15}' "/proc/$vendor_pid/stat")
   versions_before=$(row_versions)
   start=$(date +%s.%N)
-  /usr/bin/time -f "%M" -o "$work/rss" target/release/idem --config "$work/idem.toml" "$@" --no-notify >"$work/out" 2>"$work/err" || { cat "$work/err"; exit 1; }
+  /usr/bin/time -f "%M %U %S" -o "$work/rss" target/release/idem --config "$work/idem.toml" "$@" --no-notify >"$work/out" 2>"$work/err" || { cat "$work/err"; exit 1; }
   end=$(date +%s.%N)
   sleep 0.6 # stats reach pg_stat_user_tables within about half a second
-  local wal versions
+  local wal versions wal_db
   wal=$(sql "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '$lsn_before')::bigint")
+  wal_db=$(wal_of_this_db "$lsn_before")
+  local vendor_cpu=$(( $(awk '{print $14 + $15}' "/proc/$vendor_pid/stat") - vendor_cpu_before ))
   versions=$(( $(row_versions) - versions_before ))
-  python3 - "$label" "$records" "$start" "$end" "$(cat "$work/rss")" "$wal" "$versions" "$work/limits" "$(head -n1 "$work/out")" <<'PY'
+  python3 - "$label" "$records" "$start" "$end" "$(cat "$work/rss")" "$wal" "$wal_db" "$versions" "$vendor_cpu" "$work/limits" "$(head -n1 "$work/out")" <<'PY'
 import sys
-label, n, start, end, rss, wal, versions, limits, summary = sys.argv[1:]
+label, n, start, end, rss_cpu, wal, wal_db, versions, vendor_ticks, limits, summary = sys.argv[1:]
+rss, user, system = rss_cpu.split()
+idem_cpu = float(user) + float(system)
+vendor_cpu = int(vendor_ticks) / 100
 seconds = float(end) - float(start)
 rate = int(n) / seconds if int(n) else 0
-line = f"{label:<28} {rate:>9.0f} records/s  {seconds:7.2f} s  peak RSS {int(rss) / 1024:.0f} MiB  WAL {int(wal) / 1e6:.2f} MB  row versions {versions}"
+line = f"{label:<28} {rate:>9.0f} records/s  {seconds:7.2f} s  peak RSS {int(rss) / 1024:.0f} MiB  WAL {wal_db if not wal_db.isdigit() else f'{int(wal_db) / 1e6:.3f}'} MB (cluster {int(wal) / 1e6:.1f} MB)  row versions {versions}"
 print(line)
+print(f"  CPU seconds: idem {idem_cpu:.1f}, fake vendor {vendor_cpu:.1f} (of {seconds:.1f} s wall on {__import__('os').cpu_count()} cores; the rest is Postgres and other load)")
 if label == "first import":
     for row in open(limits):
         _, name, value = row.split()
         print(f"  idem / {name:<22} {rate / float(value):6.0%}")
-print(f"  {summary}")
+if not summary.startswith("["):
+    print(f"  {summary}")
 PY
 }
 
