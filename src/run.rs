@@ -398,7 +398,11 @@ impl<'a> Walk<'a> {
     async fn execute<S: Source + 'static>(mut self, mut source: S) -> Result<RunReport, RunError> {
         let started = Instant::now();
         if !self.options.dry_run && self.options.mode == Mode::Regular {
-            self.retry_stored_failures().await?;
+            // A retry Postgres refuses must not stop the stream: the failures stay stored
+            // and the walk goes on.
+            if let Err(err) = self.retry_stored_failures().await {
+                warn!(error = %error_chain(&err), "retrying stored failures failed; they stay in the failures table");
+            }
         }
         let mut failure: Option<String> = None;
         if self.replays_a_feed() && self.resume.next_page.is_none() {

@@ -19,6 +19,7 @@ use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tracing::warn;
 use uuid::Uuid;
 
 use crate::connector::StreamSpec;
@@ -314,9 +315,17 @@ async fn write_transaction(
     let mut resolved: Vec<String> = Vec::new();
     let mut written_ids: Vec<String> = Vec::new();
     let mut last: Option<(u64, Checkpoint)> = None;
-    while let Some(work) = pages.recv().await {
+    let mut savepoint = "SAVEPOINT idem_page";
+    while let Some(mut work) = pages.recv().await {
         let written = if t.table_exists {
-            t.table
+            // Each page under a savepoint: a page Postgres refuses is rolled back alone and
+            // written row by row, and the transaction's earlier pages stay.
+            simple_query(&mut tx, savepoint)
+                .await
+                .context(|| "setting a page savepoint".into())?;
+            savepoint = "RELEASE SAVEPOINT idem_page; SAVEPOINT idem_page";
+            let page_write = t
+                .table
                 .write_page(
                     &mut tx,
                     &t.source_system,
@@ -325,7 +334,17 @@ async fn write_transaction(
                     t.compare,
                     t.dry_run,
                 )
-                .await?
+                .await;
+            match page_write {
+                Ok(written) => written,
+                Err(err) if refused_by_postgres(&err) => {
+                    simple_query(&mut tx, "ROLLBACK TO SAVEPOINT idem_page")
+                        .await
+                        .context(|| "rolling back a refused page".into())?;
+                    write_one_by_one(t, &mut tx, &mut work.rows, &mut work.failures, &err).await?
+                }
+                Err(err) => return Err(err.into()),
+            }
         } else {
             WriteCounts {
                 inserted: work.rows.len() as u64,
@@ -397,4 +416,90 @@ async fn write_transaction(
     crash_point("page_after_commit", page_number);
     let _ = committed.send(());
     Ok(counters)
+}
+
+/// Whether Postgres refused the data itself (a data exception, a constraint, a size
+/// limit), as opposed to the connection or the server failing: only then is one record to
+/// blame.
+fn refused_by_postgres(err: &StoreError) -> bool {
+    let StoreError::Query { source, .. } = err else {
+        return false;
+    };
+    source
+        .as_database_error()
+        .and_then(|e| e.code())
+        .is_some_and(|code| {
+            code.starts_with("22") || code.starts_with("23") || code.starts_with("54")
+        })
+}
+
+/// A page Postgres refused although every record passed normalization (a constraint
+/// the user added to the table, a limit idem does not know): the rows are written one
+/// by one, each under a savepoint, and the ones refused become record failures, so the
+/// page still commits. Only this rare path pays the round trips.
+async fn write_one_by_one(
+    t: &WriteTarget,
+    tx: &mut sqlx::PgConnection,
+    rows: &mut Vec<Row>,
+    failures: &mut Vec<RecordFailure>,
+    page_error: &StoreError,
+) -> Result<WriteCounts, StoreError> {
+    warn!(error = %crate::run::error_chain(page_error), rows = rows.len(), "Postgres refused the page; writing its rows one by one to find the records it refuses");
+    let mut total = WriteCounts::default();
+    let mut kept = Vec::with_capacity(rows.len());
+    for row in rows.drain(..) {
+        sqlx::query("SAVEPOINT idem_one_row")
+            .execute(&mut *tx)
+            .await
+            .context(|| "setting a savepoint".into())?;
+        let single = std::slice::from_ref(&row);
+        match t
+            .table
+            .write_page(tx, &t.source_system, t.run_id, single, t.compare, t.dry_run)
+            .await
+        {
+            Ok(written) => {
+                sqlx::query("RELEASE SAVEPOINT idem_one_row")
+                    .execute(&mut *tx)
+                    .await
+                    .context(|| "releasing a savepoint".into())?;
+                total.inserted += written.inserted;
+                total.updated += written.updated;
+                total.unchanged += written.unchanged;
+                kept.push(row);
+            }
+            Err(err) if refused_by_postgres(&err) => {
+                sqlx::query("ROLLBACK TO SAVEPOINT idem_one_row")
+                    .execute(&mut *tx)
+                    .await
+                    .context(|| "rolling back to a savepoint".into())?;
+                let reason = match &err {
+                    StoreError::Query { source, .. } => source.to_string(),
+                    other => other.to_string(),
+                };
+                let failure = RecordFailure {
+                    record_key: row.source_id.clone(),
+                    source_id: Some(row.source_id.clone()),
+                    payload: serde_json::from_str(&row.data).unwrap_or(serde_json::Value::Null),
+                    error: crate::values::sanitize_text(&format!(
+                        "Postgres refused the record: {reason}"
+                    )),
+                };
+                warn!(record_key = %failure.record_key, error = %failure.error, "record failed; it goes to the failures table and is retried next run");
+                failures.push(failure);
+            }
+            Err(err) => return Err(err),
+        }
+    }
+    *rows = kept;
+    Ok(total)
+}
+
+/// Runs statements without parameters in one round trip (the simple query protocol).
+async fn simple_query(
+    connection: &mut sqlx::PgConnection,
+    sql: &'static str,
+) -> Result<(), sqlx::Error> {
+    use sqlx::Executor;
+    connection.execute(sql).await.map(|_| ())
 }

@@ -634,3 +634,47 @@ async fn a_vendor_error_holding_a_nul_is_still_recorded_as_the_runs_error() {
     assert_eq!(status, "failed");
     assert!(error.is_some_and(|e| e.contains("no such param")));
 }
+
+#[tokio::test]
+async fn a_record_postgres_refuses_for_a_reason_idem_cannot_foresee_fails_alone() {
+    let app = spawn_app(6).await;
+    let connector = edge_connector(&app, &["invoices"]);
+    let first = run(&app, &connector, "invoices").await;
+    assert_eq!(first.status, RunStatus::Succeeded, "{first:?}");
+    // A constraint of the user's own: normalization cannot know it.
+    sqlx::query(
+        "ALTER TABLE edge_invoices ADD CONSTRAINT no_negative_amounts CHECK (amount_due >= 0)",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    app.vendor
+        .update_invoice("in_000002", |inv| inv["amount_due"] = json!(-5));
+    app.vendor
+        .update_invoice("in_000004", |inv| inv["status"] = json!("paid"));
+    app.vendor.insert_invoice(invoice("in_000007", json!({})));
+    let second = run(&app, &connector, "invoices").await;
+    assert_eq!(second.status, RunStatus::Partial, "{second:?}");
+    assert_eq!(
+        (
+            second.counters.failed,
+            second.counters.updated,
+            second.counters.inserted
+        ),
+        (1, 1, 1),
+        "{second:?}"
+    );
+    assert_eq!(stored(&app, "in_000004").await["status"], "paid");
+    assert_eq!(stored_ids(&app).await.len(), 7);
+    let stored_failures = failures(&app).await;
+    assert_eq!(stored_failures.len(), 1, "{stored_failures:#?}");
+    assert_eq!(stored_failures[0].0, "in_000002");
+    assert!(
+        stored_failures[0].1.contains("no_negative_amounts"),
+        "{stored_failures:#?}"
+    );
+    // The retry of the stored failure is refused again; the stream still runs.
+    let third = run(&app, &connector, "invoices").await;
+    assert_eq!(third.status, RunStatus::Partial, "{third:?}");
+    assert_eq!(failures(&app).await[0].2, 2);
+}
