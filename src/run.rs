@@ -858,11 +858,11 @@ impl<'a> Walk<'a> {
         if page.next.is_some() || token.is_some() {
             self.last_token = page.next.clone().or(token);
         }
-        // Removed here rather than after the commit: if that transaction fails, the run
-        // fails and this set is not used again.
+        // Kept in the set: Postgres may still refuse the row (then it stays a failure), and
+        // clearing a failure already cleared is harmless.
         let resolved: Vec<String> = rows
             .iter()
-            .filter(|r| self.failing_keys.remove(&r.source_id))
+            .filter(|r| self.failing_keys.contains(&r.source_id))
             .map(|r| r.source_id.clone())
             .collect();
         let mut checkpoint = self.checkpoint.clone();

@@ -341,7 +341,17 @@ async fn write_transaction(
                     simple_query(&mut tx, "ROLLBACK TO SAVEPOINT idem_page")
                         .await
                         .context(|| "rolling back a refused page".into())?;
-                    write_one_by_one(t, &mut tx, &mut work.rows, &mut work.failures, &err).await?
+                    let written =
+                        write_one_by_one(t, &mut tx, &mut work.rows, &mut work.failures, &err)
+                            .await?;
+                    // A record refused again keeps its failure.
+                    let refused: HashSet<&str> = work
+                        .failures
+                        .iter()
+                        .filter_map(|f| f.source_id.as_deref())
+                        .collect();
+                    work.resolved.retain(|id| !refused.contains(id.as_str()));
+                    written
                 }
                 Err(err) => return Err(err.into()),
             }
