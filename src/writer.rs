@@ -11,7 +11,7 @@
 //! transactions: a page that shares a record with a still-uncommitted transaction waits
 //! for it first, so two transactions never wait on each other.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -310,75 +310,33 @@ async fn write_transaction(
     if let Some(owner) = t.owner {
         crate::store::verify_owner(&mut tx, &t.source_system, &t.stream_name, owner).await?;
     }
-    let mut counters = Counters::default();
-    let mut failures: Vec<RecordFailure> = Vec::new();
-    let mut resolved: Vec<String> = Vec::new();
-    let mut written_ids: Vec<String> = Vec::new();
+    let mut acc = Accumulated::default();
+    let mut chunk = Chunk::default();
     let mut last: Option<(u64, Checkpoint)> = None;
-    let mut savepoint = "SAVEPOINT idem_page";
-    while let Some(mut work) = pages.recv().await {
-        let written = if t.table_exists {
-            // Each page under a savepoint: a page Postgres refuses is rolled back alone and
-            // written row by row, and the transaction's earlier pages stay.
-            simple_query(&mut tx, savepoint)
-                .await
-                .context(|| "setting a page savepoint".into())?;
-            savepoint = "RELEASE SAVEPOINT idem_page; SAVEPOINT idem_page";
-            let page_write = t
-                .table
-                .write_page(
-                    &mut tx,
-                    &t.source_system,
-                    t.run_id,
-                    &work.rows,
-                    t.compare,
-                    t.dry_run,
-                )
-                .await;
-            match page_write {
-                Ok(written) => written,
-                Err(err) if refused_by_postgres(&err) => {
-                    simple_query(&mut tx, "ROLLBACK TO SAVEPOINT idem_page")
-                        .await
-                        .context(|| "rolling back a refused page".into())?;
-                    let written =
-                        write_one_by_one(t, &mut tx, &mut work.rows, &mut work.failures, &err)
-                            .await?;
-                    // A record refused again keeps its failure.
-                    let refused: HashSet<&str> = work
-                        .failures
-                        .iter()
-                        .filter_map(|f| f.source_id.as_deref())
-                        .collect();
-                    work.resolved.retain(|id| !refused.contains(id.as_str()));
-                    written
-                }
-                Err(err) => return Err(err.into()),
-            }
-        } else {
-            WriteCounts {
-                inserted: work.rows.len() as u64,
-                ..WriteCounts::default()
-            }
-        };
-        counters += Counters {
+    while let Some(work) = pages.recv().await {
+        acc.counters += Counters {
             pages: 1,
             fetched: work.fetched,
-            inserted: written.inserted,
-            updated: written.updated,
-            unchanged: written.unchanged,
             failed: work.failures.len() as u64,
-            deleted: 0,
+            ..Counters::default()
         };
-        if written.inserted + written.updated > 0 {
-            written_ids.extend(work.rows.into_iter().map(|r| r.source_id));
+        acc.failures.extend(work.failures);
+        acc.resolved.extend(work.resolved);
+        chunk.add(work.rows, &mut acc.counters);
+        if chunk.rows.len() >= CHUNK_ROWS {
+            flush(t, &mut tx, &mut chunk, &mut acc).await?;
         }
-        failures.extend(work.failures);
-        resolved.extend(work.resolved);
         // A kill here loses this transaction's pages, and only them.
         crash_point("page_written", work.page_number);
         last = Some((work.page_number, work.checkpoint));
     }
+    flush(t, &mut tx, &mut chunk, &mut acc).await?;
+    let Accumulated {
+        counters,
+        failures,
+        resolved,
+        written_ids,
+    } = acc;
     if t.dry_run {
         return Ok(counters);
     }
@@ -503,6 +461,110 @@ async fn write_one_by_one(
     }
     *rows = kept;
     Ok(total)
+}
+
+/// Rows written by one statement pair (classify, upsert): pages are merged up to this
+/// many, so a 100-record page does not cost two round trips of its own.
+const CHUNK_ROWS: usize = 1_000;
+
+/// What a transaction has gathered for its bookkeeping.
+#[derive(Default)]
+struct Accumulated {
+    counters: Counters,
+    failures: Vec<RecordFailure>,
+    resolved: Vec<String>,
+    written_ids: Vec<String>,
+}
+
+/// Rows of consecutive pages not yet written, one per record.
+#[derive(Default)]
+struct Chunk {
+    rows: Vec<Row>,
+    position: HashMap<String, usize>,
+}
+
+impl Chunk {
+    /// Adds a page's rows. A record already in the chunk (it changed between two pages)
+    /// keeps its newest copy, as within a page, so one statement never touches a row
+    /// twice; the superseded copy counts as unchanged.
+    fn add(&mut self, rows: Vec<Row>, counters: &mut Counters) {
+        for row in rows {
+            match self.position.get(&row.source_id) {
+                Some(&index) => {
+                    counters.unchanged += 1;
+                    if self.rows[index].updated_at <= row.updated_at {
+                        self.rows[index] = row;
+                    }
+                }
+                None => {
+                    self.position.insert(row.source_id.clone(), self.rows.len());
+                    self.rows.push(row);
+                }
+            }
+        }
+    }
+}
+
+/// Writes the chunk under a savepoint: a chunk Postgres refuses is rolled back alone and
+/// written row by row, and the transaction's earlier chunks stay.
+async fn flush(
+    t: &WriteTarget,
+    tx: &mut sqlx::PgConnection,
+    chunk: &mut Chunk,
+    acc: &mut Accumulated,
+) -> Result<(), StoreError> {
+    if chunk.rows.is_empty() {
+        return Ok(());
+    }
+    let mut rows = std::mem::take(&mut chunk.rows);
+    chunk.position.clear();
+    let written = if t.table_exists {
+        simple_query(tx, "SAVEPOINT idem_chunk")
+            .await
+            .context(|| "setting a savepoint".into())?;
+        let write = t
+            .table
+            .write_page(tx, &t.source_system, t.run_id, &rows, t.compare, t.dry_run)
+            .await;
+        match write {
+            Ok(written) => {
+                simple_query(tx, "RELEASE SAVEPOINT idem_chunk")
+                    .await
+                    .context(|| "releasing a savepoint".into())?;
+                written
+            }
+            Err(err) if refused_by_postgres(&err) => {
+                simple_query(tx, "ROLLBACK TO SAVEPOINT idem_chunk")
+                    .await
+                    .context(|| "rolling back a refused chunk".into())?;
+                let mut refused = Vec::new();
+                let written = write_one_by_one(t, tx, &mut rows, &mut refused, &err).await?;
+                // A record refused again keeps its failure.
+                let refused_ids: HashSet<&str> = refused
+                    .iter()
+                    .filter_map(|f| f.source_id.as_deref())
+                    .collect();
+                acc.resolved.retain(|id| !refused_ids.contains(id.as_str()));
+                acc.counters.failed += refused.len() as u64;
+                acc.failures.extend(refused);
+                written
+            }
+            Err(err) => return Err(err),
+        }
+    } else {
+        WriteCounts {
+            inserted: rows.len() as u64,
+            ..WriteCounts::default()
+        }
+    };
+    acc.counters.inserted += written.inserted;
+    acc.counters.updated += written.updated;
+    acc.counters.unchanged += written.unchanged;
+    if written.inserted + written.updated > 0 {
+        acc.written_ids
+            .extend(rows.into_iter().map(|r| r.source_id));
+    }
+    Ok(())
 }
 
 /// Runs statements without parameters in one round trip (the simple query protocol).
