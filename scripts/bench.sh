@@ -55,17 +55,34 @@ if [ "$LIMITS" = 1 ]; then
   awk '{printf "%-28s %9d rows/s\n", $2, $3}' "$work/limits"
 fi
 
-wal_lsn() { sql "SELECT pg_current_wal_lsn()"; }
+wal_lsn() { sql "SELECT pg_current_wal_flush_lsn()"; }
 # WAL is cluster-wide and other databases may be busy: pg_walinspect attributes to this
 # database the records touching its relations and the commits of their transactions
 # ("?" when the range's WAL was already recycled; then only the cluster-wide figure).
 sql "CREATE EXTENSION IF NOT EXISTS pg_walinspect" >/dev/null 2>&1 || true
 db_oid=$(sql "SELECT oid FROM pg_database WHERE datname = current_database()")
-wal_of_this_db() {
-  sql "WITH r AS (SELECT xid, record_length, block_ref FROM pg_get_wal_records_info('$1', pg_current_wal_lsn())),
+wal_of_this_db() { # FROM_LSN TO_LSN
+  sql "WITH r AS (SELECT xid, record_length, block_ref FROM pg_get_wal_records_info('$1', '$2')),
             ours AS (SELECT DISTINCT xid FROM r WHERE block_ref LIKE '%rel %/${db_oid}/%' AND xid <> 0)
        SELECT COALESCE(sum(record_length), 0) FROM r
        WHERE block_ref LIKE '%rel %/${db_oid}/%' OR xid IN (SELECT xid FROM ours)" 2>/dev/null || echo "?"
+}
+# Sums this database's WAL every second while a run goes on, before checkpoints recycle it.
+wal_sampler() { # FROM_LSN OUT_FILE
+  local from="$1" to total=0 part
+  while [ ! -e "$work/stop_sampler" ]; do
+    sleep 1
+    to=$(wal_lsn)
+    part=$(wal_of_this_db "$from" "$to")
+    if [ "$part" = "?" ]; then total="?"; fi
+    if [ "$total" != "?" ]; then total=$(( total + part )); fi
+    from="$to"
+    echo "$total" >"$2"
+  done
+  to=$(wal_lsn)
+  part=$(wal_of_this_db "$from" "$to")
+  if [ "$part" = "?" ] || [ "$total" = "?" ]; then total="?"; else total=$(( total + part )); fi
+  echo "$total" >"$2"
 }
 # Row versions written to the destination table (insert + update + HOT), from the stats.
 row_versions() {
@@ -82,13 +99,17 @@ measure() {
   local vendor_cpu_before
   vendor_cpu_before=$(awk '{print $14 + $15}' "/proc/$vendor_pid/stat")
   versions_before=$(row_versions)
+  rm -f "$work/stop_sampler"; echo 0 >"$work/wal_db"
+  wal_sampler "$lsn_before" "$work/wal_db" &
+  local sampler=$!
   start=$(date +%s.%N)
   /usr/bin/time -f "%M %U %S" -o "$work/rss" target/release/idem --config "$work/idem.toml" "$@" --no-notify >"$work/out" 2>"$work/err" || { cat "$work/err"; exit 1; }
   end=$(date +%s.%N)
   sleep 0.6 # stats reach pg_stat_user_tables within about half a second
   local wal versions wal_db
-  wal=$(sql "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '$lsn_before')::bigint")
-  wal_db=$(wal_of_this_db "$lsn_before")
+  wal=$(sql "SELECT pg_wal_lsn_diff(pg_current_wal_flush_lsn(), '$lsn_before')::bigint")
+  touch "$work/stop_sampler"; wait "$sampler"
+  wal_db=$(cat "$work/wal_db")
   local vendor_cpu=$(( $(awk '{print $14 + $15}' "/proc/$vendor_pid/stat") - vendor_cpu_before ))
   versions=$(( $(row_versions) - versions_before ))
   python3 - "$label" "$records" "$start" "$end" "$(cat "$work/rss")" "$wal" "$wal_db" "$versions" "$vendor_cpu" "$work/limits" "$(head -n1 "$work/out")" <<'PY'
