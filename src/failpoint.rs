@@ -4,6 +4,8 @@
 //! Points: `page_written` (page n written, its transaction still open),
 //! `page_before_commit`, `page_after_commit` (n = the last page of the committing
 //! transaction; with `[import] transaction_records = 1` every page),
+//! `walk_end_before_commit`, `walk_end_after_commit` (the end-of-walk transaction) and
+//! `run_after_finish` (the run's status recorded), n = pages of the walk;
 //! `notify_after_send` (n = message number of the dispatcher).
 //!
 //! `IDEM_PANIC_AT=<point>:<n>` panics there instead (a bug in a task, not a power cut).

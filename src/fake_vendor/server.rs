@@ -641,7 +641,9 @@ fn parse_filter_groups(body: &Value) -> Res<Vec<Vec<Filter>>> {
 const SEARCH_CAP: usize = 10_000;
 
 /// `POST /crm/v3/objects/contacts/search`: HubSpot search with filters, one sort,
-/// offset-style `after`, and the 10,000-result cap.
+/// offset-style `after`, and the 10,000-result cap. As at HubSpot, `after` is a position
+/// in the result sorted now (by the sort property, then id): a contact edited between two
+/// pages moves to the end and every later one shifts down a place.
 async fn contacts_search(AxState(st): AxState<Shared>, dup: DupExt, body: Bytes) -> Res {
     let body: Value = serde_json::from_slice(&body)
         .map_err(|e| hs_error(format!("Invalid input JSON on line 1: {e}")))?;
