@@ -238,8 +238,11 @@ async fn execute(cli: Cli) -> anyhow::Result<u8> {
             let url = settings.database_url()?;
             let transport =
                 AnyTransport::from_settings(&settings.notify).map_err(|e| usage(e.to_string()))?;
-            let mut options = RunOptions::new(Mode::Regular, dry_run);
-            options.ddl = settings.database.ddl_policy();
+            let options = RunOptions {
+                batching: settings.import.batching(),
+                ddl: settings.database.ddl_policy(),
+                ..RunOptions::new(Mode::Regular, dry_run)
+            };
             let code = run_all(&pool, &url, &selected, &options, json).await?;
             if !no_notify && !dry_run {
                 let report = notify(&pool, &settings, &transport).await?;
@@ -287,16 +290,19 @@ async fn execute(cli: Cli) -> anyhow::Result<u8> {
             let url = settings.database_url()?;
             let transport =
                 AnyTransport::from_settings(&settings.notify).map_err(|e| usage(e.to_string()))?;
-            let mut options = RunOptions::new(
-                Mode::Replay {
-                    from,
-                    to,
-                    label,
-                    restart,
-                },
-                false,
-            );
-            options.ddl = settings.database.ddl_policy();
+            let options = RunOptions {
+                batching: settings.import.batching(),
+                ddl: settings.database.ddl_policy(),
+                ..RunOptions::new(
+                    Mode::Replay {
+                        from,
+                        to,
+                        label,
+                        restart,
+                    },
+                    false,
+                )
+            };
             let code = run_all(&pool, &url, &selected, &options, json).await?;
             if !no_notify {
                 let report = notify(&pool, &settings, &transport).await?;

@@ -31,12 +31,64 @@ pub struct Settings {
     /// timeouts.
     #[serde(default)]
     pub database: DatabaseSettings,
+    /// How imports group pages into transactions.
+    #[serde(default)]
+    pub import: ImportSettings,
     /// The folder the config file is in (connector paths are relative to it).
     #[serde(skip)]
     pub base_dir: PathBuf,
     /// The config file read, if any.
     #[serde(skip)]
     pub file: Option<PathBuf>,
+}
+
+/// How a walk's pages are grouped into transactions (see BENCHMARKS.md for the choice).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImportSettings {
+    /// A transaction commits once it holds this many records (default 5000; 1 means one
+    /// page per transaction). A crash loses at most the open transactions' pages, which
+    /// the next run re-reads.
+    #[serde(default = "default_transaction_records")]
+    pub transaction_records: usize,
+    /// ...or once its first page is this old (default `"1s"`).
+    #[serde(default = "default_transaction_time")]
+    pub transaction_time: HumanDuration,
+    /// Transactions written at once, each on its own connection (default 2); they still
+    /// commit in page order.
+    #[serde(default = "default_writer_connections")]
+    pub writer_connections: usize,
+}
+
+impl Default for ImportSettings {
+    fn default() -> Self {
+        Self {
+            transaction_records: default_transaction_records(),
+            transaction_time: default_transaction_time(),
+            writer_connections: default_writer_connections(),
+        }
+    }
+}
+
+impl ImportSettings {
+    /// The writer's settings.
+    pub fn batching(&self) -> crate::writer::Batching {
+        crate::writer::Batching {
+            max_records: self.transaction_records,
+            max_wait: self.transaction_time.0,
+            connections: self.writer_connections,
+        }
+    }
+}
+
+fn default_transaction_records() -> usize {
+    crate::writer::Batching::default().max_records
+}
+fn default_transaction_time() -> HumanDuration {
+    HumanDuration(crate::writer::Batching::default().max_wait)
+}
+fn default_writer_connections() -> usize {
+    crate::writer::Batching::default().connections
 }
 
 /// `idem serve`: what runs when, and where health and metrics are served.

@@ -1,7 +1,9 @@
 //! Crash points for crash-safety tests: `IDEM_CRASH_AT=<point>:<n>` makes the process
 //! SIGKILL itself the n-th time it passes `<point>`, exactly as a power cut would.
 //!
-//! Points: `page_before_commit`, `page_after_commit` (n = page number of the run);
+//! Points: `page_written` (page n written, its transaction still open),
+//! `page_before_commit`, `page_after_commit` (n = the last page of the committing
+//! transaction; with `[import] transaction_records = 1` every page),
 //! `walk_end_before_commit`, `walk_end_after_commit` (the end-of-walk transaction) and
 //! `run_after_finish` (the run's status recorded), n = pages of the walk;
 //! `notify_before_send` (marked in flight, nothing sent yet) and `notify_after_send`

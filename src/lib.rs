@@ -45,3 +45,4 @@ pub mod serve;
 pub mod store;
 pub mod telemetry;
 pub mod values;
+pub mod writer;

@@ -22,6 +22,7 @@ use crate::normalize::{Normalizer, RecordFailure, Row};
 use crate::store::state::{self, Checkpoint, Counters, MAIN_SCOPE, Resume};
 use crate::store::table::{Compare, DestinationTable};
 use crate::store::{Context, StoreError, StreamLock};
+use crate::writer::{Batching, PageWork, PageWriter, WriteTarget};
 
 /// Pages fetched ahead of the writer: enough to keep both the network and Postgres busy,
 /// few enough that memory stays flat whatever the stream's size.
@@ -58,6 +59,8 @@ pub struct RunOptions {
     /// Receives the run's counters after every committed page (a terminal progress bar
     /// watches it); `None` costs nothing.
     pub progress: Option<tokio::sync::watch::Sender<Counters>>,
+    /// How pages are grouped into transactions and how many connections write them.
+    pub batching: Batching,
 }
 
 impl RunOptions {
@@ -68,6 +71,7 @@ impl RunOptions {
             stop: None,
             ddl: Default::default(),
             progress: None,
+            batching: Batching::default(),
         }
     }
 }
@@ -438,21 +442,44 @@ impl<'a> Walk<'a> {
             )
             .instrument(tracing::Span::current()),
         );
+        let mut write_failed = false;
         // Only the fetcher's own word ends a walk: a channel that closes without it (the
         // task panicked or was cancelled) is a failed walk, never a complete one.
         let mut walk_complete = false;
         let mut stop = self.options.stop.clone();
-        // Where the time goes: waiting for the vendor, or writing to Postgres.
+        let mut writer = PageWriter::new(self.write_target(), self.options.batching);
+        // Where the time goes: waiting for the vendor, or handing pages to the writer
+        // (which waits only when Postgres is behind).
         let (mut waiting, mut writing) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
         while failure.is_none() {
             let wait_started = Instant::now();
-            let message = match &mut stop {
-                Some(stop) if *stop.borrow() => None,
-                Some(stop) => tokio::select! {
-                    message = pages_rx.recv() => message,
-                    _ = stop.changed() => None,
-                },
-                None => pages_rx.recv().await,
+            let deadline = writer.deadline();
+            let due = async {
+                match deadline {
+                    Some(deadline) => tokio::time::sleep_until(deadline).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let stopping = async {
+                match &mut stop {
+                    Some(stop) => {
+                        if !*stop.borrow() {
+                            let _ = stop.changed().await;
+                        }
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            let message = tokio::select! {
+                biased;
+                _ = stopping => None,
+                message = pages_rx.recv() => message,
+                _ = due => {
+                    // The open transaction is old enough: commit it without waiting for
+                    // the next page.
+                    writer.close_open();
+                    continue;
+                }
             };
             let Some(message) = message else {
                 if stop.as_ref().is_some_and(|s| *s.borrow()) {
@@ -474,10 +501,11 @@ impl<'a> Walk<'a> {
             match message {
                 Ok(fetched) => {
                     let write_started = Instant::now();
-                    let committed = self.commit_page(fetched).await;
+                    let committed = self.commit_page(&mut writer, fetched).await;
                     writing += write_started.elapsed();
                     if let Err(err) = committed {
                         failure = Some(error_chain(&err));
+                        write_failed = true;
                         break;
                     }
                 }
@@ -488,6 +516,24 @@ impl<'a> Walk<'a> {
             }
         }
         drop(pages_rx);
+        // Pages handed to the writer before a stop or a vendor error are committed; after
+        // a write error nothing more is.
+        let written = if !write_failed {
+            let write_started = Instant::now();
+            let finished = writer.finish().await;
+            writing += write_started.elapsed();
+            finished
+        } else {
+            Ok(())
+        };
+        self.counters += writer.take_committed();
+        if let Some(progress) = &self.options.progress {
+            progress.send_replace(self.counters);
+        }
+        drop(writer);
+        if let Err(err) = written {
+            failure.get_or_insert_with(|| error_chain(&err));
+        }
         if failure.is_none() && !walk_complete {
             failure = Some(match fetcher.await {
                 Err(err) if err.is_panic() => {
@@ -799,7 +845,13 @@ impl<'a> Walk<'a> {
         (rows, failures)
     }
 
-    async fn commit_page(&mut self, fetched_page: Fetched) -> Result<(), StoreError> {
+    /// Prepares a page's work (rows, failures, the checkpoint after it) and hands it to
+    /// the writer, which commits it in its transaction.
+    async fn commit_page(
+        &mut self,
+        writer: &mut PageWriter,
+        fetched_page: Fetched,
+    ) -> Result<(), StoreError> {
         let Fetched {
             token,
             page,
@@ -815,61 +867,8 @@ impl<'a> Walk<'a> {
                     .map_or(vendor_now, |started| started.min(vendor_now)),
             );
         }
-        let (mut rows, mut failures) = self.normalize(page.records);
+        let (rows, failures) = self.normalize(page.records);
         let page_number = self.resume.pages + 1;
-        let compare = match self.options.mode {
-            Mode::Regular => Compare::Hash,
-            Mode::Replay { .. } => Compare::Content,
-        };
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .context(|| "starting a page transaction".into())?;
-        self.fence(&mut tx).await?;
-        let written = if self.table_exists {
-            let page_write = self
-                .table
-                .write_page(
-                    &mut tx,
-                    self.source_system,
-                    self.run_id,
-                    &rows,
-                    compare,
-                    self.options.dry_run,
-                )
-                .await;
-            match page_write {
-                Ok(written) => written,
-                Err(err) if refused_by_postgres(&err) => {
-                    tx.rollback()
-                        .await
-                        .context(|| "rolling back a refused page".into())?;
-                    tx = self
-                        .pool
-                        .begin()
-                        .await
-                        .context(|| "starting a page transaction".into())?;
-                    self.write_one_by_one(&mut tx, &mut rows, &mut failures, compare, &err)
-                        .await?
-                }
-                Err(err) => return Err(err),
-            }
-        } else {
-            crate::store::table::WriteCounts {
-                inserted: rows.len() as u64,
-                ..Default::default()
-            }
-        };
-        let counters = Counters {
-            pages: 1,
-            fetched,
-            inserted: written.inserted,
-            updated: written.updated,
-            unchanged: written.unchanged,
-            failed: failures.len() as u64,
-            deleted: 0,
-        };
         let max_in_page = rows.iter().filter_map(|r| r.updated_at).max();
         self.resume.max_applied = self.resume.max_applied.max(max_in_page);
         self.resume.pages = page_number;
@@ -883,169 +882,78 @@ impl<'a> Walk<'a> {
         if page.next.is_some() || token.is_some() {
             self.last_token = page.next.clone().or(token);
         }
-        if !self.options.dry_run {
-            state::record_failures(
-                &mut tx,
-                self.source_system,
-                self.stream_name,
-                self.run_id,
-                &failures,
-            )
-            .await?;
-            let resolved: Vec<String> = rows
-                .iter()
-                .filter(|r| self.failing_keys.contains(&r.source_id))
-                .map(|r| r.source_id.clone())
-                .collect();
-            state::clear_failures_of_records(
-                &mut tx,
-                self.source_system,
-                &self.same_table,
-                &resolved,
-            )
-            .await?;
-            state::add_counters(&mut tx, self.run_id, &counters).await?;
-            if written.inserted + written.updated > 0 {
-                let ids: Vec<&str> = rows.iter().map(|r| r.source_id.as_str()).collect();
-                ledger::rules::enqueue(
-                    &mut tx,
-                    self.source_system,
-                    self.stream_name,
-                    self.stream,
-                    Some(&ids),
-                )
-                .await?;
-            }
-            let mut checkpoint = self.checkpoint.clone();
-            // A feed's cursor is committed with the page that reached it: whatever
-            // interrupts the walk after this commit, the next run starts from here.
-            if self.scope == MAIN_SCOPE
-                && matches!(self.stream.incremental, IncrementalSpec::Cursor)
-                && self.last_token.is_some()
-            {
-                checkpoint.cursor = self.last_token.clone();
-            }
-            if self.sorted() && self.scope == MAIN_SCOPE {
-                checkpoint.high_water_mark =
-                    checkpoint.high_water_mark.max(self.resume.max_applied);
-            }
-            checkpoint.resume = Some(Resume {
-                run_id: self.run_id,
-                ..self.resume.clone()
-            });
-            state::save_checkpoint(
-                &mut tx,
-                self.source_system,
-                self.stream_name,
-                &self.scope,
-                &checkpoint,
-                self.run_id,
-            )
-            .await?;
-            crash_point("page_before_commit", page_number);
-            tx.commit().await.context(|| "committing a page".into())?;
-            crash_point("page_after_commit", page_number);
-            for key in &resolved {
-                self.failing_keys.remove(key);
-            }
-            self.checkpoint = checkpoint;
+        // Kept in the set: Postgres may still refuse the row (then it stays a failure), and
+        // clearing a failure already cleared is harmless.
+        let resolved: Vec<String> = rows
+            .iter()
+            .filter(|r| self.failing_keys.contains(&r.source_id))
+            .map(|r| r.source_id.clone())
+            .collect();
+        let mut checkpoint = self.checkpoint.clone();
+        // A feed's cursor is committed with the page that reached it: whatever
+        // interrupts the walk after this commit, the next run starts from here.
+        if self.scope == MAIN_SCOPE
+            && matches!(self.stream.incremental, IncrementalSpec::Cursor)
+            && self.last_token.is_some()
+        {
+            checkpoint.cursor = self.last_token.clone();
         }
+        if self.sorted() && self.scope == MAIN_SCOPE {
+            checkpoint.high_water_mark = checkpoint.high_water_mark.max(self.resume.max_applied);
+        }
+        checkpoint.resume = Some(Resume {
+            run_id: self.run_id,
+            ..self.resume.clone()
+        });
+        self.checkpoint = checkpoint.clone();
         if let Some(seen) = &mut self.seen_ids {
             // A record that failed was seen all the same: it is not deleted at the vendor.
             seen.extend(rows.iter().map(|r| r.source_id.clone()));
             seen.extend(failures.iter().filter_map(|f| f.source_id.clone()));
         }
-        self.counters += counters;
+        writer
+            .push(PageWork {
+                page_number,
+                rows,
+                failures,
+                resolved,
+                fetched,
+                checkpoint,
+            })
+            .await?;
+        self.counters += writer.take_committed();
         if let Some(progress) = &self.options.progress {
             progress.send_replace(self.counters);
         }
-        tracing::debug!(
-            page = page_number,
-            fetched,
-            inserted = written.inserted,
-            updated = written.updated,
-            unchanged = written.unchanged,
-            failed = counters.failed,
-            "page committed"
-        );
+        tracing::debug!(page = page_number, fetched, "page handed to the writer");
         if page_number % 50 == 0 {
             info!(
                 pages = page_number,
-                fetched = self.counters.fetched,
+                committed_records = self.counters.fetched,
                 "progress"
             );
         }
         Ok(())
     }
 
-    /// A page Postgres refused although every record passed normalization (a constraint
-    /// the user added to the table, a limit idem does not know): the rows are written one
-    /// by one, each under a savepoint, and the ones refused become record failures, so the
-    /// page still commits. Only this rare path pays the round trips.
-    async fn write_one_by_one(
-        &mut self,
-        tx: &mut sqlx::PgConnection,
-        rows: &mut Vec<Row>,
-        failures: &mut Vec<RecordFailure>,
-        compare: Compare,
-        page_error: &StoreError,
-    ) -> Result<crate::store::table::WriteCounts, StoreError> {
-        warn!(error = %error_chain(page_error), rows = rows.len(), "Postgres refused the page; writing its rows one by one to find the records it refuses");
-        let mut total = crate::store::table::WriteCounts::default();
-        let mut kept = Vec::with_capacity(rows.len());
-        for row in rows.drain(..) {
-            sqlx::query("SAVEPOINT idem_one_row")
-                .execute(&mut *tx)
-                .await
-                .context(|| "setting a savepoint".into())?;
-            let single = std::slice::from_ref(&row);
-            match self
-                .table
-                .write_page(
-                    tx,
-                    self.source_system,
-                    self.run_id,
-                    single,
-                    compare,
-                    self.options.dry_run,
-                )
-                .await
-            {
-                Ok(written) => {
-                    sqlx::query("RELEASE SAVEPOINT idem_one_row")
-                        .execute(&mut *tx)
-                        .await
-                        .context(|| "releasing a savepoint".into())?;
-                    total.inserted += written.inserted;
-                    total.updated += written.updated;
-                    total.unchanged += written.unchanged;
-                    kept.push(row);
-                }
-                Err(err) if refused_by_postgres(&err) => {
-                    sqlx::query("ROLLBACK TO SAVEPOINT idem_one_row")
-                        .execute(&mut *tx)
-                        .await
-                        .context(|| "rolling back to a savepoint".into())?;
-                    let reason = match &err {
-                        StoreError::Query { source, .. } => source.to_string(),
-                        other => other.to_string(),
-                    };
-                    let failure = RecordFailure {
-                        record_key: row.source_id.clone(),
-                        source_id: Some(row.source_id.clone()),
-                        payload: serde_json::from_str(&row.data).unwrap_or(Value::Null),
-                        error: crate::values::sanitize_text(&format!(
-                            "Postgres refused the record: {reason}"
-                        )),
-                    };
-                    warn!(record_key = %failure.record_key, error = %failure.error, "record failed; it goes to the failures table and is retried next run");
-                    failures.push(failure);
-                }
-                Err(err) => return Err(err),
-            }
+    fn write_target(&self) -> WriteTarget {
+        WriteTarget {
+            pool: self.pool.clone(),
+            source_system: self.source_system.to_string(),
+            stream_name: self.stream_name.to_string(),
+            same_table: self.same_table.clone(),
+            owner: self.owner,
+            stream: self.stream.clone(),
+            scope: self.scope.clone(),
+            run_id: self.run_id,
+            table: DestinationTable::new(&self.stream.table, &self.stream.columns),
+            table_exists: self.table_exists,
+            compare: match self.options.mode {
+                Mode::Regular => Compare::Hash,
+                Mode::Replay { .. } => Compare::Content,
+            },
+            dry_run: self.options.dry_run,
         }
-        *rows = kept;
-        Ok(total)
     }
 
     /// The walk is complete: clear the resume point, advance the mark or cursor, mark
@@ -1312,21 +1220,6 @@ struct Fetched {
     page: Page,
     next: Option<PageRequest>,
     results_in_query: u64,
-}
-
-/// Whether Postgres refused the data itself (a data exception, a constraint, a size
-/// limit), as opposed to the connection or the server failing: only then is one record to
-/// blame.
-fn refused_by_postgres(err: &StoreError) -> bool {
-    let StoreError::Query { source, .. } = err else {
-        return false;
-    };
-    source
-        .as_database_error()
-        .and_then(|e| e.code())
-        .is_some_and(|code| {
-            code.starts_with("22") || code.starts_with("23") || code.starts_with("54")
-        })
 }
 
 /// An error and its sources, on one line.

@@ -111,6 +111,7 @@ async fn schedule_loop(
     let options = RunOptions {
         stop: Some(shutdown.clone()),
         ddl: service.settings.database.ddl_policy(),
+        batching: service.settings.import.batching(),
         ..RunOptions::new(Mode::Regular, false)
     };
     loop {

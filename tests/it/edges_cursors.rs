@@ -150,6 +150,8 @@ async fn an_events_walk_interrupted_at_any_boundary_loses_no_event() {
         }
         let crashed = finish(
             stripe_command(&app, &["run", "stripe.invoices", "--no-notify"])
+                // One page per transaction, so each boundary above is a commit.
+                .env("IDEM__IMPORT__TRANSACTION_RECORDS", "1")
                 .env("IDEM_CRASH_AT", crash_at),
         )
         .await;

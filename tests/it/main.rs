@@ -15,3 +15,4 @@ mod replay;
 mod security;
 mod serve;
 mod sync_core;
+mod throughput;

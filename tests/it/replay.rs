@@ -198,6 +198,8 @@ async fn a_killed_replay_resumes_from_its_last_committed_page() {
     ];
     let killed = app
         .command(&args)
+        // One page per transaction, so the kill lands between known pages.
+        .env("IDEM__IMPORT__TRANSACTION_RECORDS", "1")
         .env("IDEM_CRASH_AT", "page_after_commit:4")
         .output()
         .await

@@ -145,6 +145,8 @@ async fn crash_mid_page_resumes_without_duplicates() {
         let app = spawn_app(1000).await;
         let crashed = app
             .command(&["run", "--no-notify"])
+            // One page per transaction, so the kill lands between known pages.
+            .env("IDEM__IMPORT__TRANSACTION_RECORDS", "1")
             .env("IDEM_CRASH_AT", crash_at)
             .output()
             .await
