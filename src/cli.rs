@@ -838,10 +838,10 @@ async fn status(
         return Ok(EXIT_OK);
     }
     let rows = crate::console::overview(pool, connectors, lag_alert, &Default::default()).await?;
-    print!(
-        "{}",
-        crate::redact::for_terminal(&crate::console::table::render(&rows))
-    );
+    // Vendor text (cursors, errors) cannot drive the terminal; the table's own newlines stay.
+    for line in crate::console::table::render(&rows).lines() {
+        println!("{}", crate::redact::for_terminal(line));
+    }
     if runs.iter().any(|r| r.error.is_some()) {
         println!("Last errors");
         for r in runs.iter().filter(|r| r.error.is_some()).take(5) {

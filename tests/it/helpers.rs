@@ -147,6 +147,17 @@ impl TestApp {
         mode: Mode,
         dry_run: bool,
     ) -> RunReport {
+        self.run_connector_with(connector, stream, &RunOptions::new(mode, dry_run))
+            .await
+    }
+
+    /// `run_connector` with options of the test's own (e.g. one page per transaction).
+    pub async fn run_connector_with(
+        &self,
+        connector: &Connector,
+        stream: &str,
+        options: &RunOptions,
+    ) -> RunReport {
         let source = HttpSource::new(
             VendorClient::new(connector.clone()),
             connector.stream(stream).expect("stream").clone(),
@@ -157,7 +168,7 @@ impl TestApp {
             connector,
             stream,
             source,
-            &RunOptions::new(mode, dry_run),
+            options,
         )
         .await
         .expect("the run starts")

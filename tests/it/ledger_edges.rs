@@ -285,8 +285,17 @@ async fn an_invoice_paid_later_in_the_same_backlog_gets_no_reminder() {
     app.vendor
         .update_invoice("in_900001", |inv| inv["status"] = json!("paid"));
 
+    // Page by page, as a slow vendor's backlog commits (a transaction also closes after
+    // `[import] transaction_time`): the open version commits before the paid one is read.
+    let page_by_page = idem::run::RunOptions {
+        batching: idem::writer::Batching {
+            max_records: 1,
+            ..Default::default()
+        },
+        ..idem::run::RunOptions::new(Mode::Regular, false)
+    };
     let backlog = app
-        .run_connector(&connector, "invoices", Mode::Regular, false)
+        .run_connector_with(&connector, "invoices", &page_by_page)
         .await;
     assert_eq!(backlog.status, RunStatus::Succeeded, "{backlog:?}");
     assert!(
