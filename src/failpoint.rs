@@ -1,8 +1,11 @@
 //! Crash points for crash-safety tests: `IDEM_CRASH_AT=<point>:<n>` makes the process
 //! SIGKILL itself the n-th time it passes `<point>`, exactly as a power cut would.
 //!
-//! Points: `page_before_commit`, `page_after_commit` (n = page number of the run),
-//! `notify_after_send` (n = message number of the dispatcher).
+//! Points: `page_before_commit`, `page_after_commit` (n = page number of the run);
+//! `walk_end_before_commit`, `walk_end_after_commit` (the end-of-walk transaction: mark or
+//! cursor, deletions, reminder rules) and `run_after_finish` (the run's row is closed),
+//! n = 1; `notify_before_send` (the row is marked in flight, nothing sent yet) and
+//! `notify_after_send` (n = message number of the dispatcher's pass).
 
 use std::sync::OnceLock;
 

@@ -114,6 +114,7 @@ impl<'a, T: Transport> Dispatcher<'a, T> {
                     warn!("lost the lease before sending; another dispatcher has this row");
                     continue;
                 }
+                crash_point("notify_before_send", sent_in_pass + 1);
                 let message = Message {
                     key: row.key.clone(),
                     recipient: row.recipient,
