@@ -72,14 +72,21 @@ pub fn next_token(
                 return Ok(None);
             }
             let current = parse_number(view.token, *start)?;
-            Ok(Some((current + 1).to_string()))
+            // A page number at u64::MAX has no successor: wrapping would restart the walk.
+            let next = current
+                .checked_add(1)
+                .ok_or_else(|| format!("page number {current} has no next page number"))?;
+            Ok(Some(next.to_string()))
         }
         PaginationSpec::Offset { limit, .. } => {
             if (view.records.len() as u64) < *limit {
                 return Ok(None);
             }
             let current = parse_number(view.token, 0)?;
-            Ok(Some((current + view.records.len() as u64).to_string()))
+            let next = current
+                .checked_add(view.records.len() as u64)
+                .ok_or_else(|| format!("offset {current} has no next offset"))?;
+            Ok(Some(next.to_string()))
         }
     }
 }
@@ -106,7 +113,12 @@ fn describe(value: Option<&Value>) -> String {
         Some(value) => {
             let text = value.to_string();
             if text.len() > 40 {
-                format!("{}…", &text[..40])
+                // Cut on a character boundary: vendor text is any UTF-8.
+                let mut end = 40;
+                while !text.is_char_boundary(end) {
+                    end -= 1;
+                }
+                format!("{}…", &text[..end])
             } else {
                 text
             }

@@ -166,6 +166,7 @@ async fn torture_random_kills() {
         let full = t0.elapsed().max(Duration::from_millis(100));
         let (mut landed, mut changes) = (0usize, 0usize);
         let mut by_action: BTreeMap<&str, usize> = BTreeMap::new();
+        let mut typical: BTreeMap<&str, Duration> = BTreeMap::new();
         for i in 0..cfg.kills {
             if rng.random_bool(0.3) {
                 changes += world.mutate(shape, &mut rng);
@@ -187,9 +188,20 @@ async fn torture_random_kills() {
             } else {
                 ("import", vec!["run", target.as_str()])
             };
+            // Each action's kill moment is drawn within its last observed duration, so
+            // that kills land in short incremental runs as well as in long walks.
+            let estimate = *typical.entry(action).or_insert(full);
+            let wait = estimate.mul_f64(rng.random_range(0.0..1.1));
             let mut child = world.spawn(world.idem(&config, &args, None));
-            let wait = full.mul_f64(rng.random_range(0.0..1.3));
-            tokio::time::sleep(wait).await;
+            let spawned = Instant::now();
+            while spawned.elapsed() < wait {
+                if let Ok(Some(_)) = child.try_wait() {
+                    let took = spawned.elapsed().max(Duration::from_millis(20));
+                    typical.insert(action, took);
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
             if sigkill(&mut child).await {
                 landed += 1;
                 *by_action.entry(action).or_default() += 1;
@@ -239,6 +251,21 @@ fn clear_error(stderr: &str) -> bool {
         && ["database", "postgres", "connection", "commit", "terminat", "pool"]
             .iter()
             .any(|w| s.contains(w))
+}
+
+/// The `error` field of the last JSON log line that has one.
+fn error_line(stderr: &str) -> String {
+    stderr
+        .lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find_map(|v| {
+            v["fields"]["error"]
+                .as_str()
+                .or(v["fields"]["message"].as_str())
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| tail(stderr))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -320,6 +347,9 @@ async fn torture_postgres_restart() {
             let outcome = if out.status.success() {
                 "recovered"
             } else if clear_error(&stderr) {
+                if round == 0 {
+                    eprintln!("  {phase}: exit {}; {}", out.status, error_line(&stderr));
+                }
                 "failed clearly"
             } else {
                 cfg.violation(format!(
@@ -330,7 +360,7 @@ async fn torture_postgres_restart() {
             };
             *outcomes.entry(format!("{phase} {outcome}")).or_default() += 1;
             // Nothing committed before the restart is lost.
-            let after_rows = world.stored(&shape.table()).await.unwrap_or_default();
+            let after_rows = world.stored_after_restart(&shape.table()).await;
             for (id, v) in &before_rows {
                 if after_rows.get(id) != Some(v) {
                     cfg.violation(format!(
