@@ -26,10 +26,10 @@ fn switch(name: &str) -> bool {
 
 /// Shapes whose vendor changes records in the middle of a walk during the random kills.
 fn walk_mutation_shapes() -> Vec<Shape> {
-    let mut shapes = vec![Shape::List];
-    if switch("EVENTS_WALK_MUTATIONS") {
-        shapes.push(Shape::Events);
-    }
+    let mut shapes = vec![Shape::List, Shape::Events];
+    // Known bug (HubSpot-shaped search by offsets): a record changed mid-walk moves to the
+    // end of the ascending sort, every later record shifts one offset back, and one is
+    // skipped while the mark passes it. On once the fix is merged.
     if switch("SEARCH_WALK_MUTATIONS") {
         shapes.push(Shape::Search);
     }
@@ -220,6 +220,25 @@ async fn torture_random_kills() {
                     .map_err(|e| format!("{step}: {e}")),
             );
         }
+        // Walks that run to their end while the vendor changes records under them: the
+        // checkpoint they commit must still claim only what is stored.
+        let mut changed_walks = 0;
+        if walk_mutations.contains(&shape) {
+            for w in 0..(cfg.kills / 10).max(3) {
+                world.reset(shape).await;
+                for _ in 0..rng.random_range(1..=3) {
+                    world.mutate_during_walk(shape, &mut rng);
+                }
+                world.converge(&cfg, shape).await;
+                changed_walks += 1;
+                cfg.check(
+                    world
+                        .check_not_ahead(shape)
+                        .await
+                        .map_err(|e| format!("after fresh walk {w} with changes during it: {e}")),
+                );
+            }
+        }
         world.converge(&cfg, shape).await;
         // A resumed walk started before the last changes; one more run sees them.
         world.converge(&cfg, shape).await;
@@ -232,7 +251,7 @@ async fn torture_random_kills() {
             Err(e) => cfg.violation(e),
         };
         summary.push(format!(
-            "  {target:16} kills {landed}/{} landed {by_action:?}; vendor changes {changes}; records {}; emails expected {expected}, sent {sent}, needs_review {review}, duplicated 0",
+            "  {target:16} kills {landed}/{} landed {by_action:?}; vendor changes {changes}; walks changed under them {changed_walks}; records {}; emails expected {expected}, sent {sent}, needs_review {review}, duplicated 0",
             cfg.kills,
             world.truth(shape).len()
         ));
