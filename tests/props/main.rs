@@ -193,7 +193,14 @@ fn prop_connector_text_edits_never_panic() {
     });
     let strategy = (
         0..SHIPPED.len(),
-        prop::collection::vec((any::<prop::sample::Index>(), "[\\[\\]{}=\"#\\n a-z0-9.$]{0,4}", 0..6usize), 1..4),
+        prop::collection::vec(
+            (
+                any::<prop::sample::Index>(),
+                "[\\[\\]{}=\"#\\n a-z0-9.$]{0,4}",
+                0..6usize,
+            ),
+            1..4,
+        ),
     );
     runner
         .run(&strategy, |(file, edits)| {
@@ -287,15 +294,28 @@ fn pagination_spec() -> impl Strategy<Value = PaginationSpec> {
     ];
     prop_oneof![
         Just(PaginationSpec::None),
-        (ptr.clone(), "[a-z]{1,5}").prop_map(|(cursor, param)| PaginationSpec::BodyCursor { cursor, param }),
-        ("[a-z]{1,5}", prop::option::of(ptr.clone()), prop::option::of(ptr.clone()))
-            .prop_map(|(param, field, has_more)| PaginationSpec::LastRecord { param, field, has_more }),
+        (ptr.clone(), "[a-z]{1,5}")
+            .prop_map(|(cursor, param)| PaginationSpec::BodyCursor { cursor, param }),
+        (
+            "[a-z]{1,5}",
+            prop::option::of(ptr.clone()),
+            prop::option::of(ptr.clone())
+        )
+            .prop_map(|(param, field, has_more)| PaginationSpec::LastRecord {
+                param,
+                field,
+                has_more
+            }),
         ("[a-z]{1,5}", prop::option::of(ptr.clone()))
             .prop_map(|(param, field)| PaginationSpec::FirstRecord { param, field }),
         ptr.prop_map(|pointer| PaginationSpec::NextUrl { pointer }),
         Just(PaginationSpec::LinkHeader),
         (any::<u64>(), prop::option::of(0u64..300)).prop_map(|(start, page_size)| {
-            PaginationSpec::PageNumber { param: "page".into(), start, page_size }
+            PaginationSpec::PageNumber {
+                param: "page".into(),
+                start,
+                page_size,
+            }
         }),
         (1u64..300).prop_map(|limit| PaginationSpec::Offset {
             param: "offset".into(),
@@ -383,9 +403,12 @@ impl Db {
     async fn drop(self) {
         self.pool.close().await;
         if let Ok(mut admin) = PgConnection::connect(&admin_url()).await {
-            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name))
-                .execute(&mut admin)
-                .await;
+            let _ = sqlx::query(&format!(
+                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+                self.name
+            ))
+            .execute(&mut admin)
+            .await;
         }
     }
 }
@@ -426,7 +449,9 @@ body = "{{ n }} {{ data.j }} {{ data.d }} {{ (data.i | int) + 1 }} {{ data.extra
         ("day", "date", "/d", "%Y-%m-%d"),
         ("j", "jsonb", "/j", ""),
     ] {
-        text += &format!("\n[[streams.s.columns]]\nname = \"{name}\"\npointer = \"{pointer}\"\ntype = \"{ty}\"\n");
+        text += &format!(
+            "\n[[streams.s.columns]]\nname = \"{name}\"\npointer = \"{pointer}\"\ntype = \"{ty}\"\n"
+        );
         if !format.is_empty() {
             text += &format!("format = \"{format}\"\n");
         }
@@ -489,14 +514,24 @@ fn prop_normalization_rows_are_accepted_by_postgres_or_fail_their_record() {
                 rows.push(row);
             }
         }
-        prop_assert!(rows.iter().any(|r| r.source_id == good_id), "the good record failed");
+        prop_assert!(
+            rows.iter().any(|r| r.source_id == good_id),
+            "the good record failed"
+        );
         // Ids may repeat within a page; a vendor page never has two versions of one id here.
         rows.sort_by(|a, b| a.source_id.cmp(&b.source_id));
         rows.dedup_by(|a, b| a.source_id == b.source_id);
         let written: Result<(), String> = rt.block_on(async {
             let mut tx = db.pool.begin().await.map_err(|e| e.to_string())?;
             table
-                .write_page(&mut tx, "props", uuid::Uuid::new_v4(), &rows, Compare::Content, false)
+                .write_page(
+                    &mut tx,
+                    "props",
+                    uuid::Uuid::new_v4(),
+                    &rows,
+                    Compare::Content,
+                    false,
+                )
                 .await
                 .map_err(|e| idem::run::error_chain(&e))?;
             tx.commit().await.map_err(|e| e.to_string())
@@ -547,7 +582,14 @@ fn prop_templates_render_or_fail_their_one_ledger_row() {
         let outcome: Result<i64, String> = rt.block_on(async {
             let mut tx = db.pool.begin().await.map_err(|e| e.to_string())?;
             table
-                .write_page(&mut tx, "props", uuid::Uuid::new_v4(), &rows, Compare::Content, false)
+                .write_page(
+                    &mut tx,
+                    "props",
+                    uuid::Uuid::new_v4(),
+                    &rows,
+                    Compare::Content,
+                    false,
+                )
                 .await
                 .map_err(|e| idem::run::error_chain(&e))?;
             idem::ledger::rules::enqueue(&mut tx, "props", "s", &stream, None)
@@ -566,12 +608,14 @@ fn prop_templates_render_or_fail_their_one_ledger_row() {
         });
         match outcome {
             Ok(good) => prop_assert_eq!(good, 1, "a bad record cost the good one its ledger row"),
-            Err(e) => return Err(TestCaseError::fail(format!("enqueue failed as a whole: {e}"))),
+            Err(e) => {
+                return Err(TestCaseError::fail(format!(
+                    "enqueue failed as a whole: {e}"
+                )));
+            }
         }
         Ok(())
     });
     rt.block_on(db.drop());
     result.unwrap();
 }
-
-

@@ -267,9 +267,16 @@ async fn torture_random_kills() {
 fn clear_error(stderr: &str) -> bool {
     let s = stderr.to_lowercase();
     s.contains("error")
-        && ["database", "postgres", "connection", "commit", "terminat", "pool"]
-            .iter()
-            .any(|w| s.contains(w))
+        && [
+            "database",
+            "postgres",
+            "connection",
+            "commit",
+            "terminat",
+            "pool",
+        ]
+        .iter()
+        .any(|w| s.contains(w))
 }
 
 /// The `error` field of the last JSON log line that has one.
@@ -342,7 +349,10 @@ async fn torture_postgres_restart() {
                 30,
                 FaultKind::Delay(Duration::from_millis(80)),
             ));
-            let child = world.idem(&config, &args, None).spawn().expect("idem starts");
+            let child = world
+                .idem(&config, &args, None)
+                .spawn()
+                .expect("idem starts");
             tokio::time::sleep(Duration::from_millis(rng.random_range(300..1200))).await;
             let before_rows = world.stored(&shape.table()).await.unwrap_or_default();
             let before_sent: Vec<String> = world
@@ -456,7 +466,9 @@ async fn torture_racing_dispatchers() {
                 .vendor
                 .inject(Fault::new("/email/send", rng.random_range(1..=3), kind));
         }
-        world.vendor.inject(Fault::status("/email/send", 2, 503, None));
+        world
+            .vendor
+            .inject(Fault::status("/email/send", 2, 503, None));
         let mut serve = world.spawn(world.idem(&config, &["serve"], None));
         let mut notifiers = Vec::new();
         for _ in 0..3 {
@@ -501,6 +513,9 @@ async fn torture_racing_dispatchers() {
         started.elapsed().as_secs_f64(),
     );
 }
+
+/// (stream, status, started_at, finished_at) of one `idem_runs` row.
+type RunRow = (String, String, DateTime<Utc>, Option<DateTime<Utc>>);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn torture_serve_replicas() {
@@ -577,7 +592,7 @@ async fn torture_serve_replicas() {
     }
     // No stream ever had two runs overlapping in time. A run the kill interrupted ended
     // at the kill (it is marked abandoned, or left running, afterwards).
-    let runs: Vec<(String, String, DateTime<Utc>, Option<DateTime<Utc>>)> = sqlx::query_as(
+    let runs: Vec<RunRow> = sqlx::query_as(
         "SELECT stream, status, started_at, finished_at FROM idem_runs WHERE source_system = 'replicas' ORDER BY stream, started_at",
     )
     .fetch_all(&world.pool)

@@ -39,10 +39,13 @@ pub fn cfg(test: &str) -> Option<Cfg> {
     let bin = std::env::var("IDEM_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|_| PathBuf::from(env!("CARGO_BIN_EXE_idem")));
-    let reproduce = std::env::var("IDEM_TORTURE_REPRODUCE").unwrap_or_else(|_| {
-        format!("scripts/torture.sh --seed {seed} --kills {kills}")
-    }) + &format!(" --only {test}");
-    eprintln!("== {test}: seed {seed}, {kills} kills per shape, binary {}", bin.display());
+    let reproduce = std::env::var("IDEM_TORTURE_REPRODUCE")
+        .unwrap_or_else(|_| format!("scripts/torture.sh --seed {seed} --kills {kills}"))
+        + &format!(" --only {test}");
+    eprintln!(
+        "== {test}: seed {seed}, {kills} kills per shape, binary {}",
+        bin.display()
+    );
     Some(Cfg {
         seed,
         kills,
@@ -364,9 +367,7 @@ impl World {
         .unwrap();
         let events = Events {
             count: RECORDS,
-            latest: (1..=RECORDS)
-                .map(|k| (format!("in_{k:06}"), k))
-                .collect(),
+            latest: (1..=RECORDS).map(|k| (format!("in_{k:06}"), k)).collect(),
         };
         let world = World {
             vendor,
@@ -416,9 +417,11 @@ impl World {
     }
 
     pub fn config(&self, shape: Shape) -> PathBuf {
-        self.dir
-            .path()
-            .join(if shape.smtp() { "smtp.toml" } else { "http.toml" })
+        self.dir.path().join(if shape.smtp() {
+            "smtp.toml"
+        } else {
+            "http.toml"
+        })
     }
 
     pub fn replicas_config(&self, schedules: &str) -> PathBuf {
@@ -461,7 +464,10 @@ impl World {
             .await
             .expect("idem finishes within 2 minutes")
             .expect("idem starts");
-        (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     }
 
     pub fn spawn(&self, mut c: Command) -> Child {
@@ -804,7 +810,11 @@ impl World {
                 other => {
                     return Err(format!(
                         "{key}: ledger status {other} with {n} emails over {}",
-                        if shape.smtp() { "SMTP" } else { "the keyed HTTP API" }
+                        if shape.smtp() {
+                            "SMTP"
+                        } else {
+                            "the keyed HTTP API"
+                        }
                     ));
                 }
             }
@@ -817,7 +827,9 @@ impl World {
             .filter(|inv| {
                 inv["status"] == "open"
                     && inv["due_date"].as_i64().is_some_and(|d| d < cutoff)
-                    && inv["customer_email"].as_str().is_some_and(|e| !e.is_empty())
+                    && inv["customer_email"]
+                        .as_str()
+                        .is_some_and(|e| !e.is_empty())
             })
             .map(|inv| {
                 format!(
