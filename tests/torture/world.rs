@@ -116,6 +116,9 @@ impl Shape {
     }
 }
 
+/// The `overlap` of the streams with a high-water mark, in minutes.
+const OVERLAP_MINUTES: i64 = 15;
+
 /// Records per shape: 30 pages of 10.
 pub const RECORDS: usize = 300;
 pub const PAGE: usize = 10;
@@ -235,7 +238,7 @@ kind = "high_water_mark"
 param = "updated[gte]"
 param_to = "updated[lt]"
 format = "unix_seconds"
-overlap = "15m"
+overlap = "{OVERLAP_MINUTES}m"
 sorted = false
 "#
     );
@@ -293,7 +296,7 @@ param = "after"
 [streams.search.incremental]
 kind = "high_water_mark"
 format = "unix_millis"
-overlap = "15m"
+overlap = "{OVERLAP_MINUTES}m"
 sorted = true
 max_results_per_query = 10000
 
@@ -694,8 +697,11 @@ impl World {
                     .filter(|id| ev.latest.get(*id).is_some_and(|&s| s <= n))
                     .collect()
             }
+            // A mark promises that the next run reads from `mark - overlap` (15m in both
+            // streams): everything updated before that must be stored.
             Shape::List => {
                 let Some(mark) = mark else { return Ok(()) };
+                let mark = mark - chrono::Duration::minutes(OVERLAP_MINUTES);
                 truth
                     .iter()
                     .filter(|(_, v)| v["updated"].as_i64().unwrap_or(0) < mark.timestamp())
@@ -704,6 +710,7 @@ impl World {
             }
             Shape::Search => {
                 let Some(mark) = mark else { return Ok(()) };
+                let mark = mark - chrono::Duration::minutes(OVERLAP_MINUTES);
                 truth
                     .iter()
                     .filter(|(_, v)| {
