@@ -332,7 +332,7 @@ async fn torture_postgres_restart() {
                 }
                 _ => {
                     // New reminders to send: reopen a few overdue invoices.
-                    world.tick(61);
+                    world.tick();
                     for _ in 0..6 {
                         let k = rng.random_range(1..=world::RECORDS);
                         world.vendor.update_invoice(&format!("in_{k:06}"), |inv| {
@@ -448,7 +448,7 @@ async fn torture_racing_dispatchers() {
     let mut attempts_total = 0;
     for round in 0..rounds {
         // New due reminders for this round.
-        world.tick(61);
+        world.tick();
         for _ in 0..20 {
             let k = rng.random_range(1..=world::RECORDS);
             world.vendor.update_invoice(&format!("in_{k:06}"), |inv| {

@@ -26,7 +26,10 @@ pub struct Cfg {
 
 /// The run's settings, or `None` when the torture is not asked for (plain `cargo test`).
 pub fn cfg(test: &str) -> Option<Cfg> {
-    let mode = std::env::var("IDEM_TORTURE").ok()?;
+    let Ok(mode) = std::env::var("IDEM_TORTURE") else {
+        eprintln!("{test}: skipped (scripts/torture.sh runs it, with IDEM_TORTURE set)");
+        return None;
+    };
     let seed = std::env::var("IDEM_TORTURE_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -331,8 +334,10 @@ impl World {
     pub async fn new(cfg: &Cfg, rng: &mut StdRng) -> World {
         let vendor = FakeVendor::start().await;
         vendor.require_bearer("sk_torture");
-        // Seeded at a random clock, so that seeds differ in their times too.
-        let clock0 = idem_clock0() + rng.random_range(0..86_400);
+        // The vendor's clock is the real one (as a real vendor's is, give or take): idem's
+        // guard for changes behind an unsorted walk compares the vendor's stamps with the
+        // walk's start on its own clock. A random offset of up to 2s stands for the skew.
+        let clock0 = Utc::now().timestamp() - rng.random_range(0..2);
         vendor.set_clock(clock0);
         vendor.seed_invoices(RECORDS);
         vendor.seed_contacts(RECORDS);
@@ -480,6 +485,12 @@ impl World {
     /// `idem run` of one shape to a clean end (a few tries: the vendor may be faulty); the
     /// reminders it records wait for [`World::drain_ledger`].
     pub async fn converge(&self, cfg: &Cfg, shape: Shape) {
+        // A run reads changes stamped before the second it starts in (`updated[lt]`):
+        // start after the last change's second.
+        let last_change = *self.clock.lock().unwrap();
+        while Utc::now().timestamp() <= last_change {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let config = self.config(shape);
         let target = shape.target();
         let mut last = String::new();
@@ -530,16 +541,16 @@ impl World {
         ))
     }
 
-    /// Moves the vendor clock on, so that the next changes carry newer times.
-    pub fn tick(&self, secs: i64) {
+    /// Moves the vendor clock to now, so that the next changes carry newer times.
+    pub fn tick(&self) {
         let mut c = self.clock.lock().unwrap();
-        *c += secs;
+        *c = next_stamp(*c);
         self.vendor.set_clock(*c);
     }
 
     /// Changes a few records of the shape at the vendor, as its users would.
     pub fn mutate(&self, shape: Shape, rng: &mut StdRng) -> usize {
-        self.tick(61);
+        self.tick();
         let n = rng.random_range(1..=3);
         for _ in 0..n {
             let k = rng.random_range(1..=RECORDS);
@@ -580,7 +591,7 @@ impl World {
             // vendor clock; the next `tick` starts after this stamp).
             let now = {
                 let mut c = clock.lock().unwrap();
-                *c += 61;
+                *c = next_stamp(*c);
                 *c
             };
             match shape {
@@ -877,9 +888,9 @@ impl Drop for World {
     }
 }
 
-/// The vendor clock the seeds are relative to (the fake's default).
-fn idem_clock0() -> i64 {
-    1_795_132_800
+/// The vendor's next change time: now (never before the last one).
+fn next_stamp(last: i64) -> i64 {
+    Utc::now().timestamp().max(last)
 }
 
 pub fn compare(
