@@ -10,7 +10,8 @@
 #   --only F     run only the modes whose test name contains F (e.g. postgres_restart)
 # The driver is tests/torture/main.rs; its tests do nothing unless IDEM_TORTURE is set,
 # which this script does. On a violation it prints the seed and the command to reproduce,
-# and exits non-zero. Known-bug switches: see docs/TESTING.md.
+# and exits non-zero. Known-bug switches: see docs/TESTING.md. IDEM_BIN=PATH uses a binary
+# already built instead of building the release one.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -34,8 +35,10 @@ if [ -z "$kills" ]; then
 fi
 
 echo "torture: mode=$mode seed=$seed kills=$kills per shape"
-cargo build --release --quiet --bin idem
-export IDEM_BIN="$PWD/target/release/idem"
+if [ -z "${IDEM_BIN:-}" ]; then
+    cargo build --release --quiet --bin idem
+    export IDEM_BIN="$PWD/target/release/idem"
+fi
 export IDEM_TORTURE="$mode" IDEM_TORTURE_SEED="$seed" IDEM_TORTURE_KILLS="$kills"
 export IDEM_TORTURE_REPRODUCE="scripts/torture.sh --seed $seed --kills $kills$([ "$mode" = soak ] && echo ' --soak')"
 # A cluster of our own (never the shared one on 5432): we crash and restart it.

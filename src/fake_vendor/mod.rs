@@ -107,6 +107,9 @@ pub enum FaultKind {
     WrongShape,
     /// Repeat the previous page's last record at the start of this page.
     DuplicateRecords,
+    /// Handle the request (an email is delivered), then sleep this long before answering:
+    /// a client that gives up first never learns that it succeeded.
+    SlowAnswer(Duration),
 }
 
 /// One request the fake received (control endpoints under `/_fake/` excluded).

@@ -424,6 +424,18 @@ impl World {
         }
     }
 
+    /// Whether an interrupted walk of the shape waits to be resumed.
+    pub async fn walk_in_progress(&self, shape: Shape) -> bool {
+        sqlx::query_scalar::<_, bool>(
+            "SELECT resume IS NOT NULL FROM idem_checkpoints WHERE source_system = 'torture' AND stream = $1 AND scope = 'main'",
+        )
+        .bind(shape.stream())
+        .fetch_optional(&self.pool)
+        .await
+        .expect("read the checkpoint")
+        .unwrap_or(false)
+    }
+
     pub fn config(&self, shape: Shape) -> PathBuf {
         self.dir.path().join(if shape.smtp() {
             "smtp.toml"
