@@ -3,11 +3,12 @@
 # in-project fake vendor, SMTP sink and keyed HTTP mail API, on a disposable Postgres cluster
 # of its own (it restarts that cluster with `pg_ctl restart -m immediate`).
 #
-# Usage: scripts/torture.sh [--seed N] [--kills N] [--soak] [--only FILTER]
+# Usage: scripts/torture.sh [--seed N] [--kills N] [--soak] [--only FILTER] [-- TEST ARGS]
 #   --seed N     seed of every random choice (default: from the clock; printed)
 #   --kills N    random SIGKILLs per stream shape (default 50; 1000 with --soak)
 #   --soak       the long run: 1000 kills per shape, more restarts and racing rounds
 #   --only F     run only the modes whose test name contains F (e.g. postgres_restart)
+#   -- ARGS      more arguments for the test harness, e.g. -- --skip random_kills
 # The driver is tests/torture/main.rs; its tests do nothing unless IDEM_TORTURE is set,
 # which this script does. On a violation it prints the seed and the command to reproduce,
 # and exits non-zero. Known-bug switches: see docs/TESTING.md. IDEM_BIN=PATH uses a binary
@@ -19,13 +20,15 @@ seed=""
 kills=""
 mode=short
 only=""
+extra=()
 while [ $# -gt 0 ]; do
     case "$1" in
     --seed) seed=$2; shift 2 ;;
     --kills) kills=$2; shift 2 ;;
     --soak) mode=soak; shift ;;
     --only) only=$2; shift 2 ;;
-    -h | --help) sed -n '2,14p' "$0"; exit 0 ;;
+    --) shift; extra=("$@"); break ;;
+    -h | --help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "torture.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -45,7 +48,7 @@ export IDEM_TORTURE_REPRODUCE="scripts/torture.sh --seed $seed --kills $kills$([
 unset DATABASE_URL
 export IDEM_FORCE_TEMP_PG=1 IDEM_TEMP_PG_DURABLE=1
 status=0
-scripts/with-postgres.sh cargo test --quiet --test torture -- --test-threads=1 --nocapture $only || status=$?
+scripts/with-postgres.sh cargo test --quiet --test torture -- --test-threads=1 --nocapture $only ${extra[@]+"${extra[@]}"} || status=$?
 if [ "$status" -ne 0 ]; then
     echo "torture: FAILED (seed $seed). Reproduce: $IDEM_TORTURE_REPRODUCE${only:+ --only $only}" >&2
 fi

@@ -42,8 +42,23 @@ pub fn cfg(test: &str) -> Option<Cfg> {
     let bin = std::env::var("IDEM_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|_| PathBuf::from(env!("CARGO_BIN_EXE_idem")));
-    let reproduce = std::env::var("IDEM_TORTURE_REPRODUCE")
-        .unwrap_or_else(|_| format!("scripts/torture.sh --seed {seed} --kills {kills}"))
+    // Known-bug switches that are on belong to the command that reproduces a failure.
+    let switches: String = std::env::vars()
+        .filter(|(k, v)| {
+            k.starts_with("IDEM_TORTURE_")
+                && ![
+                    "IDEM_TORTURE_SEED",
+                    "IDEM_TORTURE_KILLS",
+                    "IDEM_TORTURE_REPRODUCE",
+                ]
+                .contains(&k.as_str())
+                && v == "1"
+        })
+        .map(|(k, v)| format!("{k}={v} "))
+        .collect();
+    let reproduce = switches
+        + &std::env::var("IDEM_TORTURE_REPRODUCE")
+            .unwrap_or_else(|_| format!("scripts/torture.sh --seed {seed} --kills {kills}"))
         + &format!(" --only {test}");
     eprintln!(
         "== {test}: seed {seed}, {kills} kills per shape, binary {}",
