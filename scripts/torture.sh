@@ -28,7 +28,7 @@ while [ $# -gt 0 ]; do
     --soak) mode=soak; shift ;;
     --only) only=$2; shift 2 ;;
     --) shift; extra=("$@"); break ;;
-    -h | --help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,15p' "$0"; exit 0 ;;
     *) echo "torture.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
