@@ -7,7 +7,10 @@
 # Order: (a) DATABASE_URL from the environment (must be reachable); (b) a server already on
 # 127.0.0.1:5432 as user postgres; (c) a temporary cluster from initdb/pg_ctl, installing
 # Postgres with the OS package manager when they are missing.
-# IDEM_FORCE_TEMP_PG=1 skips (b), to exercise (c).
+# IDEM_FORCE_TEMP_PG=1 skips (b), to exercise (c). IDEM_TEMP_PG_DURABLE=1 keeps
+# synchronous_commit on in (c), so that a crash of the server (pg_ctl restart -m immediate)
+# loses no committed transaction. In (c), CMD also gets IDEM_PGDATA, IDEM_PGBIN and
+# IDEM_PG_OS_USER (empty: ourselves) so that it can restart the cluster.
 set -euo pipefail
 
 if [ $# -eq 0 ]; then
@@ -165,9 +168,11 @@ as_pg "$PGBIN/initdb" -D "$PGDATA_DIR" -U postgres --auth=trust -E UTF8 --no-syn
 port=""
 for _ in 1 2 3 4 5 6 7 8; do
     try=$((20000 + RANDOM % 40000))
+    sync_opt="-c synchronous_commit=off"
+    if [ "${IDEM_TEMP_PG_DURABLE:-0}" = "1" ]; then sync_opt=""; fi
     if (echo >"/dev/tcp/127.0.0.1/$try") >/dev/null 2>&1; then continue; fi
     if as_pg "$PGBIN/pg_ctl" -D "$PGDATA_DIR" -l "$PGTMP/postgres.log" -w -t 30 \
-        -o "-p $try -k $PGTMP -c listen_addresses=127.0.0.1 -c max_connections=200 -c fsync=off -c synchronous_commit=off -c full_page_writes=off" \
+        -o "-p $try -k $PGTMP -c listen_addresses=127.0.0.1 -c max_connections=200 -c fsync=off $sync_opt -c full_page_writes=off" \
         start >/dev/null 2>&1; then
         port=$try
         started=1
@@ -180,6 +185,7 @@ if [ -z "$port" ]; then
 fi
 
 export DATABASE_URL="postgres://postgres@127.0.0.1:$port/postgres"
+export IDEM_PGDATA="$PGDATA_DIR" IDEM_PGBIN="$PGBIN" IDEM_PG_OS_USER="$OS_USER"
 version=$("$PGBIN/pg_ctl" --version | awk '{print $3}')
 log "started a temporary Postgres $version on 127.0.0.1:$port (removed on exit)"
 # In the background (stdin kept) so that INT/TERM reach the traps, and the cleanup, at once.

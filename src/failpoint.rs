@@ -3,11 +3,11 @@
 //!
 //! Points: `page_written` (page n written, its transaction still open),
 //! `page_before_commit`, `page_after_commit` (n = the last page of the committing
-//! transaction; with `[import] transaction_records = 1` every page),
-//! `walk_end_before_commit`, `walk_end_after_commit` (the end-of-walk transaction) and
-//! `run_after_finish` (the run's status recorded), n = pages of the walk;
-//! `notify_before_send` (marked in flight, nothing sent yet) and `notify_after_send`
-//! (n = message number of the dispatcher).
+//! transaction; with `[import] transaction_records = 1` every page);
+//! `walk_end_before_commit`, `walk_end_after_commit` (the end-of-walk transaction: mark or
+//! cursor, deletions, reminder rules) and `run_after_finish` (the run's row is closed),
+//! n = 1; `notify_before_send` (the row is marked in flight, nothing sent yet) and
+//! `notify_after_send` (n = message number of the dispatcher's pass).
 //!
 //! `IDEM_PANIC_AT=<point>:<n>` panics there instead (a bug in a task, not a power cut).
 //! Points: `fetch_page` (n = page number the fetcher task is about to fetch).

@@ -102,14 +102,21 @@ pub fn next_token(
                 return Ok(None);
             }
             let current = parse_number(view.token, *start)?;
-            Ok(Some((current + 1).to_string()))
+            // A page number at u64::MAX has no successor: wrapping would restart the walk.
+            let next = current
+                .checked_add(1)
+                .ok_or_else(|| format!("page number {current} has no next page number"))?;
+            Ok(Some(next.to_string()))
         }
         PaginationSpec::Offset { limit, .. } => {
             if (view.records.len() as u64) < *limit {
                 return Ok(None);
             }
             let current = parse_number(view.token, 0)?;
-            Ok(Some((current + view.records.len() as u64).to_string()))
+            let next = current
+                .checked_add(view.records.len() as u64)
+                .ok_or_else(|| format!("offset {current} has no next offset"))?;
+            Ok(Some(next.to_string()))
         }
     }
 }

@@ -572,7 +572,7 @@ impl<'a> Walk<'a> {
                 RunStatus::Failed => "failed",
             };
             state::finish_run(self.pool, self.run_id, name, failure.as_deref()).await?;
-            crash_point("run_after_finish", self.resume.pages);
+            crash_point("run_after_finish", 1);
         }
         let duration = started.elapsed();
         let c = &self.counters;
@@ -1038,11 +1038,11 @@ impl<'a> Walk<'a> {
             None,
         )
         .await?;
-        crash_point("walk_end_before_commit", self.resume.pages);
+        crash_point("walk_end_before_commit", 1);
         tx.commit()
             .await
             .context(|| "committing the end of the walk".into())?;
-        crash_point("walk_end_after_commit", self.resume.pages);
+        crash_point("walk_end_after_commit", 1);
         Ok(())
     }
 }

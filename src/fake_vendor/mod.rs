@@ -140,6 +140,9 @@ pub enum FaultKind {
         /// Base URL the client is sent to, e.g. another fake vendor's.
         to_base: String,
     },
+    /// Handle the request (an email is delivered), then sleep this long before answering:
+    /// a client that gives up first never learns that it succeeded.
+    SlowAnswer(Duration),
 }
 
 /// One request the fake received (control endpoints under `/_fake/` excluded).

@@ -328,6 +328,10 @@ async fn serve(
     }
     let resp = next.run(req).await;
     let resp = match fault {
+        Some(FaultKind::SlowAnswer(d)) => {
+            tokio::time::sleep(d).await;
+            resp
+        }
         Some(FaultKind::MalformedJson) => malformed(resp).await,
         Some(FaultKind::WrongShape) => wrong_shape(resp).await,
         _ => resp,
