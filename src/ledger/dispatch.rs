@@ -2,13 +2,17 @@
 //! reason and marks it in flight (renewing its lease) in another, sends it outside any
 //! transaction, and marks the outcome with an update fenced on its lease.
 
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use rand::Rng;
 use serde::Serialize;
 use sqlx::PgPool;
-use tracing::{info, info_span, warn};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use tracing::{Instrument, info, info_span, warn};
 
 use super::rules::Check;
 use super::transport::{Message, Outcome, Transport};
@@ -28,6 +32,8 @@ pub struct DispatchSettings {
     pub max_attempts: u32,
     /// Rows claimed per round trip.
     pub batch_size: u32,
+    /// Sends in flight at once.
+    pub concurrency: usize,
     /// First retry delay after a definite non-send; doubles per attempt, with jitter.
     pub retry_backoff: Duration,
 }
@@ -41,6 +47,7 @@ impl DispatchSettings {
             send_timeout: notify.send_timeout.0,
             max_attempts: notify.max_attempts.max(1),
             batch_size: notify.batch_size.max(1),
+            concurrency: notify.concurrency.max(1) as usize,
             retry_backoff: notify.retry_backoff.0,
         }
     }
@@ -60,6 +67,25 @@ pub struct DispatchReport {
     pub cancelled: u64,
     /// Rows "sent" by the log transport: nothing was delivered to anyone.
     pub logged_only: u64,
+}
+
+impl DispatchReport {
+    fn add(&mut self, other: &DispatchReport) {
+        self.sent += other.sent;
+        self.retry_later += other.retry_later;
+        self.failed += other.failed;
+        self.needs_review += other.needs_review;
+        self.recovered_leases += other.recovered_leases;
+        self.cancelled += other.cancelled;
+        self.logged_only += other.logged_only;
+    }
+}
+
+/// How one claimed row ended in this pass.
+enum RowDone {
+    Report(DispatchReport),
+    /// Its claim expired before its turn.
+    LostLease,
 }
 
 /// What the check before a send decided.
@@ -136,61 +162,41 @@ impl<'a, T: Transport> Dispatcher<'a, T> {
             .fetch_one(self.pool)
             .await
             .context(|| "reading the database clock".into())?;
-        let mut sent_in_pass = 0u64;
+        // Sends started in this pass, numbering the crash points.
+        let started = AtomicU64::new(0);
         let mut lost_in_pass = 0u64;
+        let mut queue: VecDeque<Claimed> = VecDeque::new();
+        let mut drained = false;
+        let mut in_flight = FuturesUnordered::new();
+        let mut first_error: Option<StoreError> = None;
         loop {
-            let batch = self.claim(pass_started).await?;
-            if batch.is_empty() {
+            // Up to `concurrency` rows go at once; each is checked, marked in flight and
+            // recorded on its own, so a crash leaves in flight only rows whose send started.
+            while first_error.is_none() && in_flight.len() < self.settings.concurrency {
+                if queue.is_empty() && !drained {
+                    match self.claim(pass_started).await {
+                        Ok(batch) if batch.is_empty() => drained = true,
+                        Ok(batch) => queue.extend(batch),
+                        Err(err) => first_error = Some(err),
+                    }
+                }
+                let Some(row) = queue.pop_front() else { break };
+                in_flight.push(self.dispatch_row(row, &started));
+            }
+            let Some(done) = in_flight.next().await else {
                 break;
-            }
-            for row in batch {
-                let span = info_span!("notify", key = %row.key, source_id = %row.source_id);
-                let _entered = span.enter();
-                match self.start_attempt(&row.key).await? {
-                    Start::Send => {}
-                    Start::LostLease => {
-                        lost_in_pass += 1;
-                        warn!(
-                            "the claim expired before this row's turn; another dispatcher or the next pass sends it"
-                        );
-                        continue;
-                    }
-                    Start::Cancelled => {
-                        report.cancelled += 1;
-                        continue;
-                    }
-                    Start::Unverifiable => {
-                        report.needs_review += 1;
-                        continue;
-                    }
+            };
+            match done {
+                Ok(RowDone::Report(row)) => report.add(&row),
+                Ok(RowDone::LostLease) => lost_in_pass += 1,
+                // Sends already started are finished and recorded; no new one starts.
+                Err(err) => {
+                    first_error.get_or_insert(err);
                 }
-                sent_in_pass += 1;
-                crash_point("notify_before_send", sent_in_pass);
-                let message = Message {
-                    key: row.key.clone(),
-                    recipient: row.recipient,
-                    subject: row.subject,
-                    body: row.body,
-                    message_id: row.message_id,
-                };
-                let outcome = match tokio::time::timeout(
-                    self.settings.send_timeout,
-                    self.transport.send(&message),
-                )
-                .await
-                {
-                    Ok(outcome) => outcome,
-                    Err(_) => Outcome::Ambiguous {
-                        error: format!("no answer within {:?}", self.settings.send_timeout),
-                    },
-                };
-                crash_point("notify_after_send", sent_in_pass);
-                if self.transport.name() == "log" && matches!(outcome, Outcome::Sent { .. }) {
-                    report.logged_only += 1;
-                }
-                self.mark(&row.key, row.attempts, outcome, &mut report)
-                    .await?;
             }
+        }
+        if let Some(err) = first_error {
+            return Err(err);
         }
         if lost_in_pass > 0 {
             // Rows of our batches whose claim expired before their turn and that nobody
@@ -212,6 +218,61 @@ impl<'a, T: Transport> Dispatcher<'a, T> {
             );
         }
         Ok(report)
+    }
+
+    /// One claimed row: the check before the send (marking it in flight), the send, and
+    /// its outcome record.
+    async fn dispatch_row(&self, row: Claimed, started: &AtomicU64) -> Result<RowDone, StoreError> {
+        let span = info_span!("notify", key = %row.key, source_id = %row.source_id);
+        async move {
+            let mut report = DispatchReport::default();
+            match self.start_attempt(&row.key).await? {
+                Start::Send => {}
+                Start::LostLease => {
+                    warn!(
+                        "the claim expired before this row's turn; another dispatcher or the next pass sends it"
+                    );
+                    return Ok(RowDone::LostLease);
+                }
+                Start::Cancelled => {
+                    report.cancelled += 1;
+                    return Ok(RowDone::Report(report));
+                }
+                Start::Unverifiable => {
+                    report.needs_review += 1;
+                    return Ok(RowDone::Report(report));
+                }
+            }
+            let nth = started.fetch_add(1, Ordering::SeqCst) + 1;
+            crash_point("notify_before_send", nth);
+            let message = Message {
+                key: row.key.clone(),
+                recipient: row.recipient,
+                subject: row.subject,
+                body: row.body,
+                message_id: row.message_id,
+            };
+            let outcome = match tokio::time::timeout(
+                self.settings.send_timeout,
+                self.transport.send(&message),
+            )
+            .await
+            {
+                Ok(outcome) => outcome,
+                Err(_) => Outcome::Ambiguous {
+                    error: format!("no answer within {:?}", self.settings.send_timeout),
+                },
+            };
+            crash_point("notify_after_send", nth);
+            if self.transport.name() == "log" && matches!(outcome, Outcome::Sent { .. }) {
+                report.logged_only += 1;
+            }
+            self.mark(&row.key, row.attempts, outcome, &mut report)
+                .await?;
+            Ok(RowDone::Report(report))
+        }
+        .instrument(span)
+        .await
     }
 
     /// A row still `sending` after its lease expired belongs to a dispatcher that died.
