@@ -11,6 +11,7 @@ use rand::Rng;
 use serde::Serialize;
 use sqlx::PgPool;
 use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
 use tracing::{Instrument, info, info_span, warn};
 
@@ -79,6 +80,12 @@ impl DispatchReport {
         self.cancelled += other.cancelled;
         self.logged_only += other.logged_only;
     }
+}
+
+/// What finished in a pass: a claim or a row.
+enum Event {
+    Claimed(Result<Vec<Claimed>, StoreError>),
+    Row(Result<RowDone, StoreError>),
 }
 
 /// How one claimed row ended in this pass.
@@ -167,30 +174,57 @@ impl<'a, T: Transport> Dispatcher<'a, T> {
         let mut lost_in_pass = 0u64;
         let mut queue: VecDeque<Claimed> = VecDeque::new();
         let mut drained = false;
-        let mut in_flight = FuturesUnordered::new();
+        let mut claiming = false;
+        let mut rows_in_flight = 0usize;
+        // Claims and rows are polled together: a row's transaction holds a pool
+        // connection, so a claim awaited on its own could wait for a connection that only
+        // an unpolled row would give back.
+        let mut work: FuturesUnordered<BoxFuture<'_, Event>> = FuturesUnordered::new();
         let mut first_error: Option<StoreError> = None;
         loop {
-            // Up to `concurrency` rows go at once; each is checked, marked in flight and
-            // recorded on its own, so a crash leaves in flight only rows whose send started.
-            while first_error.is_none() && in_flight.len() < self.settings.concurrency {
-                if queue.is_empty() && !drained {
-                    match self.claim(pass_started).await {
-                        Ok(batch) if batch.is_empty() => drained = true,
-                        Ok(batch) => queue.extend(batch),
-                        Err(err) => first_error = Some(err),
-                    }
+            if first_error.is_none() {
+                if !drained && !claiming && queue.len() < self.settings.concurrency {
+                    claiming = true;
+                    work.push(Box::pin(async move {
+                        Event::Claimed(self.claim(pass_started).await)
+                    }));
                 }
-                let Some(row) = queue.pop_front() else { break };
-                in_flight.push(self.dispatch_row(row, &started));
+                // Up to `concurrency` rows go at once; each is checked, marked in flight
+                // and recorded on its own, so a crash leaves in flight only rows whose
+                // send started.
+                while rows_in_flight < self.settings.concurrency {
+                    let Some(row) = queue.pop_front() else { break };
+                    rows_in_flight += 1;
+                    let started = &started;
+                    work.push(Box::pin(async move {
+                        Event::Row(self.dispatch_row(row, started).await)
+                    }));
+                }
             }
-            let Some(done) = in_flight.next().await else {
+            let Some(event) = work.next().await else {
                 break;
             };
-            match done {
-                Ok(RowDone::Report(row)) => report.add(&row),
-                Ok(RowDone::LostLease) => lost_in_pass += 1,
+            match event {
+                Event::Claimed(Ok(batch)) => {
+                    claiming = false;
+                    drained = batch.is_empty();
+                    queue.extend(batch);
+                }
+                Event::Row(Ok(RowDone::Report(row))) => {
+                    rows_in_flight -= 1;
+                    report.add(&row);
+                }
+                Event::Row(Ok(RowDone::LostLease)) => {
+                    rows_in_flight -= 1;
+                    lost_in_pass += 1;
+                }
                 // Sends already started are finished and recorded; no new one starts.
-                Err(err) => {
+                Event::Claimed(Err(err)) => {
+                    claiming = false;
+                    first_error.get_or_insert(err);
+                }
+                Event::Row(Err(err)) => {
+                    rows_in_flight -= 1;
                     first_error.get_or_insert(err);
                 }
             }

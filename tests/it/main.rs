@@ -6,6 +6,7 @@ mod edges;
 mod edges_cursors;
 mod helpers;
 mod ledger;
+mod ledger_concurrency;
 mod ledger_edges;
 mod replay;
 mod security;
