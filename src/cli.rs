@@ -361,7 +361,8 @@ fn usage(message: String) -> anyhow::Error {
 
 async fn connect(settings: &Settings) -> anyhow::Result<PgPool> {
     let url = settings.database_url()?;
-    let pool = store::connect(&url, 4).await?;
+    // Each send in flight checks and records its row on a connection of its own.
+    let pool = store::connect(&url, 4.max(settings.notify.concurrency + 1)).await?;
     store::migrate(&pool).await?;
     Ok(pool)
 }

@@ -7,12 +7,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use rand::Rng;
-use serde::Serialize;
-use sqlx::PgPool;
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
+use rand::Rng;
+use serde::Serialize;
+use sqlx::PgPool;
 use tracing::{Instrument, info, info_span, warn};
 
 use super::rules::Check;
@@ -108,13 +108,14 @@ enum Start {
 }
 
 /// A claimed row's identity and frozen reason: source system, source id, record table,
-/// condition, rule.
+/// condition, rule, and whether the record table exists.
 type ToCheck = (
     String,
     String,
     Option<String>,
     Option<serde_json::Value>,
     String,
+    bool,
 );
 
 /// The re-check's answer.
@@ -350,11 +351,30 @@ impl<'a, T: Transport> Dispatcher<'a, T> {
     /// its result re-checked; then the row is marked in flight and its lease renewed for
     /// a whole send. A crash from the commit on is known to be ambiguous.
     async fn start_attempt(&self, key: &str) -> Result<Start, StoreError> {
+        // The re-check first runs without a savepoint (one round trip fewer per send); a
+        // condition that cannot be evaluated aborts that transaction, and the check runs
+        // again under a savepoint so the row can be held for a person.
+        match self.try_start_attempt(key, false).await? {
+            Some(start) => Ok(start),
+            None => Ok(self
+                .try_start_attempt(key, true)
+                .await?
+                .unwrap_or(Start::LostLease)),
+        }
+    }
+
+    /// `start_attempt` once; None when the re-check failed without a savepoint.
+    async fn try_start_attempt(
+        &self,
+        key: &str,
+        guarded: bool,
+    ) -> Result<Option<Start>, StoreError> {
         let context = || format!("starting the send of ledger row {key}");
         let mut tx = self.pool.begin().await.context(context)?;
-        let row: Option<ToCheck> =
-            sqlx::query_as(
-                "SELECT source_system, source_id, record_table, condition, rule FROM idem_ledger
+        let row: Option<ToCheck> = sqlx::query_as(
+                "SELECT source_system, source_id, record_table, condition, rule,
+                        to_regclass('\"' || replace(record_table, '\"', '\"\"') || '\"') IS NOT NULL
+                 FROM idem_ledger
                  WHERE key = $1 AND status = 'sending' AND lease_owner = $2 AND lease_expires_at > now()
                  FOR UPDATE",
             )
@@ -363,14 +383,26 @@ impl<'a, T: Transport> Dispatcher<'a, T> {
             .fetch_optional(&mut *tx)
             .await
             .context(context)?;
-        let Some((source_system, source_id, table, condition, rule)) = row else {
-            return Ok(Start::LostLease);
+        let Some((source_system, source_id, table, condition, rule, table_exists)) = row else {
+            return Ok(Some(Start::LostLease));
         };
         let verdict = match (table, condition) {
+            (Some(table), _) if !table_exists => {
+                Verdict::Gone("record_deleted", format!("table {table} no longer exists"))
+            }
             (Some(table), condition) => {
                 match condition.map_or(Ok(Vec::new()), serde_json::from_value::<Vec<Check>>) {
                     Ok(checks) => {
-                        recheck(&mut tx, &table, &source_system, &source_id, &checks).await?
+                        let target = Record {
+                            table: &table,
+                            source_system: &source_system,
+                            source_id: &source_id,
+                        };
+                        match recheck(&mut tx, &target, &checks, guarded).await? {
+                            Some(verdict) => verdict,
+                            // The transaction is aborted; it rolls back when dropped.
+                            None => return Ok(None),
+                        }
                     }
                     Err(err) => {
                         Verdict::Unverifiable(format!("its frozen condition does not parse: {err}"))
@@ -404,11 +436,11 @@ impl<'a, T: Transport> Dispatcher<'a, T> {
                 reason,
                 "the reminder's reason is gone or cannot be checked; not sent"
             );
-            return Ok(if status == "cancelled" {
+            return Ok(Some(if status == "cancelled" {
                 Start::Cancelled
             } else {
                 Start::Unverifiable
-            });
+            }));
         }
         sqlx::query(
             "UPDATE idem_ledger SET in_flight_since = now(), attempts = attempts + 1,
@@ -423,7 +455,7 @@ impl<'a, T: Transport> Dispatcher<'a, T> {
         .await
         .context(context)?;
         tx.commit().await.context(context)?;
-        Ok(Start::Send)
+        Ok(Some(Start::Send))
     }
 
     /// Claims a batch in one short statement (its own transaction), committed before any
@@ -546,32 +578,34 @@ impl<'a, T: Transport> Dispatcher<'a, T> {
     }
 }
 
-/// Why the record no longer needs the side effect: `(reason, detail)`, or None when the
-/// condition still holds.
+/// The record a ledger row was made for.
+struct Record<'a> {
+    table: &'a str,
+    source_system: &'a str,
+    source_id: &'a str,
+}
+
+/// Whether the row's condition still holds on its record's current row. Under `guarded`
+/// the query runs under a savepoint, so a condition that cannot be evaluated (a column
+/// dropped by hand) makes the row unverifiable; unguarded, such a failure returns None and
+/// leaves the transaction aborted.
 async fn recheck(
     tx: &mut sqlx::PgConnection,
-    table: &str,
-    source_system: &str,
-    source_id: &str,
+    record: &Record<'_>,
     checks: &[Check],
-) -> Result<Verdict, StoreError> {
+    guarded: bool,
+) -> Result<Option<Verdict>, StoreError> {
+    let Record {
+        table,
+        source_system,
+        source_id,
+    } = *record;
     let quoted = format!("\"{}\"", table.replace('"', "\"\""));
-    let exists: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
-        .bind(&quoted)
-        .fetch_one(&mut *tx)
-        .await
-        .context(|| format!("looking up table {table}"))?;
-    if exists.is_none() {
-        return Ok(Verdict::Gone(
-            "record_deleted",
-            format!("table {table} no longer exists"),
-        ));
-    }
     let mut binds = Vec::new();
     let mut holds = String::from("true");
     for check in checks {
         if let Err(err) = check.verify() {
-            return Ok(Verdict::Unverifiable(err.to_string()));
+            return Ok(Some(Verdict::Unverifiable(err.to_string())));
         }
         holds.push_str(" AND ");
         holds.push_str(&check.clause("t", 2, &mut binds));
@@ -589,25 +623,29 @@ async fn recheck(
         query = query.bind(value);
     }
     // A table changed by hand (a column of the condition dropped) must hold this one row
-    // for a person, not stop every later send: the query runs under a savepoint.
+    // for a person, not stop every later send.
     let what = || format!("re-checking record {source_system}/{source_id} in {table}");
-    sqlx::query("SAVEPOINT recheck")
-        .execute(&mut *tx)
-        .await
-        .context(what)?;
+    if guarded {
+        sqlx::query("SAVEPOINT recheck")
+            .execute(&mut *tx)
+            .await
+            .context(what)?;
+    }
     let found = match query.fetch_optional(&mut *tx).await {
         Ok(found) => found,
-        Err(err) => {
+        Err(sqlx::Error::Database(_)) if !guarded => return Ok(None),
+        Err(err) if guarded => {
             sqlx::query("ROLLBACK TO SAVEPOINT recheck")
                 .execute(&mut *tx)
                 .await
                 .context(what)?;
-            return Ok(Verdict::Unverifiable(format!(
+            return Ok(Some(Verdict::Unverifiable(format!(
                 "the condition cannot be evaluated on {table}: {err}"
-            )));
+            ))));
         }
+        Err(err) => return Err(err).context(what),
     };
-    Ok(match found {
+    Ok(Some(match found {
         None => Verdict::Gone(
             "record_deleted",
             format!("record {source_id} is no longer in {table}"),
@@ -621,5 +659,5 @@ async fn recheck(
             format!("record {source_id}'s current row no longer matches the rule's condition"),
         ),
         Some((true, true)) => Verdict::Holds,
-    })
+    }))
 }

@@ -85,7 +85,9 @@ async fn smtp_killed_at(crash_at: &str) {
     );
     let mut received: BTreeMap<String, usize> = BTreeMap::new();
     for mail in sink.messages() {
-        *received.entry(mail.message_id.unwrap_or_default()).or_default() += 1;
+        *received
+            .entry(mail.message_id.unwrap_or_default())
+            .or_default() += 1;
     }
     assert!(
         received.values().all(|n| *n == 1),
