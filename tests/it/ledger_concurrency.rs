@@ -33,6 +33,37 @@ async fn rows(app: &TestApp) -> BTreeMap<String, (String, String, bool)> {
     .collect()
 }
 
+/// Runs `idem run` with a crash point; returns once the killed process's database sessions
+/// are gone. A statement it sent just before the kill (a commit marking a row in flight,
+/// an outcome) still completes after its death: the state is read after that.
+async fn run_killed_at(app: &TestApp, crash_at: &str) {
+    let t0: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    let crashed = app
+        .command(&["run"])
+        .env("IDEM_CRASH_AT", crash_at)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(crashed.status.signal(), Some(9), "{}", stderr(&crashed));
+    for _ in 0..500 {
+        let left = app
+            .count(&format!(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+                 AND pid <> pg_backend_pid() AND backend_start >= '{}'",
+                t0.to_rfc3339()
+            ))
+            .await;
+        if left == 0 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("the killed process's database sessions did not end");
+}
+
 async fn expire_leases(app: &TestApp) {
     sqlx::query("UPDATE idem_ledger SET lease_expires_at = now() - interval '1 second' WHERE status = 'sending'")
         .execute(&app.pool)
@@ -44,13 +75,7 @@ async fn expire_leases(app: &TestApp) {
 async fn smtp_killed_at(crash_at: &str) {
     let sink = SmtpSink::start().await;
     let app = spawn_app_with(120, &concurrent(&smtp_notify(sink.addr()))).await;
-    let crashed = app
-        .command(&["run"])
-        .env("IDEM_CRASH_AT", crash_at)
-        .output()
-        .await
-        .unwrap();
-    assert_eq!(crashed.status.signal(), Some(9), "{}", stderr(&crashed));
+    run_killed_at(&app, crash_at).await;
     let at_crash = rows(&app).await;
     let in_flight: BTreeSet<String> = at_crash
         .iter()
@@ -113,13 +138,7 @@ async fn concurrent_dispatch_killed_mid_batch_sends_each_reminder_at_most_once()
             &concurrent("[notify]\ntransport = \"http\"\nretry_backoff = \"10ms\"\n\n[notify.http]\nurl = \"${DEMO_BILLING_URL}/email/send\"\n"),
         )
         .await;
-        let crashed = app
-            .command(&["run"])
-            .env("IDEM_CRASH_AT", crash_at)
-            .output()
-            .await
-            .unwrap();
-        assert_eq!(crashed.status.signal(), Some(9), "{}", stderr(&crashed));
+        run_killed_at(&app, crash_at).await;
         let at_crash = rows(&app).await;
         let in_flight = at_crash
             .values()
