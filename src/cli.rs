@@ -15,7 +15,7 @@ use sqlx::PgPool;
 use crate::config::{ConfigError, Settings};
 use crate::connector::Connector;
 use crate::duration::HumanDuration;
-use crate::ledger::dispatch::{DispatchReport, DispatchSettings, Dispatcher};
+use crate::ledger::dispatch::{DispatchReport, DispatchSettings, Dispatcher, MAX_CONCURRENCY};
 use crate::ledger::transport::AnyTransport;
 use crate::run::{Mode, RunError, RunOptions, RunReport, RunStatus, StreamRunner};
 use crate::store;
@@ -362,7 +362,11 @@ fn usage(message: String) -> anyhow::Error {
 async fn connect(settings: &Settings) -> anyhow::Result<PgPool> {
     let url = settings.database_url()?;
     // Each send in flight checks and records its row on a connection of its own.
-    let pool = store::connect(&url, 4.max(settings.notify.concurrency + 1)).await?;
+    let pool = store::connect(
+        &url,
+        4.max(settings.notify.concurrency.clamp(1, MAX_CONCURRENCY) + 1),
+    )
+    .await?;
     store::migrate(&pool).await?;
     Ok(pool)
 }

@@ -109,8 +109,9 @@ pub struct NotifySettings {
     /// Rows claimed per batch (default 50).
     #[serde(default = "default_batch")]
     pub batch_size: u32,
-    /// Sends in flight at once (default 8). Each row is still checked, marked in flight
-    /// and recorded on its own; only rows whose send has started can be in flight when a
+    /// Sends in flight at once (default 8, 1-64; each holds a database connection while
+    /// its row is checked and recorded). Each row is still checked, marked in flight and
+    /// recorded on its own; only rows whose send has started can be in flight when a
     /// dispatcher dies, so at most this many SMTP rows land in `needs_review` per crash.
     /// 1 sends one row after another.
     #[serde(default = "default_concurrency")]

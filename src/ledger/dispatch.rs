@@ -21,6 +21,10 @@ use crate::config::LEASE_MARGIN;
 use crate::failpoint::crash_point;
 use crate::store::{Context, StoreError};
 
+/// The most sends a dispatcher has in flight, whatever `[notify] concurrency` says: each
+/// holds a database connection while its row is checked and recorded.
+pub const MAX_CONCURRENCY: u32 = 64;
+
 /// The dispatcher's limits.
 #[derive(Debug, Clone)]
 pub struct DispatchSettings {
@@ -48,7 +52,7 @@ impl DispatchSettings {
             send_timeout: notify.send_timeout.0,
             max_attempts: notify.max_attempts.max(1),
             batch_size: notify.batch_size.max(1),
-            concurrency: notify.concurrency.max(1) as usize,
+            concurrency: notify.concurrency.clamp(1, MAX_CONCURRENCY) as usize,
             retry_backoff: notify.retry_backoff.0,
         }
     }

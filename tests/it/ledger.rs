@@ -236,7 +236,7 @@ async fn crash_after_smtp_accepted_goes_to_needs_review_and_is_never_resent() {
     assert_eq!(sink.messages().len(), overdue.len());
 }
 
-async fn insert_pending_rows(app: &TestApp, count: i64) {
+pub(crate) async fn insert_pending_rows(app: &TestApp, count: i64) {
     sqlx::query(
         "INSERT INTO idem_ledger (key, channel, recipient, subject, body, message_id, source_system, stream, source_id, rule)
          SELECT 'email:reminder:in_' || n, 'email', 'customer' || n || '@example.com', 'Invoice INV-' || n || ' is overdue', 'Please pay.',
@@ -249,7 +249,7 @@ async fn insert_pending_rows(app: &TestApp, count: i64) {
     .unwrap();
 }
 
-fn smtp_settings(addr: std::net::SocketAddr) -> NotifySettings {
+pub(crate) fn smtp_settings(addr: std::net::SocketAddr) -> NotifySettings {
     NotifySettings {
         transport: TransportKind::Smtp,
         smtp: Some(SmtpSettings {

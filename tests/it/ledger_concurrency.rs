@@ -6,9 +6,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::process::ExitStatusExt;
 
 use idem::fake_vendor::SmtpSink;
+use idem::ledger::dispatch::{DispatchSettings, Dispatcher};
+use idem::ledger::transport::AnyTransport;
 
 use crate::helpers::{TestApp, spawn_app_with, stderr};
-use crate::ledger::smtp_notify;
+use crate::ledger::{insert_pending_rows, smtp_notify, smtp_settings};
 
 const CONCURRENCY: usize = 6;
 
@@ -176,4 +178,35 @@ async fn concurrent_dispatch_killed_mid_batch_sends_each_reminder_at_most_once()
     // SMTP: at most once; the rows in flight at the kill, and only they, need review.
     smtp_killed_at("notify_after_send:4").await;
     smtp_killed_at("notify_before_send:4").await;
+}
+
+#[tokio::test]
+async fn a_kept_smtp_connection_closed_by_the_server_is_replaced_not_ambiguous() {
+    let sink = SmtpSink::start().await;
+    let addr = sink.addr();
+    let app = spawn_app_with(0, "").await;
+    insert_pending_rows(&app, 3).await;
+    let settings = smtp_settings(addr);
+    let transport = AnyTransport::from_settings(&settings).unwrap();
+    let dispatcher = Dispatcher::new(
+        &app.pool,
+        &transport,
+        DispatchSettings::from_config(&settings),
+    );
+    assert_eq!(dispatcher.run_once().await.unwrap().sent, 3);
+    // The relay restarts: every connection the transport kept is closed under it.
+    let before = sink.stop().await;
+    let sink = SmtpSink::start_on(addr).await.unwrap();
+    sqlx::query("UPDATE idem_ledger SET status = 'pending', sent_at = NULL")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let report = dispatcher.run_once().await.unwrap();
+    assert_eq!(
+        (report.sent, report.needs_review, report.retry_later),
+        (3, 0, 0),
+        "a closed kept connection is not an ambiguous send: {report:?}"
+    );
+    assert_eq!(before.len(), 3);
+    assert_eq!(sink.messages().len(), 3);
 }
