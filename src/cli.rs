@@ -15,7 +15,7 @@ use sqlx::PgPool;
 use crate::config::{ConfigError, Settings};
 use crate::connector::Connector;
 use crate::duration::HumanDuration;
-use crate::ledger::dispatch::{DispatchReport, DispatchSettings, Dispatcher};
+use crate::ledger::dispatch::{DispatchReport, DispatchSettings, Dispatcher, MAX_CONCURRENCY};
 use crate::ledger::transport::AnyTransport;
 use crate::run::{Mode, RunError, RunOptions, RunReport, RunStatus, StreamRunner};
 use crate::store;
@@ -419,7 +419,9 @@ async fn connect_creating(settings: &Settings, create: bool) -> anyhow::Result<P
         eprintln!("created database \"{created}\" (first run)");
     }
     let name = SESSION_NAME.get().map_or("idem", String::as_str);
-    let pool = store::connect_with(&url, 4, &settings.database.session(name)).await?;
+    // Each send in flight checks and records its row on a connection of its own.
+    let connections = 4.max(settings.notify.concurrency.clamp(1, MAX_CONCURRENCY) + 1);
+    let pool = store::connect_with(&url, connections, &settings.database.session(name)).await?;
     store::migrate(&pool).await?;
     Ok(pool)
 }

@@ -269,6 +269,13 @@ pub struct NotifySettings {
     /// Rows claimed per batch (default 50).
     #[serde(default = "default_batch")]
     pub batch_size: u32,
+    /// Sends in flight at once (default 8, 1-64; each holds a database connection while
+    /// its row is checked and recorded). Each row is still checked, marked in flight and
+    /// recorded on its own; only rows whose send has started can be in flight when a
+    /// dispatcher dies, so at most this many SMTP rows land in `needs_review` per crash.
+    /// 1 sends one row after another.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: u32,
     /// First delay before retrying a message that was definitely not sent; doubles per
     /// attempt, with jitter (default `"30s"`). A provider's `Retry-After` wins when longer.
     #[serde(default = "default_retry_backoff")]
@@ -286,6 +293,7 @@ impl Default for NotifySettings {
             lease: default_lease(),
             max_attempts: default_max_attempts(),
             batch_size: default_batch(),
+            concurrency: default_concurrency(),
             retry_backoff: default_retry_backoff(),
         }
     }
@@ -326,6 +334,9 @@ fn default_max_attempts() -> u32 {
 }
 fn default_batch() -> u32 {
     50
+}
+fn default_concurrency() -> u32 {
+    8
 }
 fn default_retry_backoff() -> HumanDuration {
     HumanDuration(std::time::Duration::from_secs(30))

@@ -154,6 +154,9 @@ async fn drive(
     delay: &Delay,
 ) -> std::io::Result<()> {
     let stored = || accepted.load(Ordering::Relaxed);
+    // Replies to a pipelined client go out back to back; without TCP_NODELAY the second
+    // waits for an ACK, as a real relay's would not.
+    stream.set_nodelay(true)?;
     let (r, mut w) = stream.into_split();
     let mut reader = BufReader::new(r);
     w.write_all(&session.greeting().buffer()?).await?;

@@ -2,19 +2,28 @@
 //! reason and marks it in flight (renewing its lease) in another, sends it outside any
 //! transaction, and marks the outcome with an update fenced on its lease.
 
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesUnordered;
 use rand::Rng;
 use serde::Serialize;
 use sqlx::PgPool;
-use tracing::{info, info_span, warn};
+use tracing::{Instrument, info, info_span, warn};
 
 use super::rules::Check;
 use super::transport::{Message, Outcome, Transport};
 use crate::config::LEASE_MARGIN;
 use crate::failpoint::crash_point;
 use crate::store::{Context, StoreError};
+
+/// The most sends a dispatcher has in flight, whatever `[notify] concurrency` says: each
+/// holds a database connection while its row is checked and recorded.
+pub const MAX_CONCURRENCY: u32 = 64;
 
 /// The dispatcher's limits.
 #[derive(Debug, Clone)]
@@ -28,6 +37,8 @@ pub struct DispatchSettings {
     pub max_attempts: u32,
     /// Rows claimed per round trip.
     pub batch_size: u32,
+    /// Sends in flight at once.
+    pub concurrency: usize,
     /// First retry delay after a definite non-send; doubles per attempt, with jitter.
     pub retry_backoff: Duration,
 }
@@ -41,6 +52,7 @@ impl DispatchSettings {
             send_timeout: notify.send_timeout.0,
             max_attempts: notify.max_attempts.max(1),
             batch_size: notify.batch_size.max(1),
+            concurrency: notify.concurrency.clamp(1, MAX_CONCURRENCY) as usize,
             retry_backoff: notify.retry_backoff.0,
         }
     }
@@ -62,6 +74,31 @@ pub struct DispatchReport {
     pub logged_only: u64,
 }
 
+impl DispatchReport {
+    fn add(&mut self, other: &DispatchReport) {
+        self.sent += other.sent;
+        self.retry_later += other.retry_later;
+        self.failed += other.failed;
+        self.needs_review += other.needs_review;
+        self.recovered_leases += other.recovered_leases;
+        self.cancelled += other.cancelled;
+        self.logged_only += other.logged_only;
+    }
+}
+
+/// What finished in a pass: a claim or a row.
+enum Event {
+    Claimed(Result<Vec<Claimed>, StoreError>),
+    Row(Result<RowDone, StoreError>),
+}
+
+/// How one claimed row ended in this pass.
+enum RowDone {
+    Report(DispatchReport),
+    /// Its claim expired before its turn.
+    LostLease,
+}
+
 /// What the check before a send decided.
 enum Start {
     /// Marked in flight, lease renewed: send it.
@@ -75,13 +112,14 @@ enum Start {
 }
 
 /// A claimed row's identity and frozen reason: source system, source id, record table,
-/// condition, rule.
+/// condition, rule, and whether the record table exists.
 type ToCheck = (
     String,
     String,
     Option<String>,
     Option<serde_json::Value>,
     String,
+    bool,
 );
 
 /// The re-check's answer.
@@ -136,61 +174,68 @@ impl<'a, T: Transport> Dispatcher<'a, T> {
             .fetch_one(self.pool)
             .await
             .context(|| "reading the database clock".into())?;
-        let mut sent_in_pass = 0u64;
+        // Sends started in this pass, numbering the crash points.
+        let started = AtomicU64::new(0);
         let mut lost_in_pass = 0u64;
+        let mut queue: VecDeque<Claimed> = VecDeque::new();
+        let mut drained = false;
+        let mut claiming = false;
+        let mut rows_in_flight = 0usize;
+        // Claims and rows are polled together: a row's transaction holds a pool
+        // connection, so a claim awaited on its own could wait for a connection that only
+        // an unpolled row would give back.
+        let mut work: FuturesUnordered<BoxFuture<'_, Event>> = FuturesUnordered::new();
+        let mut first_error: Option<StoreError> = None;
         loop {
-            let batch = self.claim(pass_started).await?;
-            if batch.is_empty() {
+            if first_error.is_none() {
+                if !drained && !claiming && queue.len() < self.settings.concurrency {
+                    claiming = true;
+                    work.push(Box::pin(async move {
+                        Event::Claimed(self.claim(pass_started).await)
+                    }));
+                }
+                // Up to `concurrency` rows go at once; each is checked, marked in flight
+                // and recorded on its own, so a crash leaves in flight only rows whose
+                // send started.
+                while rows_in_flight < self.settings.concurrency {
+                    let Some(row) = queue.pop_front() else { break };
+                    rows_in_flight += 1;
+                    let started = &started;
+                    work.push(Box::pin(async move {
+                        Event::Row(self.dispatch_row(row, started).await)
+                    }));
+                }
+            }
+            let Some(event) = work.next().await else {
                 break;
-            }
-            for row in batch {
-                let span = info_span!("notify", key = %row.key, source_id = %row.source_id);
-                let _entered = span.enter();
-                match self.start_attempt(&row.key).await? {
-                    Start::Send => {}
-                    Start::LostLease => {
-                        lost_in_pass += 1;
-                        warn!(
-                            "the claim expired before this row's turn; another dispatcher or the next pass sends it"
-                        );
-                        continue;
-                    }
-                    Start::Cancelled => {
-                        report.cancelled += 1;
-                        continue;
-                    }
-                    Start::Unverifiable => {
-                        report.needs_review += 1;
-                        continue;
-                    }
+            };
+            match event {
+                Event::Claimed(Ok(batch)) => {
+                    claiming = false;
+                    drained = batch.is_empty();
+                    queue.extend(batch);
                 }
-                sent_in_pass += 1;
-                crash_point("notify_before_send", sent_in_pass);
-                let message = Message {
-                    key: row.key.clone(),
-                    recipient: row.recipient,
-                    subject: row.subject,
-                    body: row.body,
-                    message_id: row.message_id,
-                };
-                let outcome = match tokio::time::timeout(
-                    self.settings.send_timeout,
-                    self.transport.send(&message),
-                )
-                .await
-                {
-                    Ok(outcome) => outcome,
-                    Err(_) => Outcome::Ambiguous {
-                        error: format!("no answer within {:?}", self.settings.send_timeout),
-                    },
-                };
-                crash_point("notify_after_send", sent_in_pass);
-                if self.transport.name() == "log" && matches!(outcome, Outcome::Sent { .. }) {
-                    report.logged_only += 1;
+                Event::Row(Ok(RowDone::Report(row))) => {
+                    rows_in_flight -= 1;
+                    report.add(&row);
                 }
-                self.mark(&row.key, row.attempts, outcome, &mut report)
-                    .await?;
+                Event::Row(Ok(RowDone::LostLease)) => {
+                    rows_in_flight -= 1;
+                    lost_in_pass += 1;
+                }
+                // Sends already started are finished and recorded; no new one starts.
+                Event::Claimed(Err(err)) => {
+                    claiming = false;
+                    first_error.get_or_insert(err);
+                }
+                Event::Row(Err(err)) => {
+                    rows_in_flight -= 1;
+                    first_error.get_or_insert(err);
+                }
             }
+        }
+        if let Some(err) = first_error {
+            return Err(err);
         }
         if lost_in_pass > 0 {
             // Rows of our batches whose claim expired before their turn and that nobody
@@ -212,6 +257,61 @@ impl<'a, T: Transport> Dispatcher<'a, T> {
             );
         }
         Ok(report)
+    }
+
+    /// One claimed row: the check before the send (marking it in flight), the send, and
+    /// its outcome record.
+    async fn dispatch_row(&self, row: Claimed, started: &AtomicU64) -> Result<RowDone, StoreError> {
+        let span = info_span!("notify", key = %row.key, source_id = %row.source_id);
+        async move {
+            let mut report = DispatchReport::default();
+            match self.start_attempt(&row.key).await? {
+                Start::Send => {}
+                Start::LostLease => {
+                    warn!(
+                        "the claim expired before this row's turn; another dispatcher or the next pass sends it"
+                    );
+                    return Ok(RowDone::LostLease);
+                }
+                Start::Cancelled => {
+                    report.cancelled += 1;
+                    return Ok(RowDone::Report(report));
+                }
+                Start::Unverifiable => {
+                    report.needs_review += 1;
+                    return Ok(RowDone::Report(report));
+                }
+            }
+            let nth = started.fetch_add(1, Ordering::SeqCst) + 1;
+            crash_point("notify_before_send", nth);
+            let message = Message {
+                key: row.key.clone(),
+                recipient: row.recipient,
+                subject: row.subject,
+                body: row.body,
+                message_id: row.message_id,
+            };
+            let outcome = match tokio::time::timeout(
+                self.settings.send_timeout,
+                self.transport.send(&message),
+            )
+            .await
+            {
+                Ok(outcome) => outcome,
+                Err(_) => Outcome::Ambiguous {
+                    error: format!("no answer within {:?}", self.settings.send_timeout),
+                },
+            };
+            crash_point("notify_after_send", nth);
+            if self.transport.name() == "log" && matches!(outcome, Outcome::Sent { .. }) {
+                report.logged_only += 1;
+            }
+            self.mark(&row.key, row.attempts, outcome, &mut report)
+                .await?;
+            Ok(RowDone::Report(report))
+        }
+        .instrument(span)
+        .await
     }
 
     /// A row still `sending` after its lease expired belongs to a dispatcher that died.
@@ -255,11 +355,30 @@ impl<'a, T: Transport> Dispatcher<'a, T> {
     /// its result re-checked; then the row is marked in flight and its lease renewed for
     /// a whole send. A crash from the commit on is known to be ambiguous.
     async fn start_attempt(&self, key: &str) -> Result<Start, StoreError> {
+        // The re-check first runs without a savepoint (one round trip fewer per send); a
+        // condition that cannot be evaluated aborts that transaction, and the check runs
+        // again under a savepoint so the row can be held for a person.
+        match self.try_start_attempt(key, false).await? {
+            Some(start) => Ok(start),
+            None => Ok(self
+                .try_start_attempt(key, true)
+                .await?
+                .unwrap_or(Start::LostLease)),
+        }
+    }
+
+    /// `start_attempt` once; None when the re-check failed without a savepoint.
+    async fn try_start_attempt(
+        &self,
+        key: &str,
+        guarded: bool,
+    ) -> Result<Option<Start>, StoreError> {
         let context = || format!("starting the send of ledger row {key}");
         let mut tx = self.pool.begin().await.context(context)?;
-        let row: Option<ToCheck> =
-            sqlx::query_as(
-                "SELECT source_system, source_id, record_table, condition, rule FROM idem_ledger
+        let row: Option<ToCheck> = sqlx::query_as(
+                "SELECT source_system, source_id, record_table, condition, rule,
+                        to_regclass('\"' || replace(record_table, '\"', '\"\"') || '\"') IS NOT NULL
+                 FROM idem_ledger
                  WHERE key = $1 AND status = 'sending' AND lease_owner = $2 AND lease_expires_at > now()
                  FOR UPDATE",
             )
@@ -268,14 +387,26 @@ impl<'a, T: Transport> Dispatcher<'a, T> {
             .fetch_optional(&mut *tx)
             .await
             .context(context)?;
-        let Some((source_system, source_id, table, condition, rule)) = row else {
-            return Ok(Start::LostLease);
+        let Some((source_system, source_id, table, condition, rule, table_exists)) = row else {
+            return Ok(Some(Start::LostLease));
         };
         let verdict = match (table, condition) {
+            (Some(table), _) if !table_exists => {
+                Verdict::Gone("record_deleted", format!("table {table} no longer exists"))
+            }
             (Some(table), condition) => {
                 match condition.map_or(Ok(Vec::new()), serde_json::from_value::<Vec<Check>>) {
                     Ok(checks) => {
-                        recheck(&mut tx, &table, &source_system, &source_id, &checks).await?
+                        let target = Record {
+                            table: &table,
+                            source_system: &source_system,
+                            source_id: &source_id,
+                        };
+                        match recheck(&mut tx, &target, &checks, guarded).await? {
+                            Some(verdict) => verdict,
+                            // The transaction is aborted; it rolls back when dropped.
+                            None => return Ok(None),
+                        }
                     }
                     Err(err) => {
                         Verdict::Unverifiable(format!("its frozen condition does not parse: {err}"))
@@ -309,11 +440,11 @@ impl<'a, T: Transport> Dispatcher<'a, T> {
                 reason,
                 "the reminder's reason is gone or cannot be checked; not sent"
             );
-            return Ok(if status == "cancelled" {
+            return Ok(Some(if status == "cancelled" {
                 Start::Cancelled
             } else {
                 Start::Unverifiable
-            });
+            }));
         }
         sqlx::query(
             "UPDATE idem_ledger SET in_flight_since = now(), attempts = attempts + 1,
@@ -328,7 +459,7 @@ impl<'a, T: Transport> Dispatcher<'a, T> {
         .await
         .context(context)?;
         tx.commit().await.context(context)?;
-        Ok(Start::Send)
+        Ok(Some(Start::Send))
     }
 
     /// Claims a batch in one short statement (its own transaction), committed before any
@@ -451,32 +582,34 @@ impl<'a, T: Transport> Dispatcher<'a, T> {
     }
 }
 
-/// Why the record no longer needs the side effect: `(reason, detail)`, or None when the
-/// condition still holds.
+/// The record a ledger row was made for.
+struct Record<'a> {
+    table: &'a str,
+    source_system: &'a str,
+    source_id: &'a str,
+}
+
+/// Whether the row's condition still holds on its record's current row. Under `guarded`
+/// the query runs under a savepoint, so a condition that cannot be evaluated (a column
+/// dropped by hand) makes the row unverifiable; unguarded, such a failure returns None and
+/// leaves the transaction aborted.
 async fn recheck(
     tx: &mut sqlx::PgConnection,
-    table: &str,
-    source_system: &str,
-    source_id: &str,
+    record: &Record<'_>,
     checks: &[Check],
-) -> Result<Verdict, StoreError> {
+    guarded: bool,
+) -> Result<Option<Verdict>, StoreError> {
+    let Record {
+        table,
+        source_system,
+        source_id,
+    } = *record;
     let quoted = format!("\"{}\"", table.replace('"', "\"\""));
-    let exists: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
-        .bind(&quoted)
-        .fetch_one(&mut *tx)
-        .await
-        .context(|| format!("looking up table {table}"))?;
-    if exists.is_none() {
-        return Ok(Verdict::Gone(
-            "record_deleted",
-            format!("table {table} no longer exists"),
-        ));
-    }
     let mut binds = Vec::new();
     let mut holds = String::from("true");
     for check in checks {
         if let Err(err) = check.verify() {
-            return Ok(Verdict::Unverifiable(err.to_string()));
+            return Ok(Some(Verdict::Unverifiable(err.to_string())));
         }
         holds.push_str(" AND ");
         holds.push_str(&check.clause("t", 2, &mut binds));
@@ -494,25 +627,29 @@ async fn recheck(
         query = query.bind(value);
     }
     // A table changed by hand (a column of the condition dropped) must hold this one row
-    // for a person, not stop every later send: the query runs under a savepoint.
+    // for a person, not stop every later send.
     let what = || format!("re-checking record {source_system}/{source_id} in {table}");
-    sqlx::query("SAVEPOINT recheck")
-        .execute(&mut *tx)
-        .await
-        .context(what)?;
+    if guarded {
+        sqlx::query("SAVEPOINT recheck")
+            .execute(&mut *tx)
+            .await
+            .context(what)?;
+    }
     let found = match query.fetch_optional(&mut *tx).await {
         Ok(found) => found,
-        Err(err) => {
+        Err(sqlx::Error::Database(_)) if !guarded => return Ok(None),
+        Err(err) if guarded => {
             sqlx::query("ROLLBACK TO SAVEPOINT recheck")
                 .execute(&mut *tx)
                 .await
                 .context(what)?;
-            return Ok(Verdict::Unverifiable(format!(
+            return Ok(Some(Verdict::Unverifiable(format!(
                 "the condition cannot be evaluated on {table}: {err}"
-            )));
+            ))));
         }
+        Err(err) => return Err(err).context(what),
     };
-    Ok(match found {
+    Ok(Some(match found {
         None => Verdict::Gone(
             "record_deleted",
             format!("record {source_id} is no longer in {table}"),
@@ -526,5 +663,5 @@ async fn recheck(
             format!("record {source_id}'s current row no longer matches the rule's condition"),
         ),
         Some((true, true)) => Verdict::Holds,
-    })
+    }))
 }

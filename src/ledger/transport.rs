@@ -8,8 +8,11 @@ use std::future::Future;
 use std::time::Duration;
 
 use lettre::message::header::ContentType;
-use lettre::transport::smtp::authentication::Credentials;
-use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
+use lettre::transport::smtp::authentication::{Credentials, Mechanism};
+use lettre::transport::smtp::client::{AsyncSmtpConnection, TlsParameters};
+use lettre::transport::smtp::commands::{Data, Mail, Rcpt};
+use lettre::transport::smtp::extension::{ClientId, MailBodyParameter, MailParameter};
+use lettre::transport::smtp::response::Response;
 use serde_json::json;
 
 use crate::config::{HttpEmailSettings, NotifySettings, SmtpSettings, SmtpTls, TransportKind};
@@ -98,6 +101,7 @@ impl AnyTransport {
                     .ok_or(TransportError::Missing("smtp"))?,
                 &settings.from,
                 settings.send_timeout.0,
+                settings.concurrency as usize,
             )?),
             TransportKind::Http => AnyTransport::Http(HttpTransport::new(
                 settings
@@ -198,11 +202,45 @@ fn resolve(field: &'static str, value: &str) -> Result<String, TransportError> {
     })
 }
 
-/// Plain SMTP through lettre. SMTP has no idempotency key: an ambiguous send goes to
-/// `needs_review`, never silently out again.
+/// SMTP through lettre's connection type, with connections kept open and reused (one per
+/// send in flight) on sockets with `TCP_NODELAY`. lettre writes a message body and its
+/// terminating `.` in two writes; without `TCP_NODELAY` the second waits for the server's
+/// delayed ACK (~40 ms a message), and lettre's own pooled transport offers no way to set
+/// it. SMTP has no idempotency key: an ambiguous send goes to `needs_review`, never
+/// silently out again.
 pub struct SmtpTransport {
-    mailer: AsyncSmtpTransport<Tokio1Executor>,
+    host: String,
+    port: u16,
+    tls: SmtpTls,
+    credentials: Option<Credentials>,
+    hello: ClientId,
+    connect_timeout: Duration,
     from: lettre::message::Mailbox,
+    /// Open connections between sends; at most `max_idle` are kept.
+    idle: std::sync::Mutex<Vec<AsyncSmtpConnection>>,
+    max_idle: usize,
+}
+
+/// How far a send got before it failed: what decides whether the message may have gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SmtpStage {
+    /// Connecting, greeting, STARTTLS, AUTH: no message was started.
+    Setup,
+    /// MAIL, RCPT, DATA: no content was written, so nothing can have been accepted.
+    Envelope,
+    /// The content and its terminating `.` were being written or answered.
+    Content,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SmtpFailure {
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Smtp(#[from] lettre::transport::smtp::Error),
 }
 
 impl SmtpTransport {
@@ -210,41 +248,107 @@ impl SmtpTransport {
         settings: &SmtpSettings,
         from: &str,
         timeout: Duration,
+        max_idle: usize,
     ) -> Result<Self, TransportError> {
         let host = resolve("smtp.host", &settings.host)?;
-        let invalid = |message: String| TransportError::Invalid {
-            field: "smtp",
-            message,
-        };
-        let builder = match settings.tls {
-            SmtpTls::None => AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&host)
-                .port(settings.port.unwrap_or(25)),
-            SmtpTls::Starttls => AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&host)
-                .map_err(|e| invalid(e.to_string()))?
-                .port(settings.port.unwrap_or(587)),
-            SmtpTls::Tls => AsyncSmtpTransport::<Tokio1Executor>::relay(&host)
-                .map_err(|e| invalid(e.to_string()))?
-                .port(settings.port.unwrap_or(465)),
-        };
-        let mut builder = builder.timeout(Some(timeout));
-        if let Some(user) = &settings.username {
-            let password = Secret::new(resolve(
-                "smtp.password",
-                settings.password.as_deref().unwrap_or(""),
-            )?);
-            builder = builder.credentials(Credentials::new(
-                resolve("smtp.username", user)?,
-                password.expose().to_string(),
-            ));
+        let port = settings.port.unwrap_or(match settings.tls {
+            SmtpTls::None => 25,
+            SmtpTls::Starttls => 587,
+            SmtpTls::Tls => 465,
+        });
+        if settings.tls != SmtpTls::None {
+            // Fails early on a host name TLS cannot verify against.
+            TlsParameters::new(host.clone()).map_err(|e| TransportError::Invalid {
+                field: "smtp",
+                message: e.to_string(),
+            })?;
         }
+        let credentials = match &settings.username {
+            Some(user) => {
+                let password = Secret::new(resolve(
+                    "smtp.password",
+                    settings.password.as_deref().unwrap_or(""),
+                )?);
+                Some(Credentials::new(
+                    resolve("smtp.username", user)?,
+                    password.expose().to_string(),
+                ))
+            }
+            None => None,
+        };
         let from = from.parse().map_err(|e| TransportError::Invalid {
             field: "from",
             message: format!("'{from}' is not an address: {e}"),
         })?;
         Ok(Self {
-            mailer: builder.build(),
+            host,
+            port,
+            tls: settings.tls,
+            credentials,
+            hello: ClientId::default(),
+            connect_timeout: timeout,
             from,
+            idle: std::sync::Mutex::new(Vec::new()),
+            max_idle: max_idle.max(1),
         })
+    }
+
+    async fn connect(&self) -> Result<AsyncSmtpConnection, SmtpFailure> {
+        let tls = || TlsParameters::new(self.host.clone());
+        let mut conn = if self.tls == SmtpTls::Tls {
+            // Implicit TLS needs the handshake before the greeting, which lettre only does
+            // on a socket it opens itself (without TCP_NODELAY).
+            AsyncSmtpConnection::connect_tokio1(
+                (self.host.as_str(), self.port),
+                Some(self.connect_timeout),
+                &self.hello,
+                Some(tls()?),
+                None,
+            )
+            .await?
+        } else {
+            let addr = format!("{}:{}", self.host, self.port);
+            let failed = |source| SmtpFailure::Connect {
+                addr: addr.clone(),
+                source,
+            };
+            let tcp = tokio::time::timeout(
+                self.connect_timeout,
+                tokio::net::TcpStream::connect((self.host.as_str(), self.port)),
+            )
+            .await
+            .map_err(|_| failed(std::io::ErrorKind::TimedOut.into()))?
+            .map_err(failed)?;
+            tcp.set_nodelay(true).map_err(failed)?;
+            let mut conn =
+                AsyncSmtpConnection::connect_with_transport(Box::new(tcp), &self.hello).await?;
+            if self.tls == SmtpTls::Starttls {
+                conn.starttls(tls()?, &self.hello).await?;
+            }
+            conn
+        };
+        if let Some(credentials) = &self.credentials {
+            conn.auth(&[Mechanism::Plain, Mechanism::Login], credentials)
+                .await?;
+        }
+        Ok(conn)
+    }
+
+    fn take_idle(&self) -> Option<AsyncSmtpConnection> {
+        self.idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop()
+    }
+
+    fn put_idle(&self, conn: AsyncSmtpConnection) {
+        let mut idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if idle.len() < self.max_idle {
+            idle.push(conn);
+        }
     }
 
     async fn send(&self, message: &Message) -> Outcome {
@@ -267,16 +371,86 @@ impl SmtpTransport {
                 };
             }
         };
-        match self.mailer.send(email).await {
-            Ok(response) => Outcome::Sent {
-                provider_id: response.message().next().map(str::to_string),
-            },
-            Err(err) => classify_smtp(&err),
+        let envelope = email.envelope().clone();
+        let bytes = email.formatted();
+        loop {
+            let (mut conn, reused) = match self.take_idle() {
+                Some(conn) => (conn, true),
+                None => match self.connect().await {
+                    Ok(conn) => (conn, false),
+                    Err(err) => return classify_failure(&err, SmtpStage::Setup),
+                },
+            };
+            match transmit(&mut conn, &envelope, &bytes).await {
+                Ok(response) => {
+                    self.put_idle(conn);
+                    return Outcome::Sent {
+                        provider_id: response.message().next().map(str::to_string),
+                    };
+                }
+                // A kept connection the server closed meanwhile fails before any content
+                // was written: nothing went out, so the next connection is tried at once.
+                Err((SmtpStage::Envelope, err)) if reused && !err.is_permanent() => {
+                    tracing::debug!(error = %err, "a kept SMTP connection was closed; using another");
+                }
+                // The connection is dropped: after a failure its state is unknown.
+                Err((stage, err)) => return classify_failure(&SmtpFailure::Smtp(err), stage),
+            }
         }
     }
 
     fn deduplicates(&self) -> bool {
         false
+    }
+}
+
+/// One message over an open connection, as lettre's transport sends it, but telling
+/// apart a failure before the content was written (nothing can have been accepted) from
+/// one after.
+async fn transmit(
+    conn: &mut AsyncSmtpConnection,
+    envelope: &lettre::address::Envelope,
+    bytes: &[u8],
+) -> Result<Response, (SmtpStage, lettre::transport::smtp::Error)> {
+    let envelope_stage = |err| (SmtpStage::Envelope, err);
+    let mut options = Vec::new();
+    let non_ascii = |a: &lettre::Address| !AsRef::<str>::as_ref(a).is_ascii();
+    if envelope.from().is_some_and(non_ascii) || envelope.to().iter().any(non_ascii) {
+        options.push(MailParameter::SmtpUtfEight);
+    }
+    if !bytes.is_ascii() {
+        options.push(MailParameter::Body(MailBodyParameter::EightBitMime));
+    }
+    conn.command(Mail::new(envelope.from().cloned(), options))
+        .await
+        .map_err(envelope_stage)?;
+    for to in envelope.to() {
+        conn.command(Rcpt::new(to.clone(), Vec::new()))
+            .await
+            .map_err(envelope_stage)?;
+    }
+    conn.command(Data).await.map_err(envelope_stage)?;
+    conn.message(bytes)
+        .await
+        .map_err(|err| (SmtpStage::Content, err))
+}
+
+/// Before any content was written nothing can have been sent: what would be ambiguous
+/// later is a definite non-send there.
+fn classify_failure(err: &SmtpFailure, stage: SmtpStage) -> Outcome {
+    let outcome = match err {
+        SmtpFailure::Connect { .. } => Outcome::NotSent {
+            error: crate::run::error_chain(err),
+            retry_after: None,
+        },
+        SmtpFailure::Smtp(err) => classify_smtp(err),
+    };
+    match outcome {
+        Outcome::Ambiguous { error } if stage != SmtpStage::Content => Outcome::NotSent {
+            error,
+            retry_after: None,
+        },
+        outcome => outcome,
     }
 }
 

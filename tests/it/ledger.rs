@@ -21,6 +21,11 @@ pub(crate) fn smtp_notify(addr: std::net::SocketAddr) -> String {
     )
 }
 
+/// `notify` with one send at a time, for tests that count exactly which send a crash hit.
+pub(crate) fn sequential(notify: &str) -> String {
+    notify.replacen("[notify]\n", "[notify]\nconcurrency = 1\n", 1)
+}
+
 /// The invoices the reminder rule should pick: open and due more than 3 days ago.
 fn overdue_numbers(app: &TestApp) -> BTreeSet<String> {
     let cutoff = chrono::Utc::now().timestamp() - 3 * 86_400;
@@ -109,7 +114,9 @@ async fn overdue_invoices_get_one_reminder_each() {
 
 #[tokio::test]
 async fn crash_after_the_provider_accepted_is_not_resent_through_the_idempotent_http_api() {
-    let notify = "[notify]\ntransport = \"http\"\nretry_backoff = \"10ms\"\n\n[notify.http]\nurl = \"${DEMO_BILLING_URL}/email/send\"\n";
+    // One send at a time, so "the third send" is exactly three messages (concurrent
+    // sends: concurrent_dispatch_killed_mid_batch_sends_each_reminder_at_most_once).
+    let notify = "[notify]\ntransport = \"http\"\nretry_backoff = \"10ms\"\nconcurrency = 1\n\n[notify.http]\nurl = \"${DEMO_BILLING_URL}/email/send\"\n";
     let app = spawn_app_with(120, notify).await;
     let overdue = overdue_numbers(&app);
 
@@ -157,7 +164,7 @@ async fn crash_after_the_provider_accepted_is_not_resent_through_the_idempotent_
 #[tokio::test]
 async fn crash_after_smtp_accepted_goes_to_needs_review_and_is_never_resent() {
     let sink = SmtpSink::start().await;
-    let app = spawn_app_with(120, &smtp_notify(sink.addr())).await;
+    let app = spawn_app_with(120, &sequential(&smtp_notify(sink.addr()))).await;
     let overdue = overdue_numbers(&app);
 
     let crashed = app
@@ -229,7 +236,7 @@ async fn crash_after_smtp_accepted_goes_to_needs_review_and_is_never_resent() {
     assert_eq!(sink.messages().len(), overdue.len());
 }
 
-async fn insert_pending_rows(app: &TestApp, count: i64) {
+pub(crate) async fn insert_pending_rows(app: &TestApp, count: i64) {
     sqlx::query(
         "INSERT INTO idem_ledger (key, channel, recipient, subject, body, message_id, source_system, stream, source_id, rule)
          SELECT 'email:reminder:in_' || n, 'email', 'customer' || n || '@example.com', 'Invoice INV-' || n || ' is overdue', 'Please pay.',
@@ -242,7 +249,7 @@ async fn insert_pending_rows(app: &TestApp, count: i64) {
     .unwrap();
 }
 
-fn smtp_settings(addr: std::net::SocketAddr) -> NotifySettings {
+pub(crate) fn smtp_settings(addr: std::net::SocketAddr) -> NotifySettings {
     NotifySettings {
         transport: TransportKind::Smtp,
         smtp: Some(SmtpSettings {

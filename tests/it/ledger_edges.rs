@@ -16,7 +16,7 @@ use idem::run::{Mode, RunStatus};
 use serde_json::json;
 
 use crate::helpers::{TestApp, spawn_app_with, stderr, stdout};
-use crate::ledger::smtp_notify;
+use crate::ledger::{sequential, smtp_notify};
 
 /// Invoice ids the reminder rule should pick: open and due more than 3 days ago.
 fn overdue_ids(app: &TestApp) -> BTreeSet<String> {
@@ -345,6 +345,8 @@ fn slow_smtp_settings(addr: std::net::SocketAddr, batch_size: u32) -> NotifySett
         lease: HumanDuration(Duration::from_millis(1_400)),
         retry_backoff: HumanDuration(Duration::from_millis(10)),
         batch_size,
+        // One send at a time: the batch must outlast its claim.
+        concurrency: 1,
         ..NotifySettings::default()
     }
 }
@@ -636,7 +638,7 @@ async fn a_lease_shorter_than_a_send_is_refused() {
 
 #[tokio::test]
 async fn rows_made_before_keys_were_namespaced_are_not_sent_again() {
-    let app = spawn_app_with(60, "[notify]\ntransport = \"http\"\nretry_backoff = \"10ms\"\n\n[notify.http]\nurl = \"${DEMO_BILLING_URL}/email/send\"\n").await;
+    let app = spawn_app_with(60, "[notify]\ntransport = \"http\"\nretry_backoff = \"10ms\"\nconcurrency = 1\n\n[notify.http]\nurl = \"${DEMO_BILLING_URL}/email/send\"\n").await;
     let overdue = overdue_ids(&app);
     let old = overdue.iter().next().unwrap().clone();
     // A reminder sent by an earlier version, under the key format of the time.
@@ -671,7 +673,7 @@ async fn rows_made_before_keys_were_namespaced_are_not_sent_again() {
 async fn a_kill_between_marking_in_flight_and_sending_never_sends_twice() {
     use std::os::unix::process::ExitStatusExt;
     // HTTP with keys: the row is retried under its key and delivered once.
-    let app = spawn_app_with(60, "[notify]\ntransport = \"http\"\nretry_backoff = \"10ms\"\n\n[notify.http]\nurl = \"${DEMO_BILLING_URL}/email/send\"\n").await;
+    let app = spawn_app_with(60, "[notify]\ntransport = \"http\"\nretry_backoff = \"10ms\"\nconcurrency = 1\n\n[notify.http]\nurl = \"${DEMO_BILLING_URL}/email/send\"\n").await;
     let overdue = overdue_ids(&app);
     let crashed = app
         .command(&["run"])
@@ -708,7 +710,7 @@ async fn a_kill_between_marking_in_flight_and_sending_never_sends_twice() {
 
     // SMTP: the outcome is unknown to idem, so a person decides; nothing is sent twice.
     let sink = SmtpSink::start().await;
-    let app = spawn_app_with(60, &smtp_notify(sink.addr())).await;
+    let app = spawn_app_with(60, &sequential(&smtp_notify(sink.addr()))).await;
     let crashed = app
         .command(&["run"])
         .env("IDEM_CRASH_AT", "notify_before_send:2")

@@ -10,6 +10,7 @@ mod edges_cursors;
 mod first_run;
 mod helpers;
 mod ledger;
+mod ledger_concurrency;
 mod ledger_edges;
 mod replay;
 mod security;
