@@ -12,7 +12,7 @@ use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::helpers::{TestApp, spawn_app_with, stderr};
-use crate::ledger::smtp_notify;
+use crate::ledger::{sequential, smtp_notify};
 
 const TOKEN: &str = "console-admin-token-7f3a";
 
@@ -339,7 +339,7 @@ async fn console_refuses_csrf() {
 #[tokio::test]
 async fn console_resolve_changes_the_row_with_who_and_note() {
     let sink = SmtpSink::start().await;
-    let app = spawn_app_with(120, &smtp_notify(sink.addr())).await;
+    let app = spawn_app_with(120, &sequential(&smtp_notify(sink.addr()))).await;
     // A dispatcher killed right after the SMTP server accepted a message: that row's
     // outcome is unknown and it goes to needs_review.
     let crashed = app
