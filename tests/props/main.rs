@@ -613,7 +613,8 @@ fn prop_templates_render_or_fail_their_one_ledger_row() {
                 "SELECT count(*) FROM idem_ledger WHERE source_id = $1 AND key = $2",
             )
             .bind(&good_id)
-            .bind(format!("r:{good_id}:key"))
+            // Ledger keys are namespaced by source system and stream.
+            .bind(format!("props/s/r:{good_id}:key"))
             .fetch_one(&mut *tx)
             .await
             .map_err(|e| e.to_string())?;
