@@ -120,6 +120,7 @@ type ToCheck = (
     Option<serde_json::Value>,
     String,
     bool,
+    Option<bool>,
 );
 
 /// The re-check's answer.
@@ -377,7 +378,8 @@ impl<'a, T: Transport> Dispatcher<'a, T> {
         let mut tx = self.pool.begin().await.context(context)?;
         let row: Option<ToCheck> = sqlx::query_as(
                 "SELECT source_system, source_id, record_table, condition, rule,
-                        to_regclass('\"' || replace(record_table, '\"', '\"\"') || '\"') IS NOT NULL
+                        to_regclass('\"' || replace(record_table, '\"', '\"\"') || '\"') IS NOT NULL,
+                        last_outcome IN ('ambiguous', 'in_progress')
                  FROM idem_ledger
                  WHERE key = $1 AND status = 'sending' AND lease_owner = $2 AND lease_expires_at > now()
                  FOR UPDATE",
@@ -387,7 +389,9 @@ impl<'a, T: Transport> Dispatcher<'a, T> {
             .fetch_optional(&mut *tx)
             .await
             .context(context)?;
-        let Some((source_system, source_id, table, condition, rule, table_exists)) = row else {
+        let Some((source_system, source_id, table, condition, rule, table_exists, maybe_delivered)) =
+            row
+        else {
             return Ok(Some(Start::LostLease));
         };
         let verdict = match (table, condition) {
@@ -419,6 +423,15 @@ impl<'a, T: Transport> Dispatcher<'a, T> {
         };
         let (status, reason, detail) = match verdict {
             Verdict::Holds => ("sending", "", String::new()),
+            // An earlier attempt may have been delivered: cancelling would claim that no
+            // email went out, and sending again could deliver one whose reason is gone.
+            Verdict::Gone(reason, detail) if maybe_delivered.unwrap_or(false) => (
+                "needs_review",
+                "gone_after_unknown_outcome",
+                format!(
+                    "{reason}: {detail}, but an earlier attempt's outcome is unknown (the provider may have delivered it)"
+                ),
+            ),
             Verdict::Gone(reason, detail) => ("cancelled", reason, detail),
             Verdict::Unverifiable(detail) => ("needs_review", "unverifiable", detail),
         };

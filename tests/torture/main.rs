@@ -65,6 +65,9 @@ async fn torture_every_commit_boundary() {
     for k in 1..=world::RECORDS / world::PAGE {
         points.push(format!("page_before_commit:{k}"));
         points.push(format!("page_after_commit:{k}"));
+        // Inside one multi-page transaction (the default batching): page k written,
+        // nothing of it committed yet.
+        points.push(format!("page_written:{k}"));
     }
     for p in [
         "walk_end_before_commit:1",
@@ -80,9 +83,12 @@ async fn torture_every_commit_boundary() {
         let (mut hit, mut missed) = (0, Vec::new());
         for point in &points {
             world.reset(shape).await;
-            let (status, stderr) = world
-                .finish(world.idem(&config, &["run", &target, "--no-notify"], Some(point)))
-                .await;
+            let mut run = world.idem(&config, &["run", &target, "--no-notify"], Some(point));
+            if !point.starts_with("page_written") {
+                // One page per transaction, so every page has its own commit boundary.
+                run.env("IDEM__IMPORT__TRANSACTION_RECORDS", "1");
+            }
+            let (status, stderr) = world.finish(run).await;
             if status.signal() == Some(libc::SIGKILL) {
                 hit += 1;
             } else if status.success() {

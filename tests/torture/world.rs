@@ -808,7 +808,8 @@ impl World {
                 *per_key.entry(key).or_default() += 1;
             }
         } else {
-            let prefix = format!("{}:", shape.stream());
+            // Ledger keys are namespaced `source_system/stream/…`.
+            let prefix = format!("torture/{0}/{0}:", shape.stream());
             for email in self.vendor.emails() {
                 let key = email.idempotency_key.unwrap_or_default();
                 if key.starts_with(&prefix) {
@@ -851,7 +852,11 @@ impl World {
             let n = emails.get(key).copied().unwrap_or(0);
             match status.as_str() {
                 "sent" if n == 1 => sent += 1,
-                "needs_review" if shape.smtp() && n <= 1 => review += 1,
+                // SMTP: any ambiguous send. HTTP: a reminder whose reason went away after
+                // an attempt with an unknown outcome (check before send).
+                "needs_review" if n <= 1 => review += 1,
+                // Check before send: the reason went away before any attempt.
+                "cancelled" if n == 0 => {}
                 other => {
                     return Err(format!(
                         "{key}: ledger status {other} with {n} emails over {}",
@@ -878,7 +883,7 @@ impl World {
             })
             .map(|inv| {
                 format!(
-                    "{}:reminder:{}:stage1",
+                    "torture/{0}/{0}:reminder:{1}:stage1",
                     shape.stream(),
                     inv["id"].as_str().unwrap_or_default()
                 )
