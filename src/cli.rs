@@ -295,14 +295,16 @@ async fn execute(cli: Cli) -> anyhow::Result<u8> {
             }
             let transport =
                 AnyTransport::from_settings(&settings.notify).map_err(|e| usage(e.to_string()))?;
-            let pool = connect(&settings).await?;
+            let instance = crate::instance::set_id(settings.serve.instance.as_deref());
             let url = settings.database_url()?;
+            let pool = store::connect(&url, settings.serve.pool_size()).await?;
+            store::migrate(&pool).await?;
             let address = listen.unwrap_or_else(|| settings.serve.listen.clone());
             let listener = tokio::net::TcpListener::bind(&address)
                 .await
                 .map_err(|err| usage(format!("serve.listen: cannot listen on {address}: {err}")))?;
             println!(
-                "idem serve: {} schedule(s); health http://{addr}/healthz, metrics http://{addr}/metrics",
+                "idem serve: {} schedule(s), instance {instance}; health http://{addr}/healthz, metrics http://{addr}/metrics",
                 settings.serve.schedules.len(),
                 addr = listener.local_addr()?
             );
@@ -562,7 +564,7 @@ async fn run_all(
                 let stream_code = match report.status {
                     RunStatus::Succeeded => EXIT_OK,
                     RunStatus::Partial => EXIT_PARTIAL,
-                    RunStatus::Failed => EXIT_FAILED,
+                    RunStatus::Failed | RunStatus::Interrupted => EXIT_FAILED,
                 };
                 code = worst(code, stream_code);
                 if !json {
@@ -610,6 +612,7 @@ pub fn summary(report: &RunReport) -> String {
         (RunStatus::Succeeded, _) => "succeeded",
         (RunStatus::Partial, _) => "finished with failed records",
         (RunStatus::Failed, _) => "FAILED",
+        (RunStatus::Interrupted, _) => "interrupted by shutdown (resumes next run)",
     };
     let mut line = format!(
         "{}.{} {}: {status}: {} fetched, {} inserted, {} updated, {} unchanged, {} failed",

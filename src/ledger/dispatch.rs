@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use rand::Rng;
 use serde::Serialize;
 use sqlx::PgPool;
-use tracing::{info, info_span, warn};
+use tracing::{Instrument, info, info_span, warn};
 
 use super::rules::Check;
 use super::transport::{Message, Outcome, Transport};
@@ -108,17 +108,52 @@ pub struct Dispatcher<'a, T: Transport> {
     transport: &'a T,
     settings: DispatchSettings,
     owner: String,
+    /// When this turns true the pass sends nothing more: the send in flight finishes
+    /// (within `send_timeout`) and the rest of the claimed rows are released at once.
+    stop: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl<'a, T: Transport> Dispatcher<'a, T> {
     pub fn new(pool: &'a PgPool, transport: &'a T, settings: DispatchSettings) -> Self {
-        let owner = format!("{}:{}", std::process::id(), uuid::Uuid::new_v4().simple());
+        // The instance id tells replicas apart (the pid is 1 in every container); the
+        // uuid tells this pass from the instance's other passes.
+        let owner = format!(
+            "{}:{}",
+            crate::instance::id(),
+            uuid::Uuid::new_v4().simple()
+        );
         Self {
             pool,
             transport,
             settings,
             owner,
+            stop: None,
         }
+    }
+
+    /// Stops the pass between sends when `stop` turns true (shutdown of `idem serve`).
+    pub fn with_stop(mut self, stop: tokio::sync::watch::Receiver<bool>) -> Self {
+        self.stop = Some(stop);
+        self
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop.as_ref().is_some_and(|stop| *stop.borrow())
+    }
+
+    /// Hands this pass's claimed rows whose send never started back to `pending`, due
+    /// now, so another replica sends them without waiting for their lease to expire.
+    pub async fn release_unsent(&self) -> Result<u64, StoreError> {
+        let released = sqlx::query(
+            "UPDATE idem_ledger SET status = 'pending', lease_owner = NULL, lease_expires_at = NULL
+             WHERE status = 'sending' AND lease_owner = $1 AND in_flight_since IS NULL",
+        )
+        .bind(&self.owner)
+        .execute(self.pool)
+        .await
+        .context(|| "releasing claimed ledger rows on shutdown".into())?
+        .rows_affected();
+        Ok(released)
     }
 
     /// One pass: recover expired leases, then claim, send and mark batches until no row
@@ -138,21 +173,38 @@ impl<'a, T: Transport> Dispatcher<'a, T> {
             .context(|| "reading the database clock".into())?;
         let mut sent_in_pass = 0u64;
         let mut lost_in_pass = 0u64;
-        loop {
+        'pass: loop {
+            if self.stopping() {
+                break;
+            }
             let batch = self.claim(pass_started).await?;
             if batch.is_empty() {
                 break;
             }
             for row in batch {
+                if self.stopping() {
+                    let released = self.release_unsent().await?;
+                    warn!(
+                        released,
+                        "shutdown: claimed reminders not yet sent were released for another replica"
+                    );
+                    break 'pass;
+                }
+                // Attached to each await, never entered across one: an entered span would
+                // stay current on this thread while the task waits, and tag other tasks'
+                // log lines with this row's key.
                 let span = info_span!("notify", key = %row.key, source_id = %row.source_id);
-                let _entered = span.enter();
-                match self.start_attempt(&row.key).await? {
+                match self
+                    .start_attempt(&row.key)
+                    .instrument(span.clone())
+                    .await?
+                {
                     Start::Send => {}
                     Start::LostLease => {
                         lost_in_pass += 1;
-                        warn!(
+                        span.in_scope(|| warn!(
                             "the claim expired before this row's turn; another dispatcher or the next pass sends it"
-                        );
+                        ));
                         continue;
                     }
                     Start::Cancelled => {
@@ -177,6 +229,7 @@ impl<'a, T: Transport> Dispatcher<'a, T> {
                     self.settings.send_timeout,
                     self.transport.send(&message),
                 )
+                .instrument(span.clone())
                 .await
                 {
                     Ok(outcome) => outcome,
@@ -189,6 +242,7 @@ impl<'a, T: Transport> Dispatcher<'a, T> {
                     report.logged_only += 1;
                 }
                 self.mark(&row.key, row.attempts, outcome, &mut report)
+                    .instrument(span)
                     .await?;
             }
         }
