@@ -349,6 +349,7 @@ pub async fn render_metrics(pool: &PgPool) -> Result<String, StoreError> {
 /// Turns true on SIGTERM or Ctrl-C.
 pub fn shutdown_signal() -> watch::Receiver<bool> {
     let (sender, receiver) = watch::channel(false);
+    let span = info_span!("idem", instance = %crate::instance::id());
     tokio::spawn(async move {
         let terminate = async {
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -362,8 +363,8 @@ pub fn shutdown_signal() -> watch::Receiver<bool> {
             _ = tokio::signal::ctrl_c() => {}
             _ = terminate => {}
         }
-        info!("shutdown requested: finishing the page in progress");
+        info!("shutdown requested: claiming nothing more, finishing the page and the send in progress");
         let _ = sender.send(true);
-    });
+    }.instrument(span));
     receiver
 }

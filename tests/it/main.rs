@@ -8,6 +8,7 @@ mod helpers;
 mod ledger;
 mod ledger_edges;
 mod replay;
+mod replicas;
 mod security;
 mod serve;
 mod sync_core;
