@@ -106,7 +106,8 @@ fn limiter_for(connector: &Connector, replicas: u32) -> Option<Arc<DefaultDirect
     connector.spec.rate_limit.as_ref().map(|limit| {
         let rate = f64::from(limit.requests_per_second.max(1));
         let period = Duration::from_secs_f64(f64::from(replicas) / rate);
-        let burst = NonZeroU32::new((limit.burst.unwrap_or(1) / replicas).max(1)).expect("at least 1");
+        let burst =
+            NonZeroU32::new((limit.burst.unwrap_or(1) / replicas).max(1)).expect("at least 1");
         let quota = Quota::with_period(period)
             .expect("a positive period")
             .allow_burst(burst);

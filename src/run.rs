@@ -528,7 +528,11 @@ impl<'a> Walk<'a> {
         let c = &self.counters;
         let per_second = c.fetched as f64 / duration.as_secs_f64().max(1e-3);
         if interrupted {
-            warn!(pages = c.pages, fetched = c.fetched, "run interrupted by shutdown; committed pages stay and the next run resumes after them");
+            warn!(
+                pages = c.pages,
+                fetched = c.fetched,
+                "run interrupted by shutdown; committed pages stay and the next run resumes after them"
+            );
         } else if let Some(error) = &failure {
             tracing::error!(error = %error, pages = c.pages, fetched = c.fetched, "run failed; committed pages stay and the next run resumes after them");
         }

@@ -42,10 +42,7 @@ pub struct Target {
 
 /// The streams the schedules name, each once (a stream named by two schedules runs at
 /// the shorter `every`).
-pub fn targets(
-    connectors: &[Connector],
-    schedules: &[Schedule],
-) -> Result<Vec<Target>, String> {
+pub fn targets(connectors: &[Connector], schedules: &[Schedule]) -> Result<Vec<Target>, String> {
     let mut by_stream: BTreeMap<(String, String), Duration> = BTreeMap::new();
     for schedule in schedules {
         for (connector, stream) in select_streams(connectors, &schedule.streams)? {
@@ -115,13 +112,11 @@ pub async fn claim(pool: &PgPool, targets: &[Target]) -> Result<Option<Target>, 
     .fetch_optional(pool)
     .await
     .context(|| "claiming a due stream from the schedule".into())?;
-    Ok(
-        claimed.map(|(source_system, stream, every_ms)| Target {
-            source_system,
-            stream,
-            every: Duration::from_millis(every_ms.max(0) as u64),
-        }),
-    )
+    Ok(claimed.map(|(source_system, stream, every_ms)| Target {
+        source_system,
+        stream,
+        every: Duration::from_millis(every_ms.max(0) as u64),
+    }))
 }
 
 /// How long until the next of `targets` comes due (zero if one is due now).

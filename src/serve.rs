@@ -76,7 +76,10 @@ pub async fn serve(
     tasks.push(tokio::spawn(
         crate::instance::heartbeat_loop(
             pool.clone(),
-            serve_settings.heartbeat_every.0.max(Duration::from_millis(100)),
+            serve_settings
+                .heartbeat_every
+                .0
+                .max(Duration::from_millis(100)),
             live_tx,
             shutdown.clone(),
         )
@@ -107,7 +110,9 @@ pub async fn serve(
                 ran: service.ran.clone(),
             };
             tasks.push(tokio::spawn(
-                worker.run(number, shutdown.clone()).instrument(root.clone()),
+                worker
+                    .run(number, shutdown.clone())
+                    .instrument(root.clone()),
             ));
         }
     }

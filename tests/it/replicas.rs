@@ -375,8 +375,10 @@ async fn a_dead_replicas_streams_run_at_their_next_due_time() {
         );
     }
     assert_eq!(
-        app.count("SELECT count(*) FROM idem_runs WHERE instance = 'doomed' AND status = 'running'")
-            .await,
+        app.count(
+            "SELECT count(*) FROM idem_runs WHERE instance = 'doomed' AND status = 'running'"
+        )
+        .await,
         0
     );
     let (_, code) = survivor.terminate().await;
@@ -405,7 +407,11 @@ async fn log_lines_carry_only_their_own_span_fields() {
         Duration::from_secs(20),
     )
     .await;
-    while app.count("SELECT count(*) FROM idem_ledger WHERE status = 'sent'").await < 10 {
+    while app
+        .count("SELECT count(*) FROM idem_ledger WHERE status = 'sent'")
+        .await
+        < 10
+    {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     replica.terminate().await;
@@ -448,5 +454,8 @@ async fn log_lines_carry_only_their_own_span_fields() {
             );
         }
     }
-    assert!(run_lines > 0 && notify_lines > 0, "{run_lines} run lines, {notify_lines} reminder lines: {logs:?}");
+    assert!(
+        run_lines > 0 && notify_lines > 0,
+        "{run_lines} run lines, {notify_lines} reminder lines: {logs:?}"
+    );
 }
