@@ -201,7 +201,15 @@ async fn execute(cli: Cli) -> anyhow::Result<u8> {
             for warning in &insecure {
                 println!("warning: {warning}");
             }
-            check(&settings)
+            let code = check(&settings)?;
+            if let Ok(url) = settings.database_url() {
+                if let Some(warning) =
+                    crate::schedule::connection_warning(&settings.serve, &url).await
+                {
+                    println!("{warning}");
+                }
+            }
+            Ok(code)
         }
         Command::Migrate => {
             let pool = connect(&settings).await?;

@@ -74,6 +74,11 @@ pub struct ServeSettings {
     /// other replicas take its share of each connector's rate limit.
     #[serde(default = "default_heartbeat_every")]
     pub heartbeat_every: HumanDuration,
+    /// How many `idem serve` replicas the deployment runs (default 1). Only `idem check`
+    /// reads it, to warn when replicas × connections per replica approach the server's
+    /// `max_connections`.
+    #[serde(default = "default_replicas")]
+    pub replicas: u32,
 }
 
 impl Default for ServeSettings {
@@ -87,6 +92,7 @@ impl Default for ServeSettings {
             pool_size: None,
             shutdown_grace: default_shutdown_grace(),
             heartbeat_every: default_heartbeat_every(),
+            replicas: default_replicas(),
         }
     }
 }
@@ -96,6 +102,16 @@ impl ServeSettings {
     pub fn pool_size(&self) -> u32 {
         self.pool_size.unwrap_or(self.workers.max(1) + 3).max(2)
     }
+
+    /// Postgres connections one replica may hold: its pool plus one lock session per
+    /// worker.
+    pub fn connections_per_replica(&self) -> u32 {
+        self.pool_size() + self.workers.max(1)
+    }
+}
+
+fn default_replicas() -> u32 {
+    1
 }
 
 fn default_workers() -> u32 {

@@ -232,3 +232,33 @@ impl Worker {
         }
     }
 }
+
+/// `idem check`'s word on connections: a warning when `[serve] replicas` × connections
+/// per replica reach 80 % of the server's `max_connections`, or `None` (also when the
+/// server cannot be asked).
+pub async fn connection_warning(serve: &crate::config::ServeSettings, url: &str) -> Option<String> {
+    use sqlx::Connection;
+    let ask = async {
+        let mut connection = sqlx::PgConnection::connect(url).await.ok()?;
+        let max: String = sqlx::query_scalar("SHOW max_connections")
+            .fetch_one(&mut connection)
+            .await
+            .ok()?;
+        let _ = connection.close().await;
+        max.parse::<u32>().ok()
+    };
+    let max = tokio::time::timeout(Duration::from_secs(3), ask)
+        .await
+        .ok()
+        .flatten()?;
+    let per_replica = serve.connections_per_replica();
+    let total = serve.replicas.max(1) * per_replica;
+    (u64::from(total) * 10 >= u64::from(max) * 8).then(|| {
+        format!(
+            "warning: {} replica(s) × {per_replica} connections (pool_size {} + {} lock sessions of workers) = {total}, against max_connections = {max} on the server; lower [serve] workers or pool_size, or raise max_connections",
+            serve.replicas.max(1),
+            serve.pool_size(),
+            serve.workers.max(1)
+        )
+    })
+}

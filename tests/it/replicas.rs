@@ -459,3 +459,35 @@ async fn log_lines_carry_only_their_own_span_fields() {
         "{run_lines} run lines, {notify_lines} reminder lines: {logs:?}"
     );
 }
+
+#[tokio::test]
+async fn check_warns_when_replicas_would_exhaust_max_connections() {
+    let app = spawn_app(1).await;
+    let max: String = sqlx::query_scalar("SHOW max_connections")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    let max: u32 = max.parse().unwrap();
+    let connector = fleet_connector(&app, 1, 100, 10, 1);
+    // Two workers and the default pool (workers + 3): 7 connections a replica.
+    let replicas = max / 7 + 1;
+    fleet_config(
+        &app,
+        &connector,
+        "1m",
+        &format!("workers = 2\nreplicas = {replicas}\n"),
+    );
+    let output = app.idem(&["check"]).await;
+    assert!(output.status.success(), "{output:?}");
+    let stdout = crate::helpers::stdout(&output);
+    assert!(
+        stdout.contains(&format!("max_connections = {max}")),
+        "{stdout}"
+    );
+    fleet_config(&app, &connector, "1m", "workers = 2\nreplicas = 2\n");
+    let output = app.idem(&["check"]).await;
+    assert!(
+        !crate::helpers::stdout(&output).contains("max_connections ="),
+        "{output:?}"
+    );
+}
