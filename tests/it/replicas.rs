@@ -381,8 +381,38 @@ async fn a_dead_replicas_streams_run_at_their_next_due_time() {
         .await,
         0
     );
+    // A deploy stops the survivor mid-run: the run is `interrupted`, not `failed`, and
+    // nothing is logged at ERROR.
+    wait_until(
+        &app,
+        "SELECT count(*) FROM idem_runs WHERE instance = 'survivor' AND status = 'running'",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
     let (_, code) = survivor.terminate().await;
     assert_eq!(code, Some(0));
+    assert!(
+        app.count(
+            "SELECT count(*) FROM idem_runs WHERE instance = 'survivor' AND status = 'interrupted'"
+        )
+        .await
+            >= 1
+    );
+    assert_eq!(
+        app.count("SELECT count(*) FROM idem_runs WHERE status IN ('failed', 'running')")
+            .await,
+        0
+    );
+    let errors: Vec<String> = survivor
+        .logs
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains("\"level\":\"ERROR\""))
+        .cloned()
+        .collect();
+    assert!(errors.is_empty(), "{errors:?}");
     assert_eq!(overlapping_runs(&app).await, 0);
 }
 
