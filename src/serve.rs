@@ -124,41 +124,51 @@ pub async fn serve(
         .route("/metrics", get(metrics))
         .with_state(service.clone());
     let mut server_shutdown = shutdown.clone();
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = server_shutdown.wait_for(|stop| *stop).await;
-        })
-        .into_future()
-        .instrument(root.clone());
+    let mut server = tokio::spawn(
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = server_shutdown.wait_for(|stop| *stop).await;
+            })
+            .into_future()
+            .instrument(root.clone()),
+    );
     let mut signal = shutdown.clone();
-    let stopping = async move {
-        let _ = signal.wait_for(|stop| *stop).await;
-        Instant::now()
-    };
-    let (served, signalled) = tokio::join!(served, stopping);
+    tokio::select! {
+        // The listener failed: there is no service to keep up.
+        result = &mut server => {
+            return result.unwrap_or_else(|err| Err(std::io::Error::other(err)));
+        }
+        _ = signal.wait_for(|stop| *stop) => {}
+    }
+    let signalled = Instant::now();
     let grace = serve_settings.shutdown_grace.0;
-    let remaining = grace.saturating_sub(signalled.elapsed());
+    // The grace bounds everything, the HTTP server's open connections included.
     let all_stopped = async {
         for task in tasks {
             let _ = task.await;
         }
+        server.await
     };
     async move {
-        if tokio::time::timeout(remaining, all_stopped).await.is_err() {
-            warn!(
-                grace_ms = grace.as_millis() as u64,
-                "shutdown grace elapsed with work in progress: exiting anyway (a send in flight is settled by its lease; a run resumes after its last committed page)"
-            );
-        }
+        let served = match tokio::time::timeout(grace, all_stopped).await {
+            Ok(result) => result.unwrap_or_else(|err| Err(std::io::Error::other(err))),
+            Err(_) => {
+                warn!(
+                    grace_ms = grace.as_millis() as u64,
+                    "shutdown grace elapsed with work in progress: exiting anyway (a send in flight is settled by its lease; a run resumes after its last committed page)"
+                );
+                Ok(())
+            }
+        };
         let took = signalled.elapsed();
         crate::instance::counters()
             .shutdown_ms
             .store(took.as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
         info!(shutdown_ms = took.as_millis() as u64, "idem serve stopped");
+        served
     }
     .instrument(root)
-    .await;
-    served
+    .await
 }
 
 /// Sends due notifications every `notify_every` (with jitter, so replicas' passes drift

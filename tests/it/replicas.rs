@@ -59,6 +59,7 @@ fn fleet_config(app: &TestApp, connector: &str, every: &str, extra_serve: &str) 
 struct Replica {
     child: Child,
     logs: Arc<Mutex<Vec<String>>>,
+    metrics_url: String,
 }
 
 impl Replica {
@@ -77,6 +78,12 @@ impl Replica {
             .unwrap()
             .unwrap_or_default();
         assert!(banner.contains(instance), "{banner}");
+        let metrics_url = banner
+            .split_whitespace()
+            .map(|w| w.trim_end_matches(','))
+            .find(|w| w.ends_with("/metrics"))
+            .expect("banner names /metrics")
+            .to_string();
         tokio::spawn(async move { while let Ok(Some(_)) = stdout.next_line().await {} });
         let logs = Arc::new(Mutex::new(Vec::new()));
         let sink = logs.clone();
@@ -86,7 +93,11 @@ impl Replica {
                 sink.lock().unwrap().push(line);
             }
         });
-        Replica { child, logs }
+        Replica {
+            child,
+            logs,
+            metrics_url,
+        }
     }
 
     fn signal(&self, signal: i32) {
@@ -147,6 +158,30 @@ async fn replicas_share_the_schedule() {
     .await;
     // A few periods.
     tokio::time::sleep(Duration::from_millis(4300)).await;
+    // Per-process counters add up across replicas to the deployment's runs; the gauges
+    // read from tables are the same on every replica.
+    let mut started_by_replicas = 0;
+    for (n, replica) in replicas.iter().enumerate() {
+        let text = reqwest::get(&replica.metrics_url)
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(text.contains("idem_live_instances 3"), "{text}");
+        let prefix = format!("idem_process_runs_started_total{{instance=\"replica-{n}\"}} ");
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&prefix))
+            .unwrap_or_else(|| panic!("no {prefix}in {text}"));
+        started_by_replicas += line[prefix.len()..].parse::<i64>().unwrap();
+    }
+    let recorded = app.count("SELECT count(*) FROM idem_runs").await;
+    // Runs still in progress are recorded but not yet counted (at most 3 replicas × 2 workers).
+    assert!(
+        started_by_replicas <= recorded && started_by_replicas >= recorded - 6 - 3,
+        "replicas counted {started_by_replicas} runs started; {recorded} recorded"
+    );
     for replica in &mut replicas {
         let (_, code) = replica.terminate().await;
         assert_eq!(code, Some(0));
