@@ -210,8 +210,7 @@ impl Worker {
             )
             .instrument(span.clone())
             .await;
-        let _enter = span.enter(); // no await below: nothing else runs under it
-        match result {
+        span.in_scope(|| match result {
             Ok(report) => {
                 Counters::bump(&instance::counters().runs_started);
                 self.ran.notify_one();
@@ -229,7 +228,7 @@ impl Worker {
             Err(err) => {
                 error!(error = %crate::run::error_chain(&err), "run could not start")
             }
-        }
+        });
     }
 }
 

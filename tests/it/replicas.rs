@@ -556,3 +556,56 @@ async fn check_warns_when_replicas_would_exhaust_max_connections() {
         "{output:?}"
     );
 }
+
+#[tokio::test]
+async fn a_run_longer_than_every_is_skipped_and_counted_not_doubled() {
+    let app = spawn_app(30).await;
+    // One stream, every 200 ms, whose walk takes longer than that (three slow pages).
+    let connector = fleet_connector(&app, 1, 10, 1000, 100);
+    fleet_config(&app, &connector, "200ms", "workers = 3\n");
+    app.vendor.inject(Fault::new(
+        "/v1/invoices",
+        10_000,
+        FaultKind::Delay(Duration::from_millis(150)),
+    ));
+    let mut replica = Replica::start(&app, "skipper").await;
+    let started = tokio::time::Instant::now();
+    let skips = loop {
+        let text = reqwest::get(&replica.metrics_url)
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let prefix = "idem_process_lock_skips_total{instance=\"skipper\"} ";
+        let skips: i64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("no lock skip counter in {text}"))
+            .parse()
+            .unwrap();
+        let succeeded = app
+            .count("SELECT count(*) FROM idem_runs WHERE status = 'succeeded'")
+            .await;
+        if (skips >= 2 && succeeded >= 1) || started.elapsed() > Duration::from_secs(15) {
+            break skips;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    replica.terminate().await;
+    assert!(skips >= 2, "no lock skips counted");
+    assert_eq!(overlapping_runs(&app).await, 0);
+    // A skip is routine: not a WARN line per attempt.
+    let logs = replica.logs.lock().unwrap().clone();
+    assert!(
+        !logs
+            .iter()
+            .any(|l| l.contains("still running") || l.contains("already running")),
+        "a lock skip was logged at INFO or above: {logs:?}"
+    );
+    assert!(
+        app.count("SELECT count(*) FROM idem_runs WHERE status = 'succeeded'")
+            .await
+            >= 1
+    );
+}
