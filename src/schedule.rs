@@ -199,17 +199,26 @@ impl Worker {
             return;
         };
         let span = tracing::info_span!("scheduled", worker = number);
-        let result = self
-            .runner
-            .run(
-                &self.pool,
-                &self.database_url,
-                connector,
-                &target.stream,
-                options,
-            )
-            .instrument(span.clone())
-            .await;
+        // A previous run still holding the lock is seen through the pool, so a skipped
+        // period opens no Postgres session; only a stream that looks free gets one.
+        let held = lock_held(&self.pool, &target.source_system, &target.stream).await;
+        let result = if held.unwrap_or(false) {
+            Err(RunError::Locked {
+                source_system: target.source_system.clone(),
+                stream: target.stream.clone(),
+            })
+        } else {
+            self.runner
+                .run(
+                    &self.pool,
+                    &self.database_url,
+                    connector,
+                    &target.stream,
+                    options,
+                )
+                .instrument(span.clone())
+                .await
+        };
         span.in_scope(|| match result {
             Ok(report) => {
                 Counters::bump(&instance::counters().runs_started);
@@ -230,6 +239,21 @@ impl Worker {
             }
         });
     }
+}
+
+/// Whether a run (anywhere) holds the stream's advisory lock, read from `pg_locks` over
+/// a pooled connection. Only a hint: the lock itself is still taken on its own session.
+async fn lock_held(pool: &PgPool, source_system: &str, stream: &str) -> Result<bool, StoreError> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted
+           AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+           AND classid = $1::int4::oid AND objid = hashtext($2)::oid AND objsubid = 2)",
+    )
+    .bind(crate::store::LOCK_CLASS)
+    .bind(crate::store::lock_key(source_system, stream))
+    .fetch_one(pool)
+    .await
+    .context(|| format!("looking for the lock of {source_system}.{stream}"))
 }
 
 /// `idem check`'s word on connections: a warning when `[serve] replicas` × connections

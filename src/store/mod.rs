@@ -174,7 +174,8 @@ impl StreamLock {
     }
 }
 
-fn lock_key(source_system: &str, stream: &str) -> String {
+/// The second key of a stream's advisory lock, hashed by Postgres (`hashtext`).
+pub fn lock_key(source_system: &str, stream: &str) -> String {
     format!("idem:{source_system}.{stream}")
 }
 

@@ -568,6 +568,17 @@ async fn a_run_longer_than_every_is_skipped_and_counted_not_doubled() {
         10_000,
         FaultKind::Delay(Duration::from_millis(150)),
     ));
+    let sessions = || async {
+        // The statistics are flushed about once a second.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        sqlx::query_scalar::<_, i64>(
+            "SELECT sessions FROM pg_stat_database WHERE datname = current_database()",
+        )
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+    };
+    let sessions_before = sessions().await;
     let mut replica = Replica::start(&app, "skipper").await;
     let started = tokio::time::Instant::now();
     let skips = loop {
@@ -587,13 +598,21 @@ async fn a_run_longer_than_every_is_skipped_and_counted_not_doubled() {
         let succeeded = app
             .count("SELECT count(*) FROM idem_runs WHERE status = 'succeeded'")
             .await;
-        if (skips >= 2 && succeeded >= 1) || started.elapsed() > Duration::from_secs(15) {
+        if (skips >= 12 && succeeded >= 1) || started.elapsed() > Duration::from_secs(15) {
             break skips;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     replica.terminate().await;
-    assert!(skips >= 2, "no lock skips counted");
+    assert!(skips >= 12, "only {skips} lock skips counted");
+    // A skipped period opens no Postgres session: the replica's sessions are its pool
+    // (workers + 3) and one lock session per run it started.
+    let opened = sessions().await - sessions_before;
+    let runs = app.count("SELECT count(*) FROM idem_runs").await;
+    assert!(
+        opened <= runs + 6 + 1,
+        "{opened} sessions for {runs} runs and {skips} skips"
+    );
     assert_eq!(overlapping_runs(&app).await, 0);
     // A skip is routine: not a WARN line per attempt.
     let logs = replica.logs.lock().unwrap().clone();
