@@ -76,6 +76,8 @@ pub struct Counters {
     pub claims: AtomicU64,
     /// Milliseconds from the shutdown signal until every loop stopped (0 until then).
     pub shutdown_ms: AtomicU64,
+    /// When the shutdown signal came (unset while running).
+    pub shutdown_started: OnceLock<std::time::Instant>,
 }
 
 /// The process's counters.
@@ -246,13 +248,20 @@ pub fn render_process_metrics(out: &mut String) {
     }
     let _ = writeln!(
         out,
-        "# HELP idem_process_shutdown_seconds Time this process took to stop after its shutdown signal (0 while running)."
+        "# HELP idem_process_shutdown_seconds Time since this process got its shutdown signal while it drains, then the time it took (0 while running)."
     );
     let _ = writeln!(out, "# TYPE idem_process_shutdown_seconds gauge");
+    // While draining: the time so far; once every loop stopped: the time it took.
+    let seconds = match (
+        c.shutdown_ms.load(Ordering::Relaxed),
+        c.shutdown_started.get(),
+    ) {
+        (0, Some(started)) => started.elapsed().as_secs_f64(),
+        (ms, _) => ms as f64 / 1000.0,
+    };
     let _ = writeln!(
         out,
-        "idem_process_shutdown_seconds{{instance=\"{}\"}} {}",
-        id(),
-        c.shutdown_ms.load(Ordering::Relaxed) as f64 / 1000.0
+        "idem_process_shutdown_seconds{{instance=\"{}\"}} {seconds}",
+        id()
     );
 }

@@ -123,11 +123,12 @@ pub async fn serve(
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .with_state(service.clone());
-    let mut server_shutdown = shutdown.clone();
+    // The HTTP server outlives the drain, so /metrics shows the shutdown in progress.
+    let (drained_tx, mut drained_rx) = watch::channel(false);
     let mut server = tokio::spawn(
         axum::serve(listener, app)
             .with_graceful_shutdown(async move {
-                let _ = server_shutdown.wait_for(|stop| *stop).await;
+                let _ = drained_rx.wait_for(|drained| *drained).await;
             })
             .into_future()
             .instrument(root.clone()),
@@ -141,30 +142,37 @@ pub async fn serve(
         _ = signal.wait_for(|stop| *stop) => {}
     }
     let signalled = Instant::now();
+    let _ = crate::instance::counters()
+        .shutdown_started
+        .set(signalled.into_std());
     let grace = serve_settings.shutdown_grace.0;
-    // The grace bounds everything, the HTTP server's open connections included.
     let all_stopped = async {
         for task in tasks {
             let _ = task.await;
         }
-        server.await
     };
     async move {
-        let served = match tokio::time::timeout(grace, all_stopped).await {
-            Ok(result) => result.unwrap_or_else(|err| Err(std::io::Error::other(err))),
-            Err(_) => {
-                warn!(
-                    grace_ms = grace.as_millis() as u64,
-                    "shutdown grace elapsed with work in progress: exiting anyway (a send in flight is settled by its lease; a run resumes after its last committed page)"
-                );
-                Ok(())
-            }
-        };
+        if tokio::time::timeout(grace, all_stopped).await.is_err() {
+            warn!(
+                grace_ms = grace.as_millis() as u64,
+                "shutdown grace elapsed with work in progress: exiting anyway (a send in flight is settled by its lease; a run resumes after its last committed page)"
+            );
+        }
         let took = signalled.elapsed();
         crate::instance::counters()
             .shutdown_ms
             .store(took.as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
-        info!(shutdown_ms = took.as_millis() as u64, "idem serve stopped");
+        let _ = drained_tx.send(true);
+        // The grace bounds the HTTP server's open connections too.
+        let remaining = grace.saturating_sub(signalled.elapsed()).max(Duration::from_millis(200));
+        let served = match tokio::time::timeout(remaining, &mut server).await {
+            Ok(result) => result.unwrap_or_else(|err| Err(std::io::Error::other(err))),
+            Err(_) => {
+                server.abort();
+                Ok(())
+            }
+        };
+        info!(shutdown_ms = signalled.elapsed().as_millis() as u64, "idem serve stopped");
         served
     }
     .instrument(root)
