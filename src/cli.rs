@@ -90,7 +90,12 @@ pub enum Command {
         json: bool,
     },
     /// Apply idem's database migrations.
-    Migrate,
+    Migrate {
+        /// Also create or extend every connector's destination tables (even with
+        /// `ddl = "never"`): the step for a role that may alter them.
+        #[arg(long)]
+        tables: bool,
+    },
     /// Validate the config and every connector file, without any request.
     Check,
     /// Show or change checkpoints.
@@ -192,16 +197,22 @@ pub async fn main() -> ExitCode {
 
 async fn execute(cli: Cli) -> anyhow::Result<u8> {
     let settings = Settings::load(cli.config.as_deref())?;
+    let _ = SESSION_NAME.set(session_name(&cli.command));
     let insecure = insecure_files(&settings);
     for warning in &insecure {
         tracing::warn!("{warning}");
+    }
+    if let Command::Run { json, .. } | Command::Replay { json, .. } | Command::Notify { json } =
+        &cli.command
+    {
+        crate::progress::enable(*json, cli.log_format == LogFormat::Json);
     }
     match cli.command {
         Command::Check => {
             for warning in &insecure {
                 println!("warning: {warning}");
             }
-            let code = check(&settings)?;
+            let code = check(&settings).await?;
             if let Ok(url) = settings.database_url() {
                 if let Some(warning) =
                     crate::schedule::connection_warning(&settings.serve, &url).await
@@ -211,10 +222,16 @@ async fn execute(cli: Cli) -> anyhow::Result<u8> {
             }
             Ok(code)
         }
-        Command::Migrate => {
-            let pool = connect(&settings).await?;
+        Command::Migrate { tables } => {
+            let connectors = if tables {
+                settings.load_connectors()?
+            } else {
+                Vec::new()
+            };
+            let pool = connect_creating(&settings, true).await?;
             store::migrate(&pool).await?;
             println!("migrations applied");
+            migrate_tables(&pool, &settings, &connectors).await?;
             Ok(EXIT_OK)
         }
         Command::Run {
@@ -225,11 +242,12 @@ async fn execute(cli: Cli) -> anyhow::Result<u8> {
         } => {
             let connectors = settings.load_connectors()?;
             let selected = select(&connectors, &targets)?;
-            let pool = connect(&settings).await?;
+            let pool = connect_creating(&settings, true).await?;
             let url = settings.database_url()?;
             let transport =
                 AnyTransport::from_settings(&settings.notify).map_err(|e| usage(e.to_string()))?;
-            let options = RunOptions::new(Mode::Regular, dry_run);
+            let mut options = RunOptions::new(Mode::Regular, dry_run);
+            options.ddl = settings.database.ddl_policy();
             let code = run_all(&pool, &url, &selected, &options, json).await?;
             if !no_notify && !dry_run {
                 let report = notify(&pool, &settings, &transport).await?;
@@ -273,11 +291,11 @@ async fn execute(cli: Cli) -> anyhow::Result<u8> {
                     ));
                 }
             };
-            let pool = connect(&settings).await?;
+            let pool = connect_creating(&settings, true).await?;
             let url = settings.database_url()?;
             let transport =
                 AnyTransport::from_settings(&settings.notify).map_err(|e| usage(e.to_string()))?;
-            let options = RunOptions::new(
+            let mut options = RunOptions::new(
                 Mode::Replay {
                     from,
                     to,
@@ -286,6 +304,7 @@ async fn execute(cli: Cli) -> anyhow::Result<u8> {
                 },
                 false,
             );
+            options.ddl = settings.database.ddl_policy();
             let code = run_all(&pool, &url, &selected, &options, json).await?;
             if !no_notify {
                 let report = notify(&pool, &settings, &transport).await?;
@@ -304,15 +323,15 @@ async fn execute(cli: Cli) -> anyhow::Result<u8> {
             let transport =
                 AnyTransport::from_settings(&settings.notify).map_err(|e| usage(e.to_string()))?;
             let instance = crate::instance::set_id(settings.serve.instance.as_deref());
+            let pool =
+                connect_creating_sized(&settings, true, settings.serve.pool_size()).await?;
             let url = settings.database_url()?;
-            let pool = store::connect(&url, settings.serve.pool_size()).await?;
-            store::migrate(&pool).await?;
             let address = listen.unwrap_or_else(|| settings.serve.listen.clone());
             let listener = tokio::net::TcpListener::bind(&address)
                 .await
                 .map_err(|err| usage(format!("serve.listen: cannot listen on {address}: {err}")))?;
             println!(
-                "idem serve: {} schedule(s), instance {instance}; health http://{addr}/healthz, metrics http://{addr}/metrics",
+                "idem serve: {} schedule(s), instance {instance}; health http://{addr}/healthz, metrics http://{addr}/metrics, console http://{addr}/",
                 settings.serve.schedules.len(),
                 addr = listener.local_addr()?
             );
@@ -351,7 +370,7 @@ async fn execute(cli: Cli) -> anyhow::Result<u8> {
         Command::Status { json } => {
             let connectors = settings.load_connectors()?;
             let pool = connect(&settings).await?;
-            status(&pool, &connectors, json).await
+            status(&pool, &connectors, settings.serve.lag_alert, json).await
         }
         Command::Checkpoint { command } => {
             let connectors = settings.load_connectors()?;
@@ -369,9 +388,52 @@ fn usage(message: String) -> anyhow::Error {
     })
 }
 
+/// The `application_name` of this process's pooled sessions, e.g. `idem run stripe`.
+static SESSION_NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+fn session_name(command: &Command) -> String {
+    let (name, targets): (&str, Vec<&str>) = match command {
+        Command::Run { targets, .. } => ("run", targets.iter().map(String::as_str).collect()),
+        Command::Replay { target, .. } => ("replay", vec![target.as_str()]),
+        Command::Status { .. } => ("status", vec![]),
+        Command::Migrate { .. } => ("migrate", vec![]),
+        Command::Check => ("check", vec![]),
+        Command::Checkpoint { .. } => ("checkpoint", vec![]),
+        Command::Serve { .. } => ("serve", vec![]),
+        Command::Notify { .. } => ("notify", vec![]),
+        Command::Ledger { .. } => ("ledger", vec![]),
+    };
+    let mut session = format!("idem {name}");
+    for target in targets {
+        session.push(' ');
+        session.push_str(target);
+    }
+    session
+}
+
 async fn connect(settings: &Settings) -> anyhow::Result<PgPool> {
+    connect_creating(settings, false).await
+}
+
+/// Connects and migrates; with `create`, first creates the database when it does not
+/// exist yet (`idem migrate`, and the first `run`, `replay` or `serve`).
+async fn connect_creating(settings: &Settings, create: bool) -> anyhow::Result<PgPool> {
+    connect_creating_sized(settings, create, 4).await
+}
+
+/// [`connect_creating`] with a pool of `max_connections` (`idem serve`: `[serve] pool_size`).
+async fn connect_creating_sized(
+    settings: &Settings,
+    create: bool,
+    max_connections: u32,
+) -> anyhow::Result<PgPool> {
     let url = settings.database_url()?;
-    let pool = store::connect(&url, 4).await?;
+    if let Some(created) = store::bootstrap::ensure_database(&url, create).await? {
+        eprintln!("created database \"{created}\" (first run)");
+    }
+    let name = SESSION_NAME.get().map_or("idem", String::as_str);
+    let pool =
+        store::connect_with(&url, max_connections, &settings.database.session(name)).await?;
     store::migrate(&pool).await?;
     Ok(pool)
 }
@@ -386,7 +448,12 @@ async fn notify(
         transport,
         DispatchSettings::from_config(&settings.notify),
     );
-    Ok(dispatcher.run_once().await?)
+    let bar = crate::progress::NotifyBar::start(pool).await;
+    let report = dispatcher.run_once().await;
+    if let Some(bar) = bar {
+        bar.finish();
+    }
+    Ok(report?)
 }
 
 fn notify_summary(report: &DispatchReport) -> String {
@@ -517,7 +584,7 @@ fn insecure_files(settings: &Settings) -> Vec<String> {
     crate::secret::insecure_secret_files(&files)
 }
 
-fn check(settings: &Settings) -> anyhow::Result<u8> {
+async fn check(settings: &Settings) -> anyhow::Result<u8> {
     let connectors = settings.load_connectors()?;
     for connector in &connectors {
         let streams: Vec<&str> = connector.spec.streams.keys().map(String::as_str).collect();
@@ -543,7 +610,103 @@ fn check(settings: &Settings) -> anyhow::Result<u8> {
         connectors.len()
     );
     println!("{POOLING_NOTE}");
+    if settings.database_url.is_some() {
+        return check_database(settings, &connectors).await;
+    }
     Ok(EXIT_OK)
+}
+
+/// With a database: how the connection is secured, and which grants (or, with
+/// `ddl = "never"`, which schema changes) are missing. Changes nothing.
+async fn check_database(settings: &Settings, connectors: &[Connector]) -> anyhow::Result<u8> {
+    let url = settings.database_url()?;
+    let target = store::Target::parse(&url)?;
+    let pool = store::connect_with(&url, 1, &settings.database.session("idem check")).await?;
+    let tls = store::session::tls_status(&pool, &target).await?;
+    match (&tls.version, tls.encrypted) {
+        (Some(version), true) => println!(
+            "database {}: TLS {version} ({}), {}",
+            target.describe(),
+            tls.cipher.as_deref().unwrap_or("cipher unknown"),
+            tls.verified
+        ),
+        _ => println!(
+            "database {}: NOT encrypted{}",
+            target.describe(),
+            if target.loopback {
+                " (loopback)"
+            } else {
+                "; records and passwords cross the network readable"
+            }
+        ),
+    }
+    let ddl_allowed = settings.database.ddl == crate::config::DdlMode::Auto;
+    let mut tables = Vec::new();
+    for connector in connectors {
+        for stream in connector.spec.streams.values() {
+            if !tables
+                .iter()
+                .any(|t: &store::table::DestinationTable| t.name == stream.table)
+            {
+                tables.push(store::table::DestinationTable::new(
+                    &stream.table,
+                    &stream.columns,
+                ));
+            }
+        }
+    }
+    let destinations: Vec<store::grants::Destination> = tables
+        .iter()
+        .map(|table| store::grants::Destination { table, ddl_allowed })
+        .collect();
+    let missing = store::grants::missing(&pool, &destinations).await?;
+    pool.close().await;
+    let mode = if ddl_allowed { "auto" } else { "never" };
+    if missing.is_empty() {
+        println!(
+            "grants: all in place for {} destination table(s) with ddl = \"{mode}\"",
+            tables.len()
+        );
+        return Ok(EXIT_OK);
+    }
+    println!("grants: {} missing (ddl = \"{mode}\"):", missing.len());
+    for line in &missing {
+        println!("  {line}");
+    }
+    Ok(EXIT_FAILED)
+}
+
+/// `idem migrate --tables`: brings every destination table to its connector's shape,
+/// with the same lock timeout as a run, whatever `ddl` says.
+async fn migrate_tables(
+    pool: &PgPool,
+    settings: &Settings,
+    connectors: &[Connector],
+) -> anyhow::Result<()> {
+    let policy = store::table::DdlPolicy {
+        allow: true,
+        ..settings.database.ddl_policy()
+    };
+    let mut done: Vec<&str> = Vec::new();
+    for connector in connectors {
+        for stream in connector.spec.streams.values() {
+            if done.contains(&stream.table.as_str()) {
+                continue;
+            }
+            done.push(&stream.table);
+            let table = store::table::DestinationTable::new(&stream.table, &stream.columns)
+                .with_ddl(policy.clone());
+            let statements = table.missing_ddl(pool).await?;
+            table.ensure(pool).await?;
+            if statements.is_empty() {
+                println!("table {}: up to date", stream.table);
+            }
+            for statement in statements {
+                println!("table {}: {statement}", stream.table);
+            }
+        }
+    }
+    Ok(())
 }
 
 fn select<'a>(
@@ -564,10 +727,17 @@ async fn run_all(
     let mut code = EXIT_OK;
     let mut reports = Vec::new();
     for (connector, stream) in selected {
-        match runner
-            .run(pool, database_url, connector, stream, options)
-            .await
-        {
+        let name = format!("{}.{stream}", connector.spec.source_system);
+        let bar = crate::progress::StreamBar::start(&name);
+        let mut options = options.clone();
+        options.progress = bar.as_ref().map(|(_, sender)| sender.clone());
+        let result = runner
+            .run(pool, database_url, connector, stream, &options)
+            .await;
+        if let Some((bar, _)) = bar {
+            bar.finish();
+        }
+        match result {
             Ok(report) => {
                 let stream_code = match report.status {
                     RunStatus::Succeeded => EXIT_OK,
@@ -656,7 +826,12 @@ pub fn summary(report: &RunReport) -> String {
     line
 }
 
-async fn status(pool: &PgPool, connectors: &[Connector], json: bool) -> anyhow::Result<u8> {
+async fn status(
+    pool: &PgPool,
+    connectors: &[Connector],
+    lag_alert: HumanDuration,
+    json: bool,
+) -> anyhow::Result<u8> {
     let checkpoints = store::state::list_checkpoints(pool, None).await?;
     let runs = store::state::recent_runs(pool, 5).await?;
     let failures: Vec<(String, String, String, String, i32)> = sqlx::query_as(
@@ -677,54 +852,26 @@ async fn status(pool: &PgPool, connectors: &[Connector], json: bool) -> anyhow::
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(EXIT_OK);
     }
-    println!("Checkpoints");
-    if checkpoints.is_empty() {
-        println!("  (none yet)");
-    }
-    for cp in &checkpoints {
-        let mut line = format!("  {}.{} [{}]", cp.source_system, cp.stream, cp.scope);
-        if let Some(hwm) = cp.high_water_mark {
-            line.push_str(&format!(" high-water mark {}", hwm.to_rfc3339()));
+    let rows = crate::console::overview(pool, connectors, lag_alert, &Default::default()).await?;
+    print!(
+        "{}",
+        crate::redact::for_terminal(&crate::console::table::render(&rows))
+    );
+    if runs.iter().any(|r| r.error.is_some()) {
+        println!("Last errors");
+        for r in runs.iter().filter(|r| r.error.is_some()).take(5) {
+            println!(
+                "  {}.{} {} {} {}: {}",
+                r.source_system,
+                r.stream,
+                r.mode,
+                r.status,
+                r.started_at.to_rfc3339(),
+                crate::redact::for_terminal(&crate::redact::redact(
+                    r.error.as_deref().unwrap_or_default()
+                ))
+            );
         }
-        if let Some(cursor) = &cp.cursor {
-            line.push_str(&format!(" cursor {}", crate::redact::for_terminal(cursor)));
-        }
-        if cp.resume.is_some() {
-            line.push_str(" (an interrupted walk will resume)");
-        }
-        println!("{line}, updated {}", cp.updated_at.to_rfc3339());
-    }
-    println!("Recent runs");
-    if runs.is_empty() {
-        println!("  (none yet)");
-    }
-    for r in &runs {
-        let window = match (r.window_from, r.window_to) {
-            (None, None) => String::new(),
-            (from, to) => format!(
-                " window [{}, {})",
-                from.map_or("-".into(), |t| t.to_rfc3339()),
-                to.map_or("-".into(), |t| t.to_rfc3339())
-            ),
-        };
-        println!(
-            "  {}.{} {} {} {}{window}: {} fetched, {} inserted, {} updated, {} unchanged, {} failed, {} deleted{}",
-            r.source_system,
-            r.stream,
-            r.mode,
-            r.status,
-            r.started_at.to_rfc3339(),
-            r.fetched,
-            r.inserted,
-            r.updated,
-            r.unchanged,
-            r.failed,
-            r.deleted,
-            r.error.as_ref().map_or(String::new(), |e| format!(
-                "\n    error: {}",
-                crate::redact::for_terminal(&crate::redact::redact(e))
-            ))
-        );
     }
     println!("Record failures: {}", failures.len());
     for (ss, st, key, error, attempts) in failures.iter().take(20) {

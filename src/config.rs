@@ -27,6 +27,10 @@ pub struct Settings {
     /// The long-running service (`idem serve`): schedules, health and metrics.
     #[serde(default)]
     pub serve: ServeSettings,
+    /// How idem behaves in a database it shares: schema changes, lock and statement
+    /// timeouts.
+    #[serde(default)]
+    pub database: DatabaseSettings,
     /// The folder the config file is in (connector paths are relative to it).
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -79,6 +83,14 @@ pub struct ServeSettings {
     /// `max_connections`.
     #[serde(default = "default_replicas")]
     pub replicas: u32,
+    /// The console's admin token, a `${ENV}` or `${file:...}` reference. Without it the
+    /// console is read-only: nobody can run, replay or resolve from the browser.
+    #[serde(default)]
+    pub admin_token: Option<String>,
+    /// A stream whose mark (or cursor) has not moved for longer than this stands out on
+    /// the console (default `"2d"`).
+    #[serde(default = "default_lag_alert")]
+    pub lag_alert: HumanDuration,
 }
 
 impl Default for ServeSettings {
@@ -93,6 +105,8 @@ impl Default for ServeSettings {
             shutdown_grace: default_shutdown_grace(),
             heartbeat_every: default_heartbeat_every(),
             replicas: default_replicas(),
+            admin_token: None,
+            lag_alert: default_lag_alert(),
         }
     }
 }
@@ -123,6 +137,9 @@ fn default_shutdown_grace() -> HumanDuration {
 fn default_heartbeat_every() -> HumanDuration {
     HumanDuration(std::time::Duration::from_secs(5))
 }
+fn default_lag_alert() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(2 * 86_400))
+}
 
 fn default_listen() -> String {
     "127.0.0.1:9464".into()
@@ -142,6 +159,96 @@ pub struct Schedule {
     /// (each start is claimed by one of them; see `idem_schedule`). A new stream is due at
     /// once; a run that outlasts `every` skips the periods it overlaps.
     pub every: HumanDuration,
+}
+
+/// `[database]`: how idem behaves as a neighbour in a shared database.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSettings {
+    /// `auto` (default): create destination tables and add new typed columns when a
+    /// connector needs them. `never`: the role may not alter tables; a missing table or
+    /// column stops the run at start with the exact statement to run.
+    #[serde(default)]
+    pub ddl: DdlMode,
+    /// The longest one schema-change attempt waits for its table lock; readers of the
+    /// table queue behind it meanwhile (default `"3s"`).
+    #[serde(default = "default_lock_timeout")]
+    pub lock_timeout: HumanDuration,
+    /// Attempts of a schema change that cannot get its lock, with backoff (default 3).
+    #[serde(default = "default_ddl_attempts")]
+    pub ddl_attempts: u32,
+    /// `statement_timeout` of idem's sessions (default `"60s"`; a page's statements take
+    /// milliseconds).
+    #[serde(default = "default_statement_timeout")]
+    pub statement_timeout: HumanDuration,
+    /// `idle_in_transaction_session_timeout` of idem's sessions (default `"60s"`; idem
+    /// never waits on the network inside a transaction).
+    #[serde(default = "default_idle_in_transaction_timeout")]
+    pub idle_in_transaction_timeout: HumanDuration,
+    /// The longest a new connection may take, TLS included (default `"10s"`).
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: HumanDuration,
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        Self {
+            ddl: DdlMode::Auto,
+            lock_timeout: default_lock_timeout(),
+            ddl_attempts: default_ddl_attempts(),
+            statement_timeout: default_statement_timeout(),
+            idle_in_transaction_timeout: default_idle_in_transaction_timeout(),
+            connect_timeout: default_connect_timeout(),
+        }
+    }
+}
+
+impl DatabaseSettings {
+    /// The schema-change policy of destination tables.
+    pub fn ddl_policy(&self) -> crate::store::table::DdlPolicy {
+        crate::store::table::DdlPolicy {
+            allow: self.ddl == DdlMode::Auto,
+            lock_timeout: self.lock_timeout.0,
+            attempts: self.ddl_attempts.max(1),
+        }
+    }
+
+    /// Session name and limits for sessions named `application_name`.
+    pub fn session(&self, application_name: impl Into<String>) -> crate::store::SessionSettings {
+        crate::store::SessionSettings {
+            application_name: application_name.into(),
+            statement_timeout: self.statement_timeout.0,
+            idle_in_transaction_timeout: self.idle_in_transaction_timeout.0,
+            connect_timeout: self.connect_timeout.0,
+        }
+    }
+}
+
+fn default_lock_timeout() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(3))
+}
+fn default_ddl_attempts() -> u32 {
+    3
+}
+fn default_statement_timeout() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(60))
+}
+fn default_idle_in_transaction_timeout() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(60))
+}
+fn default_connect_timeout() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(10))
+}
+
+/// Whether idem may change destination tables' schema.
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DdlMode {
+    /// Create tables and add columns as connectors need them.
+    #[default]
+    Auto,
+    /// Never: report the statement to run instead.
+    Never,
 }
 
 /// The dispatcher's transport and limits.

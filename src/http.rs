@@ -28,20 +28,24 @@ const ERROR_BODY_LIMIT: usize = 500;
 /// parameter is added after the URL shown here is taken).
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
-    #[error("{method} {url}: HTTP {status}: {body} (attempt {attempts})")]
+    #[error("{method} {url}: HTTP {status}: {body}{}", tries(*attempts, *gave_up))]
     Status {
         method: &'static str,
         url: String,
         status: u16,
         body: String,
         attempts: u32,
+        /// Every attempt allowed was made (not set on a failure that is not retried).
+        gave_up: bool,
     },
-    #[error("{method} {url}: {reason} (gave up after {attempts} attempts)")]
+    #[error("{method} {url}: {reason}{}", tries(*attempts, *gave_up))]
     Transport {
         method: &'static str,
         url: String,
         reason: String,
         attempts: u32,
+        /// Every attempt allowed was made (not set on a failure that is not retried).
+        gave_up: bool,
     },
     #[error("{method} {url}: the vendor asked to retry after {wait:?}, longer than idem waits")]
     RetryAfterTooLong {
@@ -117,7 +121,12 @@ fn limiter_for(connector: &Connector, replicas: u32) -> Option<Arc<DefaultDirect
 
 impl VendorClient {
     pub fn new(connector: Connector) -> Arc<Self> {
-        let client = reqwest::Client::builder()
+        // Proxies come from HTTPS_PROXY / HTTP_PROXY / NO_PROXY (reqwest reads them).
+        let mut builder = reqwest::Client::builder();
+        for certificate in &connector.ca_certificates {
+            builder = builder.add_root_certificate(certificate.clone());
+        }
+        let client = builder
             .timeout(connector.spec.http.timeout.0)
             .connect_timeout(connector.spec.http.timeout.0.min(Duration::from_secs(10)))
             .user_agent(concat!("idem/", env!("CARGO_PKG_VERSION")))
@@ -283,6 +292,7 @@ impl VendorClient {
                             status: status.as_u16(),
                             body: body_text,
                             attempts,
+                            gave_up: false,
                         };
                         if status == StatusCode::UNAUTHORIZED
                             && matches!(self.connector.auth, Some(Auth::Oauth2 { .. }))
@@ -312,7 +322,7 @@ impl VendorClient {
                 }
             };
             let Some(backoff) = delays.next() else {
-                return Err(failure);
+                return Err(failure.given_up());
             };
             if let Some(wait) = retry_after {
                 if wait > MAX_RETRY_AFTER {
@@ -324,7 +334,15 @@ impl VendorClient {
                 }
             }
             let wait = retry_after.map_or(backoff, |asked| asked.max(backoff));
-            tracing::warn!(url = %shown_url, attempt = attempts, wait_ms = wait.as_millis() as u64, error = %failure, "retrying vendor request");
+            tracing::warn!(
+                url = %shown_url,
+                attempt = attempts,
+                wait_ms = wait.as_millis() as u64,
+                error = %failure,
+                "attempt {attempts} of {}, retrying in {:.1}s",
+                http.max_attempts.max(1),
+                wait.as_secs_f64()
+            );
             tokio::time::sleep(wait).await;
         }
     }
@@ -511,6 +529,33 @@ fn transport(method: &'static str, url: &str, err: reqwest::Error, attempts: u32
         url: url.to_string(),
         reason,
         attempts,
+        gave_up: false,
+    }
+}
+
+/// How an error's attempts read: nothing for a first-attempt failure that is not
+/// retried, "gave up" only when every attempt was made.
+fn tries(attempts: u32, gave_up: bool) -> String {
+    match (attempts, gave_up) {
+        (_, true) => format!(" (gave up after {attempts} attempts)"),
+        (1, false) => String::new(),
+        (_, false) => format!(" (attempt {attempts})"),
+    }
+}
+
+impl HttpError {
+    /// The same error, marked as the last of all allowed attempts.
+    fn given_up(mut self) -> Self {
+        if let HttpError::Status {
+            gave_up, attempts, ..
+        }
+        | HttpError::Transport {
+            gave_up, attempts, ..
+        } = &mut self
+        {
+            *gave_up = *attempts > 1;
+        }
+        self
     }
 }
 
@@ -953,6 +998,33 @@ mod tests {
         assert!(!client.may_carry_credentials("http://api.vendor.test/items"));
         assert!(!client.may_carry_credentials("https://api.vendor.test:8443/items"));
         assert!(!client.may_carry_credentials("https://api.vendor.test@evil.test/items"));
+    }
+
+    #[test]
+    fn errors_say_gave_up_only_when_every_attempt_was_made() {
+        let error = |attempts| HttpError::Transport {
+            method: "GET",
+            url: "http://vendor/v1/invoices".into(),
+            reason: "could not connect".into(),
+            attempts,
+            gave_up: false,
+        };
+        assert_eq!(
+            error(1).to_string(),
+            "GET http://vendor/v1/invoices: could not connect"
+        );
+        assert_eq!(
+            error(1).given_up().to_string(),
+            "GET http://vendor/v1/invoices: could not connect"
+        );
+        assert_eq!(
+            error(3).to_string(),
+            "GET http://vendor/v1/invoices: could not connect (attempt 3)"
+        );
+        assert_eq!(
+            error(5).given_up().to_string(),
+            "GET http://vendor/v1/invoices: could not connect (gave up after 5 attempts)"
+        );
     }
 
     #[test]

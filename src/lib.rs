@@ -20,13 +20,16 @@
 //! - [`run`]: one stream run, regular or replay: fetch pages, write each page atomically.
 //! - [`telemetry`]: the tracing subscriber.
 //! - [`values`]: what Postgres refuses in valid JSON (NUL, lone surrogates, ranges), per record.
+//! - [`progress`]: progress bars on the terminal that log lines do not tear.
 //! - [`cli`]: the command line; maps outcomes to exit codes.
 //! - [`serve`]: the long-running service: schedules, dispatcher, health and metrics.
+//! - [`console`]: the operator console `idem serve` serves: pages and guarded actions.
 //! - [`fake_vendor`]: an in-project fake vendor (HTTP API + SMTP sink) for tests and the demo.
 
 pub mod cli;
 pub mod config;
 pub mod connector;
+pub mod console;
 pub mod duration;
 pub mod failpoint;
 pub mod fake_vendor;
@@ -35,6 +38,7 @@ pub mod instance;
 pub mod ledger;
 pub mod normalize;
 pub mod paginate;
+pub mod progress;
 pub mod redact;
 pub mod run;
 pub mod schedule;

@@ -305,38 +305,6 @@ pub fn base64(input: &[u8]) -> String {
     out
 }
 
-/// The log writer: each formatted log line is redacted before it reaches stderr.
-pub struct RedactingStderr;
-
-/// One log line being written; redacted and written out when dropped.
-pub struct RedactingLine(Vec<u8>);
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for RedactingStderr {
-    type Writer = RedactingLine;
-
-    fn make_writer(&'a self) -> Self::Writer {
-        RedactingLine(Vec::with_capacity(256))
-    }
-}
-
-impl std::io::Write for RedactingLine {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Drop for RedactingLine {
-    fn drop(&mut self) {
-        let text = redact(&String::from_utf8_lossy(&self.0));
-        let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), text.as_bytes());
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

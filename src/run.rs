@@ -53,6 +53,11 @@ pub struct RunOptions {
     /// When this turns true the run stops after the page it is writing; the next run
     /// resumes after it (graceful shutdown of `idem serve`).
     pub stop: Option<tokio::sync::watch::Receiver<bool>>,
+    /// Whether and how destination tables' schema may change (`[database]` settings).
+    pub ddl: crate::store::table::DdlPolicy,
+    /// Receives the run's counters after every committed page (a terminal progress bar
+    /// watches it); `None` costs nothing.
+    pub progress: Option<tokio::sync::watch::Sender<Counters>>,
 }
 
 impl RunOptions {
@@ -61,6 +66,8 @@ impl RunOptions {
             mode,
             dry_run,
             stop: None,
+            ddl: Default::default(),
+            progress: None,
         }
     }
 }
@@ -174,7 +181,7 @@ pub async fn run_stream<S: Source + 'static>(
         })?;
     let span = info_span!("run", source_system = %source_system, stream = %stream_name, run_id = tracing::field::Empty);
     async move {
-        let lock = if options.dry_run {
+        let mut lock = if options.dry_run {
             None
         } else {
             Some(
@@ -191,10 +198,19 @@ pub async fn run_stream<S: Source + 'static>(
         // Errors are collected rather than returned with `?` so the lock is released below.
         let result =
             match Walk::prepare(pool, &source_system, stream_name, stream, options, owner).await {
-                Ok(walk) => match walk.sharing_table_with(same_table).await {
-                    Ok(walk) => walk.execute(source).await,
-                    Err(err) => Err(err),
-                },
+                Ok(walk) => {
+                    if let Some(lock) = lock.as_mut() {
+                        lock.name_run(&format!(
+                            "idem {source_system}.{stream_name} {}",
+                            walk.run_id
+                        ))
+                        .await;
+                    }
+                    match walk.sharing_table_with(same_table).await {
+                        Ok(walk) => walk.execute(source).await,
+                        Err(err) => Err(err),
+                    }
+                }
                 Err(err) => Err(err),
             };
         if let Some(lock) = lock {
@@ -257,7 +273,8 @@ impl<'a> Walk<'a> {
         options: &'a RunOptions,
         owner: Option<Uuid>,
     ) -> Result<Walk<'a>, RunError> {
-        let table = DestinationTable::new(&stream.table, &stream.columns);
+        let table =
+            DestinationTable::new(&stream.table, &stream.columns).with_ddl(options.ddl.clone());
         let table_exists = if options.dry_run {
             sqlx::query_scalar::<_, bool>("SELECT to_regclass($1) IS NOT NULL")
                 .bind(format!("\"{}\"", stream.table))
@@ -958,6 +975,9 @@ impl<'a> Walk<'a> {
             seen.extend(failures.iter().filter_map(|f| f.source_id.clone()));
         }
         self.counters += counters;
+        if let Some(progress) = &self.options.progress {
+            progress.send_replace(self.counters);
+        }
         tracing::debug!(
             page = page_number,
             fetched,

@@ -152,6 +152,8 @@ pub struct Worker {
     pub runner: StreamRunner,
     /// Woken after a run, so reminders it made go out without waiting a whole tick.
     pub ran: Arc<Notify>,
+    /// Whether runs may create or alter destination tables (`[database] ddl`).
+    pub ddl: crate::store::table::DdlPolicy,
 }
 
 impl Worker {
@@ -160,6 +162,7 @@ impl Worker {
     pub async fn run(mut self, number: usize, shutdown: watch::Receiver<bool>) {
         let options = RunOptions {
             stop: Some(shutdown.clone()),
+            ddl: self.ddl.clone(),
             ..RunOptions::new(Mode::Regular, false)
         };
         let mut shutdown = shutdown;
@@ -238,6 +241,34 @@ impl Worker {
                 error!(error = %crate::run::error_chain(&err), "run could not start")
             }
         });
+    }
+}
+
+/// Tells the console when each scheduled stream is due next, as the shared schedule
+/// says (whichever replica will run it), refreshed every second until shutdown.
+pub async fn announce_next_runs(
+    pool: PgPool,
+    targets: Arc<Vec<Target>>,
+    console: Arc<crate::console::Console>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let (systems, streams) = names(&targets);
+    loop {
+        let due: Result<Vec<(String, String, chrono::DateTime<chrono::Utc>)>, _> = sqlx::query_as(
+            "SELECT source_system, stream, next_due_at FROM idem_schedule
+             WHERE (source_system, stream) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
+        )
+        .bind(&systems)
+        .bind(&streams)
+        .fetch_all(&pool)
+        .await;
+        for (source_system, stream, at) in due.unwrap_or_default() {
+            console.set_next_run(&format!("{source_system}.{stream}"), at);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(instance::jittered(Duration::from_secs(1), 0.1)) => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
     }
 }
 

@@ -52,6 +52,14 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     // Every line this process logs carries its instance id.
     let root = info_span!("idem", instance = %crate::instance::id());
+    let console = crate::console::Console::new(
+        &settings,
+        connectors.clone(),
+        pool.clone(),
+        database_url.clone(),
+        shutdown.clone(),
+    )
+    .map_err(|err| std::io::Error::new(std::io::ErrorKind::InvalidInput, err.to_string()))?;
     let service = Arc::new(Service {
         pool: pool.clone(),
         settings,
@@ -100,6 +108,15 @@ pub async fn serve(
     if !targets.is_empty() {
         let connectors = Arc::new(connectors);
         let targets = Arc::new(targets);
+        tasks.push(tokio::spawn(
+            crate::schedule::announce_next_runs(
+                pool.clone(),
+                targets.clone(),
+                console.clone(),
+                shutdown.clone(),
+            )
+            .instrument(root.clone()),
+        ));
         for number in 0..serve_settings.workers.max(1) as usize {
             let worker = crate::schedule::Worker {
                 pool: pool.clone(),
@@ -108,6 +125,7 @@ pub async fn serve(
                 targets: targets.clone(),
                 runner: runner.clone(),
                 ran: service.ran.clone(),
+                ddl: service.settings.database.ddl_policy(),
             };
             tasks.push(tokio::spawn(
                 worker
@@ -121,8 +139,10 @@ pub async fn serve(
     ));
     let app = Router::new()
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(service.clone());
+        .with_state(service.clone())
+        .merge(crate::console::router(console));
     // The HTTP server outlives the drain, so /metrics shows the shutdown in progress.
     let (drained_tx, mut drained_rx) = watch::channel(false);
     let mut server = tokio::spawn(
@@ -220,6 +240,42 @@ async fn healthz(State(service): State<Arc<Service>>) -> impl IntoResponse {
             StatusCode::SERVICE_UNAVAILABLE,
             format!("database unreachable: {err}\n"),
         ),
+    }
+}
+
+/// The migrations this binary applies, to compare with what the database has.
+static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Ready when the database answers and every migration this binary knows is applied
+/// (a new binary against an old schema is alive but not ready).
+async fn readyz(State(service): State<Arc<Service>>) -> impl IntoResponse {
+    let applied: Result<Vec<i64>, sqlx::Error> =
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+            .fetch_all(&service.pool)
+            .await;
+    match applied {
+        Err(err) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: database unreachable or not migrated: {err}\n"),
+        ),
+        Ok(applied) => {
+            let missing: Vec<String> = MIGRATIONS
+                .iter()
+                .filter(|m| !applied.contains(&m.version))
+                .map(|m| format!("{} {}", m.version, m.description))
+                .collect();
+            if missing.is_empty() {
+                (StatusCode::OK, "ready\n".to_string())
+            } else {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "not ready: migrations not applied (run `idem migrate`): {}\n",
+                        missing.join(", ")
+                    ),
+                )
+            }
+        }
     }
 }
 

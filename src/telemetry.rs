@@ -28,7 +28,7 @@ pub fn init(format: LogFormat) {
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(crate::redact::RedactingStderr);
+        .with_writer(RedactedLog);
     let _ = if json {
         builder
             .json()
@@ -38,4 +38,37 @@ pub fn init(format: LogFormat) {
     } else {
         builder.compact().try_init()
     };
+}
+
+/// The log writer: each formatted log line is redacted, then written to stderr without
+/// tearing a progress bar.
+struct RedactedLog;
+
+/// One log line being formatted; redacted and written out when dropped.
+struct RedactedLine(Vec<u8>);
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for RedactedLog {
+    type Writer = RedactedLine;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        RedactedLine(Vec::with_capacity(256))
+    }
+}
+
+impl std::io::Write for RedactedLine {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for RedactedLine {
+    fn drop(&mut self) {
+        let text = crate::redact::redact(&String::from_utf8_lossy(&self.0));
+        let _ = std::io::Write::write_all(&mut crate::progress::LogWriter, text.as_bytes());
+    }
 }

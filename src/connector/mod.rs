@@ -97,6 +97,8 @@ pub struct Connector {
     pub base_url: String,
     /// Resolved authentication.
     pub auth: Option<Auth>,
+    /// Extra CA certificates from `http.ca_file`, checked when the file is loaded.
+    pub ca_certificates: Vec<reqwest::Certificate>,
     /// Resolved default headers; values are secrets since they often carry keys.
     pub headers: Vec<(String, Secret)>,
 }
@@ -266,6 +268,41 @@ pub fn parse(
     if spec.http.max_attempts == 0 {
         push(None, "http.max_attempts", "must be at least 1".into());
     }
+    let ca_certificates = match &spec.http.ca_file {
+        None => Vec::new(),
+        Some(file) => {
+            let full = path.parent().unwrap_or(Path::new(".")).join(file);
+            match std::fs::read(&full) {
+                Err(err) => {
+                    push(
+                        None,
+                        "http.ca_file",
+                        format!("cannot read {}: {err}", full.display()),
+                    );
+                    Vec::new()
+                }
+                Ok(pem) => match reqwest::Certificate::from_pem_bundle(&pem) {
+                    Ok(certificates) if !certificates.is_empty() => certificates,
+                    Ok(_) => {
+                        push(
+                            None,
+                            "http.ca_file",
+                            format!("{} holds no PEM certificate", full.display()),
+                        );
+                        Vec::new()
+                    }
+                    Err(err) => {
+                        push(
+                            None,
+                            "http.ca_file",
+                            format!("{} is not a PEM certificate bundle: {err}", full.display()),
+                        );
+                        Vec::new()
+                    }
+                },
+            }
+        }
+    };
     if spec.streams.is_empty() {
         push(
             None,
@@ -318,6 +355,7 @@ pub fn parse(
         spec,
         auth,
         headers,
+        ca_certificates,
     })
 }
 

@@ -120,6 +120,11 @@ pub struct HttpSpec {
     /// and none of the connector's `headers`. Credentials never leave `base_url`'s origin.
     #[serde(default)]
     pub cross_host: CrossHost,
+    /// A PEM file of CA certificates to trust for this vendor besides the bundled web PKI
+    /// roots: a vendor behind a private CA, or a TLS-inspecting corporate proxy. Relative
+    /// to the connector file.
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 /// What a link or redirect to another origin than `base_url` gets.
@@ -142,6 +147,7 @@ impl Default for HttpSpec {
             max_backoff: default_max_backoff(),
             max_response_bytes: default_max_response_bytes(),
             cross_host: CrossHost::default(),
+            ca_file: None,
         }
     }
 }

@@ -2,6 +2,7 @@
 //! page upsert that writes only new and changed rows.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use sqlx::{PgConnection, PgPool, Row as _};
 use uuid::Uuid;
@@ -35,6 +36,99 @@ pub struct DestinationTable {
     classify_hash_sql: String,
     classify_content_sql: String,
     upsert_sql: String,
+    ddl: DdlPolicy,
+}
+
+/// Whether and how idem changes a destination table's schema.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DdlPolicy {
+    /// `false` (`ddl = "never"`): a missing table or column is an error naming the DDL.
+    pub allow: bool,
+    /// The longest one attempt waits for the table's lock.
+    pub lock_timeout: Duration,
+    /// Attempts before giving up, with backoff between them.
+    pub attempts: u32,
+}
+
+impl Default for DdlPolicy {
+    fn default() -> Self {
+        Self {
+            allow: true,
+            lock_timeout: Duration::from_secs(3),
+            attempts: 3,
+        }
+    }
+}
+
+/// A session holding a lock on a table that a schema change needs.
+#[derive(Debug, Clone)]
+pub struct Blocker {
+    pub pid: i32,
+    pub application_name: String,
+    /// e.g. `idle in transaction`.
+    pub state: String,
+    /// Since its transaction (or query) started.
+    pub running_for: Option<Duration>,
+    /// The start of its current or last query.
+    pub query: String,
+}
+
+/// A schema change that could not get its lock: what, for how long, and who holds it.
+#[derive(Debug, Clone)]
+pub struct LockedOut {
+    pub table: String,
+    pub statement: String,
+    pub attempts: u32,
+    pub lock_timeout: Duration,
+    pub blockers: Vec<Blocker>,
+}
+
+impl std::fmt::Display for LockedOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "table {}: the schema change could not get its lock ({} attempts, lock_timeout {}ms each); nothing was fetched or written",
+            self.table,
+            self.attempts,
+            self.lock_timeout.as_millis()
+        )?;
+        if self.blockers.is_empty() {
+            write!(f, ". The sessions that held it have ended; run idem again")?;
+        } else {
+            write!(f, ". Held by:")?;
+            for b in &self.blockers {
+                write!(
+                    f,
+                    "\n  pid {} (application '{}', {}{}): {}",
+                    b.pid,
+                    b.application_name,
+                    if b.state.is_empty() {
+                        "state unknown"
+                    } else {
+                        &b.state
+                    },
+                    b.running_for
+                        .map_or(String::new(), |d| format!(", for {}s", d.as_secs())),
+                    b.query
+                )?;
+            }
+            let pids: Vec<String> = self.blockers.iter().map(|b| b.pid.to_string()).collect();
+            write!(
+                f,
+                "\nLet those transactions finish (or end them: SELECT pg_terminate_backend(pid) for pid {}), then run idem again; or apply the change yourself at a quiet moment:\n  {}",
+                pids.join(", "),
+                self.statement
+            )?;
+        }
+        Ok(())
+    }
+}
+
+fn sqlstate(err: &sqlx::Error) -> Option<String> {
+    match err {
+        sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
+        _ => None,
+    }
 }
 
 fn quote(identifier: &str) -> String {
@@ -103,12 +197,92 @@ impl DestinationTable {
             classify_hash_sql,
             classify_content_sql,
             upsert_sql,
+            ddl: DdlPolicy::default(),
         }
     }
 
-    /// Creates the table if missing and adds missing typed columns. Idempotent.
+    /// How this table's schema changes are made (default: allowed, short lock timeout).
+    pub fn with_ddl(mut self, ddl: DdlPolicy) -> Self {
+        self.ddl = ddl;
+        self
+    }
+
+    /// Creates the table if missing and adds missing typed columns. Idempotent, and
+    /// without any lock when nothing is missing: the catalog is read first, and DDL
+    /// (which takes an ACCESS EXCLUSIVE lock even for `ADD COLUMN IF NOT EXISTS`) runs
+    /// only for what is missing, under a short `lock_timeout`.
     pub async fn ensure(&self, pool: &PgPool) -> Result<(), StoreError> {
+        let statements = self.missing_ddl(pool).await?;
+        if !statements.is_empty() {
+            if !self.ddl.allow {
+                return Err(StoreError::SchemaChangeNotAllowed {
+                    table: self.name.clone(),
+                    statements,
+                });
+            }
+            for statement in &statements {
+                self.execute_ddl(pool, statement).await?;
+            }
+        }
+        self.check_column_types(pool).await
+    }
+
+    /// The typed columns the table has now, by name, with their SQL types; `None` when
+    /// the table does not exist.
+    pub async fn catalog_columns(
+        &self,
+        pool: &PgPool,
+    ) -> Result<Option<HashMap<String, String>>, StoreError> {
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+            .bind(quote(&self.name))
+            .fetch_one(pool)
+            .await
+            .context(|| format!("looking up table {} in the catalog", self.name))?;
+        if !exists {
+            return Ok(None);
+        }
+        let columns: Vec<(String, String)> = sqlx::query_as(
+            "SELECT attname::text, format_type(atttypid, atttypmod)
+             FROM pg_attribute
+             WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped",
+        )
+        .bind(quote(&self.name))
+        .fetch_all(pool)
+        .await
+        .context(|| format!("reading the columns of table {}", self.name))?;
+        Ok(Some(columns.into_iter().collect()))
+    }
+
+    /// The statements that would bring the table to the connector's shape (none when it
+    /// already has it).
+    pub async fn missing_ddl(&self, pool: &PgPool) -> Result<Vec<String>, StoreError> {
         let table = quote(&self.name);
+        let Some(existing) = self.catalog_columns(pool).await? else {
+            return Ok(vec![self.create_sql(pool).await?]);
+        };
+        let additions: Vec<String> = self
+            .columns
+            .iter()
+            .filter(|c| !existing.contains_key(&c.name))
+            .map(|c| {
+                format!(
+                    "ADD COLUMN IF NOT EXISTS {} {}",
+                    quote(&c.name),
+                    c.column_type.sql()
+                )
+            })
+            .collect();
+        if additions.is_empty() {
+            return Ok(Vec::new());
+        }
+        // One statement, so the table's lock is taken once for all new columns.
+        Ok(vec![format!(
+            "ALTER TABLE {table} {}",
+            additions.join(", ")
+        )])
+    }
+
+    async fn create_sql(&self, pool: &PgPool) -> Result<String, StoreError> {
         let lz4: bool = sqlx::query_scalar(
             "SELECT COALESCE(bool_or('lz4' = ANY(enumvals)), false) FROM pg_settings WHERE name = 'default_toast_compression'",
         )
@@ -118,8 +292,19 @@ impl DestinationTable {
         // lz4 makes jsonb compression several times cheaper, which is where Postgres
         // spends its time on wide records.
         let compression = if lz4 { " COMPRESSION lz4" } else { "" };
-        let create = format!(
-            "CREATE TABLE IF NOT EXISTS {table} (
+        let typed: String = self
+            .columns
+            .iter()
+            .map(|c| {
+                format!(
+                    ",\n                {} {}",
+                    quote(&c.name),
+                    c.column_type.sql()
+                )
+            })
+            .collect();
+        Ok(format!(
+            "CREATE TABLE IF NOT EXISTS {} (
                 source_system     text NOT NULL,
                 source_id         text NOT NULL,
                 data              jsonb{compression} NOT NULL,
@@ -129,25 +314,94 @@ impl DestinationTable {
                 last_changed_at   timestamptz NOT NULL DEFAULT now(),
                 last_run_id       uuid,
                 deleted_at        timestamptz,
-                CONSTRAINT {} UNIQUE (source_system, source_id)
+                CONSTRAINT {} UNIQUE (source_system, source_id){typed}
             )",
+            quote(&self.name),
             quote(&format!("{}_source_key", self.name))
-        );
-        let mut statements = vec![create];
-        statements.extend(self.columns.iter().map(|c| {
-            format!(
-                "ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {} {}",
-                quote(&c.name),
-                c.column_type.sql()
-            )
-        }));
-        for statement in statements {
-            sqlx::query(&statement)
-                .execute(pool)
+        ))
+    }
+
+    /// Runs one DDL statement in a transaction of its own under `lock_timeout`, a few
+    /// times with backoff. While it waits for its lock every reader of the table queues
+    /// behind it, so each wait is short; between attempts the readers go through.
+    async fn execute_ddl(&self, pool: &PgPool, statement: &str) -> Result<(), StoreError> {
+        let attempts = self.ddl.attempts.max(1);
+        let mut backoff = Duration::from_millis(200);
+        for attempt in 1..=attempts {
+            let mut tx = pool
+                .begin()
                 .await
-                .context(|| format!("creating or evolving table {}", self.name))?;
+                .context(|| format!("starting a schema change of table {}", self.name))?;
+            sqlx::query("SELECT set_config('lock_timeout', $1, true)")
+                .bind(format!("{}ms", self.ddl.lock_timeout.as_millis().max(1)))
+                .execute(&mut *tx)
+                .await
+                .context(|| "setting lock_timeout".into())?;
+            let result = match sqlx::query(statement).execute(&mut *tx).await {
+                Ok(_) => tx.commit().await,
+                Err(err) => Err(err),
+            };
+            match result {
+                Ok(()) => {
+                    tracing::info!(table = %self.name, "schema change applied: {statement}");
+                    return Ok(());
+                }
+                Err(err) if sqlstate(&err).as_deref() == Some("55P03") => {
+                    tracing::warn!(
+                        table = %self.name,
+                        attempt,
+                        "a schema change could not get its lock within {:?}",
+                        self.ddl.lock_timeout
+                    );
+                    if attempt < attempts {
+                        tokio::time::sleep(backoff).await;
+                        backoff *= 2;
+                    }
+                }
+                // Two processes creating the same table at once: the loser sees a
+                // duplicate in the catalog; the next attempt finds the table there.
+                Err(err) if sqlstate(&err).as_deref() == Some("23505") && attempt < attempts => {}
+                Err(err) => {
+                    return Err(err)
+                        .context(|| format!("changing the schema of table {}", self.name));
+                }
+            }
         }
-        self.check_column_types(pool).await
+        Err(StoreError::SchemaLocked(Box::new(LockedOut {
+            table: self.name.clone(),
+            statement: statement.to_string(),
+            attempts,
+            lock_timeout: self.ddl.lock_timeout,
+            blockers: self.lock_holders(pool).await,
+        })))
+    }
+
+    /// The sessions holding a lock on the table: each of them conflicts with the ACCESS
+    /// EXCLUSIVE lock DDL needs. Best effort: an error here must not hide the lock error.
+    async fn lock_holders(&self, pool: &PgPool) -> Vec<Blocker> {
+        sqlx::query_as::<_, (i32, String, Option<String>, Option<f64>, String)>(
+            "SELECT a.pid, COALESCE(a.application_name, ''), a.state,
+                    EXTRACT(EPOCH FROM now() - COALESCE(a.xact_start, a.query_start))::float8,
+                    left(regexp_replace(COALESCE(a.query, ''), '\\s+', ' ', 'g'), 120)
+             FROM pg_stat_activity a
+             WHERE a.pid IN (SELECT l.pid FROM pg_locks l
+                             WHERE l.relation = to_regclass($1) AND l.granted
+                               AND l.pid <> pg_backend_pid())
+             ORDER BY a.xact_start NULLS LAST",
+        )
+        .bind(quote(&self.name))
+        .fetch_all(pool)
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(pid, application_name, state, seconds, query)| Blocker {
+            pid,
+            application_name,
+            state: state.unwrap_or_default(),
+            running_for: seconds.map(|s| Duration::from_secs_f64(s.max(0.0))),
+            query,
+        })
+        .collect()
     }
 
     /// Compares the typed columns' types in Postgres with the connector's. `ADD COLUMN IF

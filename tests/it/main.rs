@@ -2,8 +2,12 @@
 //! fake vendor over HTTP, and the real `idem` binary where a process must die or race.
 
 mod connectors;
+mod console;
+mod database;
+mod deploy;
 mod edges;
 mod edges_cursors;
+mod first_run;
 mod helpers;
 mod ledger;
 mod ledger_edges;
