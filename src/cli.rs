@@ -323,8 +323,7 @@ async fn execute(cli: Cli) -> anyhow::Result<u8> {
             let transport =
                 AnyTransport::from_settings(&settings.notify).map_err(|e| usage(e.to_string()))?;
             let instance = crate::instance::set_id(settings.serve.instance.as_deref());
-            let pool =
-                connect_creating_sized(&settings, true, settings.serve.pool_size()).await?;
+            let pool = connect_creating_sized(&settings, true, settings.serve.pool_size()).await?;
             let url = settings.database_url()?;
             let address = listen.unwrap_or_else(|| settings.serve.listen.clone());
             let listener = tokio::net::TcpListener::bind(&address)
@@ -432,8 +431,7 @@ async fn connect_creating_sized(
         eprintln!("created database \"{created}\" (first run)");
     }
     let name = SESSION_NAME.get().map_or("idem", String::as_str);
-    let pool =
-        store::connect_with(&url, max_connections, &settings.database.session(name)).await?;
+    let pool = store::connect_with(&url, max_connections, &settings.database.session(name)).await?;
     store::migrate(&pool).await?;
     Ok(pool)
 }
