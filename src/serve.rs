@@ -142,7 +142,14 @@ pub async fn serve(
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(service.clone())
-        .merge(crate::console::router(console));
+        .merge(crate::console::router(console))
+        .layer(axum::middleware::from_fn({
+            // Requests are served on tasks of their own: each one carries the instance.
+            let root = root.clone();
+            move |request: axum::extract::Request, next: axum::middleware::Next| {
+                next.run(request).instrument(root.clone())
+            }
+        }));
     // The HTTP server outlives the drain, so /metrics shows the shutdown in progress.
     let (drained_tx, mut drained_rx) = watch::channel(false);
     let mut server = tokio::spawn(

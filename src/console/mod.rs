@@ -22,7 +22,7 @@ use minijinja::{Environment, Value, context};
 use serde::Deserialize;
 use sqlx::PgPool;
 use tokio::sync::watch;
-use tracing::{error, info, warn};
+use tracing::{Instrument, error, info, warn};
 
 use crate::config::Settings;
 use crate::connector::Connector;
@@ -823,7 +823,8 @@ impl Console {
                 }
             }
             console.started.lock().expect("started lock").remove(&name);
-        });
+        }
+        .instrument(tracing::Span::current()));
         Ok(StartOutcome::Started)
     }
 }
