@@ -204,7 +204,9 @@ impl Worker {
         let span = tracing::info_span!("scheduled", worker = number);
         // A previous run still holding the lock is seen through the pool, so a skipped
         // period opens no Postgres session; only a stream that looks free gets one.
-        let held = lock_held(&self.pool, &target.source_system, &target.stream).await;
+        let held =
+            crate::console::views::lock_held(&self.pool, &target.source_system, &target.stream)
+                .await;
         let result = if held.unwrap_or(false) {
             Err(RunError::Locked {
                 source_system: target.source_system.clone(),
@@ -270,21 +272,6 @@ pub async fn announce_next_runs(
             _ = shutdown.wait_for(|stop| *stop) => return,
         }
     }
-}
-
-/// Whether a run (anywhere) holds the stream's advisory lock, read from `pg_locks` over
-/// a pooled connection. Only a hint: the lock itself is still taken on its own session.
-async fn lock_held(pool: &PgPool, source_system: &str, stream: &str) -> Result<bool, StoreError> {
-    sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted
-           AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-           AND classid = $1::int4::oid AND objid = hashtext($2)::oid AND objsubid = 2)",
-    )
-    .bind(crate::store::LOCK_CLASS)
-    .bind(crate::store::lock_key(source_system, stream))
-    .fetch_one(pool)
-    .await
-    .context(|| format!("looking for the lock of {source_system}.{stream}"))
 }
 
 /// `idem check`'s word on connections: a warning when `[serve] replicas` × connections

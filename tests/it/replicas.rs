@@ -628,3 +628,43 @@ async fn a_run_longer_than_every_is_skipped_and_counted_not_doubled() {
             >= 1
     );
 }
+
+#[tokio::test]
+async fn a_lock_held_in_another_database_is_not_this_streams() {
+    use sqlx::Connection;
+    let app = spawn_app(1).await;
+    // The same stream's lock, held in another database of the server (another idem, or
+    // another test): advisory locks are per database.
+    let mut elsewhere = sqlx::PgConnection::connect(&crate::helpers::admin_url())
+        .await
+        .unwrap();
+    let key = idem::store::lock_key("demo_billing", "invoices");
+    let taken: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, hashtext($2))")
+        .bind(idem::store::LOCK_CLASS)
+        .bind(&key)
+        .fetch_one(&mut elsewhere)
+        .await
+        .unwrap();
+    assert!(taken);
+    assert!(
+        !idem::console::views::lock_held(&app.pool, "demo_billing", "invoices")
+            .await
+            .unwrap(),
+        "a lock in another database was taken for this stream's"
+    );
+    // The run is not skipped for it either.
+    let report = app.run_invoices(idem::run::Mode::Regular).await;
+    assert_eq!(report.status, idem::run::RunStatus::Succeeded);
+    // Held here, it is seen.
+    let here = idem::store::StreamLock::try_acquire(&app.database_url, "demo_billing", "invoices")
+        .await
+        .unwrap()
+        .expect("free in this database");
+    assert!(
+        idem::console::views::lock_held(&app.pool, "demo_billing", "invoices")
+            .await
+            .unwrap()
+    );
+    here.release().await;
+    let _ = elsewhere.close().await;
+}
