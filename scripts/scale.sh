@@ -115,7 +115,7 @@ EOF
   DATABASE_URL="$url" "$bin/idem" --config "$work/idem.toml" migrate >/dev/null
   pids=()
   for i in $(seq 1 "$R"); do
-    DATABASE_URL="$url?application_name=scale-$R-$i" DEMO_BILLING_URL="$vendor" RUST_LOG=warn \
+    DATABASE_URL="$url" DEMO_BILLING_URL="$vendor" RUST_LOG=warn \
       IDEM__SERVE__INSTANCE="scale-$R-$i" "$bin/idem" --config "$work/idem.toml" --log-format json serve \
       >"$work/out.$i" 2>"$work/err.$i" &
     pids+=($!)
@@ -127,7 +127,9 @@ EOF
   : >"$work/conns"
   end=$(($(date +%s) + DURATION))
   while [ "$(date +%s)" -lt "$end" ]; do
-    psql "$url" -qAt -F' ' -c "SELECT application_name, count(*) FROM pg_stat_activity WHERE application_name LIKE 'scale-%' GROUP BY 1" >>"$work/conns"
+    psql "$url" -qAt -F' ' -c "SELECT CASE WHEN application_name LIKE '% lock' THEN 'locks' ELSE replace(application_name, ' ', '_') END, count(*)
+        FROM pg_stat_activity WHERE datname = current_database() AND application_name LIKE 'idem %' AND application_name NOT LIKE 'idem check%'
+        GROUP BY 1" >>"$work/conns"
     sleep 1
   done
   t1=$(date +%s.%N)
@@ -176,11 +178,12 @@ for line in open(conns):
     if line.strip():
         name, n = line.split()
         peak[name] = max(peak[name], int(n))
+locks = peak.pop("locks", 0)
 cpr = max(peak.values()) if peak else 0
 print(f"{R:<3} {'%.2f / %.2f / %.2f' % (min(per), sum(per)/len(per), max(per)):<26} "
       f"{'%.1f (%g)' % (vendor, rate):<24} {overlaps:<8} "
       f"{'%d (%d)' % (len(mail), max(keys.values()) if keys else 0):<22} "
-      f"{'%.0f MB' % (int(rss)/1024):<12} {'max %d' % cpr:<16} {float(s1)-float(s0):<10.2f}")
+      f"{'%.0f MB' % (int(rss)/1024):<12} {'%d + %d locks' % (cpr, locks):<16} {float(s1)-float(s0):<10.2f}")
 print(f"    ledger: {ledger.rstrip(',')}")
 PY
   kill "$vendor_pid" 2>/dev/null || true
@@ -188,4 +191,4 @@ PY
   vendor_pid=""
   PGOPTIONS="-c client_min_messages=warning" psql "$DATABASE_URL" -qAt -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null
 done
-echo "(runs/stream/period: min / mean / max over streams of (starts - 1) x every / (last start - first start); vendor req/s excludes /email/send; reminders: emails delivered (most deliveries of one key))"
+echo "(conns/replica: most pool sessions one replica held + most lock sessions held by all replicas together; runs/stream/period: min / mean / max over streams of (starts - 1) x every / (last start - first start); vendor req/s excludes /email/send; reminders: emails delivered (most deliveries of one key))"

@@ -197,7 +197,13 @@ pub async fn main() -> ExitCode {
 
 async fn execute(cli: Cli) -> anyhow::Result<u8> {
     let settings = Settings::load(cli.config.as_deref())?;
-    let _ = SESSION_NAME.set(session_name(&cli.command));
+    let mut name = session_name(&cli.command);
+    if matches!(cli.command, Command::Serve { .. }) {
+        // Replicas are told apart in pg_stat_activity too.
+        let instance = crate::instance::set_id(settings.serve.instance.as_deref());
+        name = format!("{name} {instance}");
+    }
+    let _ = SESSION_NAME.set(name);
     let insecure = insecure_files(&settings);
     for warning in &insecure {
         tracing::warn!("{warning}");
