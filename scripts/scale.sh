@@ -127,8 +127,9 @@ EOF
   : >"$work/conns"
   end=$(($(date +%s) + DURATION))
   while [ "$(date +%s)" -lt "$end" ]; do
-    psql "$url" -qAt -F' ' -c "SELECT CASE WHEN application_name LIKE '% lock' THEN 'locks' ELSE replace(application_name, ' ', '_') END, count(*)
-        FROM pg_stat_activity WHERE datname = current_database() AND application_name LIKE 'idem %' AND application_name NOT LIKE 'idem check%'
+    # Pools are named `idem serve INSTANCE`; a run's lock session `idem SOURCE.STREAM …`.
+    psql "$url" -qAt -F' ' -c "SELECT CASE WHEN application_name LIKE 'idem serve %' THEN replace(application_name, ' ', '_') ELSE 'locks' END, count(*)
+        FROM pg_stat_activity WHERE datname = current_database() AND (application_name LIKE 'idem fleet.%' OR application_name LIKE 'idem serve %')
         GROUP BY 1" >>"$work/conns"
     sleep 1
   done
