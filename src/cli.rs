@@ -197,7 +197,13 @@ pub async fn main() -> ExitCode {
 
 async fn execute(cli: Cli) -> anyhow::Result<u8> {
     let settings = Settings::load(cli.config.as_deref())?;
-    let _ = SESSION_NAME.set(session_name(&cli.command));
+    let mut name = session_name(&cli.command);
+    if matches!(cli.command, Command::Serve { .. }) {
+        // Replicas are told apart in pg_stat_activity too.
+        let instance = crate::instance::set_id(settings.serve.instance.as_deref());
+        name = format!("{name} {instance}");
+    }
+    let _ = SESSION_NAME.set(name);
     let insecure = insecure_files(&settings);
     for warning in &insecure {
         tracing::warn!("{warning}");
@@ -212,7 +218,15 @@ async fn execute(cli: Cli) -> anyhow::Result<u8> {
             for warning in &insecure {
                 println!("warning: {warning}");
             }
-            check(&settings).await
+            let code = check(&settings).await?;
+            if let Ok(url) = settings.database_url() {
+                if let Some(warning) =
+                    crate::schedule::connection_warning(&settings.serve, &url).await
+                {
+                    println!("{warning}");
+                }
+            }
+            Ok(code)
         }
         Command::Migrate { tables } => {
             let connectors = if tables {
@@ -320,14 +334,15 @@ async fn execute(cli: Cli) -> anyhow::Result<u8> {
             }
             let transport =
                 AnyTransport::from_settings(&settings.notify).map_err(|e| usage(e.to_string()))?;
-            let pool = connect_creating(&settings, true).await?;
+            let instance = crate::instance::set_id(settings.serve.instance.as_deref());
+            let pool = connect_creating_sized(&settings, true, settings.serve.pool_size()).await?;
             let url = settings.database_url()?;
             let address = listen.unwrap_or_else(|| settings.serve.listen.clone());
             let listener = tokio::net::TcpListener::bind(&address)
                 .await
                 .map_err(|err| usage(format!("serve.listen: cannot listen on {address}: {err}")))?;
             println!(
-                "idem serve: {} schedule(s); health http://{addr}/healthz, metrics http://{addr}/metrics, console http://{addr}/",
+                "idem serve: {} schedule(s), instance {instance}; health http://{addr}/healthz, metrics http://{addr}/metrics, console http://{addr}/",
                 settings.serve.schedules.len(),
                 addr = listener.local_addr()?
             );
@@ -414,13 +429,23 @@ async fn connect(settings: &Settings) -> anyhow::Result<PgPool> {
 /// Connects and migrates; with `create`, first creates the database when it does not
 /// exist yet (`idem migrate`, and the first `run`, `replay` or `serve`).
 async fn connect_creating(settings: &Settings, create: bool) -> anyhow::Result<PgPool> {
+    connect_creating_sized(settings, create, 4).await
+}
+
+/// [`connect_creating`] with a pool of `max_connections` (`idem serve`: `[serve] pool_size`).
+async fn connect_creating_sized(
+    settings: &Settings,
+    create: bool,
+    max_connections: u32,
+) -> anyhow::Result<PgPool> {
     let url = settings.database_url()?;
     if let Some(created) = store::bootstrap::ensure_database(&url, create).await? {
         eprintln!("created database \"{created}\" (first run)");
     }
     let name = SESSION_NAME.get().map_or("idem", String::as_str);
     // Each send in flight checks and records its row on a connection of its own.
-    let connections = 4.max(settings.notify.concurrency.clamp(1, MAX_CONCURRENCY) + 1);
+    let connections =
+        max_connections.max(settings.notify.concurrency.clamp(1, MAX_CONCURRENCY) + 1);
     let pool = store::connect_with(&url, connections, &settings.database.session(name)).await?;
     store::migrate(&pool).await?;
     Ok(pool)
@@ -730,7 +755,7 @@ async fn run_all(
                 let stream_code = match report.status {
                     RunStatus::Succeeded => EXIT_OK,
                     RunStatus::Partial => EXIT_PARTIAL,
-                    RunStatus::Failed => EXIT_FAILED,
+                    RunStatus::Failed | RunStatus::Interrupted => EXIT_FAILED,
                 };
                 code = worst(code, stream_code);
                 if !json {
@@ -778,6 +803,7 @@ pub fn summary(report: &RunReport) -> String {
         (RunStatus::Succeeded, _) => "succeeded",
         (RunStatus::Partial, _) => "finished with failed records",
         (RunStatus::Failed, _) => "FAILED",
+        (RunStatus::Interrupted, _) => "interrupted by shutdown (resumes next run)",
     };
     let mut line = format!(
         "{}.{} {}: {status}: {} fetched, {} inserted, {} updated, {} unchanged, {} failed",

@@ -104,6 +104,37 @@ pub struct ServeSettings {
     /// Scheduled runs, e.g. `{ streams = ["stripe.invoices"], every = "1h" }`.
     #[serde(default)]
     pub schedules: Vec<Schedule>,
+    /// This process's instance id on runs, ledger leases and log lines (default: the
+    /// host name, which is the pod name in Kubernetes, `@` the start time).
+    #[serde(default)]
+    pub instance: Option<String>,
+    /// Streams this process runs at once (default 2). Replicas share the schedule, so the
+    /// deployment runs up to replicas × workers streams at once.
+    #[serde(default = "default_workers")]
+    pub workers: u32,
+    /// Postgres pool size of this process (default `workers + 3`: a page writer per
+    /// worker, the dispatcher, the heartbeat and the metrics scrape). Each running worker
+    /// also holds one session of its own for the stream's advisory lock, so one replica
+    /// uses at most `pool_size + workers` connections; keep replicas × that under the
+    /// server's `max_connections`.
+    #[serde(default)]
+    pub pool_size: Option<u32>,
+    /// Time from SIGTERM to exit at the latest (default `"10s"`): claiming stops at once,
+    /// runs stop after their page, the send in flight finishes or is abandoned within
+    /// `send_timeout`, and unsent claimed reminders are released. Keep it under the
+    /// orchestrator's grace (Kubernetes `terminationGracePeriodSeconds`, 30 s by default).
+    #[serde(default = "default_shutdown_grace")]
+    pub shutdown_grace: HumanDuration,
+    /// Heartbeat period of this process's row in `idem_instances` (default `"5s"`).
+    /// After three missed heartbeats its running runs are marked `abandoned` and the
+    /// other replicas take its share of each connector's rate limit.
+    #[serde(default = "default_heartbeat_every")]
+    pub heartbeat_every: HumanDuration,
+    /// How many `idem serve` replicas the deployment runs (default 1). Only `idem check`
+    /// reads it, to warn when replicas × connections per replica approach the server's
+    /// `max_connections`.
+    #[serde(default = "default_replicas")]
+    pub replicas: u32,
     /// The console's admin token, a `${ENV}` or `${file:...}` reference. Without it the
     /// console is read-only: nobody can run, replay or resolve from the browser.
     #[serde(default)]
@@ -120,12 +151,44 @@ impl Default for ServeSettings {
             listen: default_listen(),
             notify_every: default_notify_every(),
             schedules: Vec::new(),
+            instance: None,
+            workers: default_workers(),
+            pool_size: None,
+            shutdown_grace: default_shutdown_grace(),
+            heartbeat_every: default_heartbeat_every(),
+            replicas: default_replicas(),
             admin_token: None,
             lag_alert: default_lag_alert(),
         }
     }
 }
 
+impl ServeSettings {
+    /// The pool size in force (see `pool_size`).
+    pub fn pool_size(&self) -> u32 {
+        self.pool_size.unwrap_or(self.workers.max(1) + 3).max(2)
+    }
+
+    /// Postgres connections one replica may hold: its pool plus one lock session per
+    /// worker.
+    pub fn connections_per_replica(&self) -> u32 {
+        self.pool_size() + self.workers.max(1)
+    }
+}
+
+fn default_replicas() -> u32 {
+    1
+}
+
+fn default_workers() -> u32 {
+    2
+}
+fn default_shutdown_grace() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(10))
+}
+fn default_heartbeat_every() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(5))
+}
 fn default_lag_alert() -> HumanDuration {
     HumanDuration(std::time::Duration::from_secs(2 * 86_400))
 }
@@ -144,8 +207,9 @@ pub struct Schedule {
     /// `SOURCE` or `SOURCE.STREAM` targets, run one after another (empty: every stream).
     #[serde(default)]
     pub streams: Vec<String>,
-    /// Time from the end of one round to the start of the next, e.g. `"15m"`. The first
-    /// round starts at once.
+    /// Time between the starts of one stream's runs, e.g. `"15m"`, shared by all replicas
+    /// (each start is claimed by one of them; see `idem_schedule`). A new stream is due at
+    /// once; a run that outlasts `every` skips the periods it overlaps.
     pub every: HumanDuration,
 }
 

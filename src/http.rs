@@ -98,8 +98,25 @@ pub struct VendorClient {
     connector: Connector,
     /// The origin of `base_url`: the only one that receives credentials.
     origin: Option<url::Origin>,
-    limiter: Option<DefaultDirectRateLimiter>,
+    /// The declared rate, or this replica's share of it (see [`VendorClient::share_among`]);
+    /// swapped whole when the share changes, never held across an await.
+    limiter: std::sync::RwLock<Option<Arc<DefaultDirectRateLimiter>>>,
     oauth_token: Mutex<Option<(String, Instant)>>,
+}
+
+/// A limiter for `1 / replicas` of the connector's `[rate_limit]`: the period between
+/// requests grows `replicas` times and the burst is split (at least one request).
+fn limiter_for(connector: &Connector, replicas: u32) -> Option<Arc<DefaultDirectRateLimiter>> {
+    connector.spec.rate_limit.as_ref().map(|limit| {
+        let rate = f64::from(limit.requests_per_second.max(1));
+        let period = Duration::from_secs_f64(f64::from(replicas) / rate);
+        let burst =
+            NonZeroU32::new((limit.burst.unwrap_or(1) / replicas).max(1)).expect("at least 1");
+        let quota = Quota::with_period(period)
+            .expect("a positive period")
+            .allow_burst(burst);
+        Arc::new(RateLimiter::direct(quota))
+    })
 }
 
 impl VendorClient {
@@ -118,11 +135,7 @@ impl VendorClient {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .expect("the TLS backend initializes");
-        let limiter = connector.spec.rate_limit.as_ref().map(|limit| {
-            let rate = NonZeroU32::new(limit.requests_per_second.max(1)).expect("at least 1");
-            let burst = NonZeroU32::new(limit.burst.unwrap_or(1).max(1)).expect("at least 1");
-            RateLimiter::direct(Quota::per_second(rate).allow_burst(burst))
-        });
+        let limiter = std::sync::RwLock::new(limiter_for(&connector, 1));
         let origin = url::Url::parse(&connector.base_url)
             .ok()
             .map(|url| url.origin())
@@ -138,6 +151,15 @@ impl VendorClient {
 
     pub fn connector(&self) -> &Connector {
         &self.connector
+    }
+
+    /// Makes this process take `1 / replicas` of the connector's declared rate and burst
+    /// (each of `replicas` live `idem serve` processes does the same), so the vendor sees
+    /// at most the declared rate across the deployment. Called when membership changes.
+    pub fn share_among(&self, replicas: u32) {
+        if let Ok(mut limiter) = self.limiter.write() {
+            *limiter = limiter_for(&self.connector, replicas.max(1));
+        }
     }
 
     /// Sends a request built by `build` (called once per attempt), retrying connect
@@ -200,7 +222,8 @@ impl VendorClient {
                     what,
                 });
             }
-            if let Some(limiter) = &self.limiter {
+            let limiter = self.limiter.read().map(|l| l.clone()).unwrap_or(None);
+            if let Some(limiter) = limiter {
                 limiter.until_ready().await;
             }
             attempts += 1;

@@ -86,6 +86,9 @@ pub enum RunStatus {
     Partial,
     /// Stopped by an error; committed pages stay and the next run resumes after them.
     Failed,
+    /// Stopped by a shutdown (`idem serve` got SIGTERM); the next run resumes after the
+    /// last committed page. A deploy, not a failure.
+    Interrupted,
 }
 
 /// The outcome of one run, as reported to the user.
@@ -124,12 +127,26 @@ pub enum RunError {
 
 /// Runs streams one after another through the declarative HTTP source, sharing one
 /// [`VendorClient`] per vendor so its rate limit and OAuth2 token hold across streams.
-#[derive(Default)]
+/// Clones share the clients: the workers of `idem serve` each hold one.
+#[derive(Default, Clone)]
 pub struct StreamRunner {
     clients: Vec<(String, Arc<VendorClient>)>,
 }
 
 impl StreamRunner {
+    /// The client of `connector`'s vendor, made on first use.
+    pub fn client(&mut self, connector: &Connector) -> Arc<VendorClient> {
+        let name = &connector.spec.source_system;
+        match self.clients.iter().find(|(n, _)| n == name) {
+            Some((_, client)) => client.clone(),
+            None => {
+                let client = VendorClient::new(connector.clone());
+                self.clients.push((name.clone(), client.clone()));
+                client
+            }
+        }
+    }
+
     pub async fn run(
         &mut self,
         pool: &PgPool,
@@ -144,15 +161,7 @@ impl StreamRunner {
                 source_system: connector.spec.source_system.clone(),
                 stream: stream.to_string(),
             })?;
-        let name = &connector.spec.source_system;
-        let client = match self.clients.iter().find(|(n, _)| n == name) {
-            Some((_, client)) => client.clone(),
-            None => {
-                let client = VendorClient::new(connector.clone());
-                self.clients.push((name.clone(), client.clone()));
-                client
-            }
-        };
+        let client = self.client(connector);
         let source = HttpSource::new(client, spec.clone());
         run_stream(pool, database_url, connector, stream, source, options).await
     }
@@ -446,6 +455,7 @@ impl<'a> Walk<'a> {
         // Only the fetcher's own word ends a walk: a channel that closes without it (the
         // task panicked or was cancelled) is a failed walk, never a complete one.
         let mut walk_complete = false;
+        let mut interrupted = false;
         let mut stop = self.options.stop.clone();
         let mut writer = PageWriter::new(self.write_target(), self.options.batching);
         // Where the time goes: waiting for the vendor, or handing pages to the writer
@@ -483,6 +493,7 @@ impl<'a> Walk<'a> {
             };
             let Some(message) = message else {
                 if stop.as_ref().is_some_and(|s| *s.borrow()) {
+                    interrupted = true;
                     failure = Some(
                         "stopped by shutdown; the next run resumes after the last committed page"
                             .into(),
@@ -558,6 +569,7 @@ impl<'a> Walk<'a> {
             }
         }
         let status = match (&failure, self.counters.failed) {
+            (Some(_), _) if interrupted => RunStatus::Interrupted,
             (Some(_), _) => RunStatus::Failed,
             (None, 0) => RunStatus::Succeeded,
             (None, _) => RunStatus::Partial,
@@ -570,6 +582,7 @@ impl<'a> Walk<'a> {
                 RunStatus::Succeeded => "succeeded",
                 RunStatus::Partial => "partial",
                 RunStatus::Failed => "failed",
+                RunStatus::Interrupted => "interrupted",
             };
             state::finish_run(self.pool, self.run_id, name, failure.as_deref()).await?;
             crash_point("run_after_finish", 1);
@@ -577,7 +590,13 @@ impl<'a> Walk<'a> {
         let duration = started.elapsed();
         let c = &self.counters;
         let per_second = c.fetched as f64 / duration.as_secs_f64().max(1e-3);
-        if let Some(error) = &failure {
+        if interrupted {
+            warn!(
+                pages = c.pages,
+                fetched = c.fetched,
+                "run interrupted by shutdown; committed pages stay and the next run resumes after them"
+            );
+        } else if let Some(error) = &failure {
             tracing::error!(error = %error, pages = c.pages, fetched = c.fetched, "run failed; committed pages stay and the next run resumes after them");
         }
         info!(

@@ -2,9 +2,10 @@
 //! and `/metrics`, until a shutdown signal. Every loop watches the same signal; a run in
 //! progress stops after the page it is writing and the next run resumes after it.
 //!
-//! Metrics are read from Postgres at scrape time: the runs, failures and ledger tables
-//! are the truth, so the figures agree across restarts and replicas without an in-process
-//! registry.
+//! Most metrics are read from Postgres at scrape time: the runs, failures and ledger
+//! tables are the truth, so those figures agree across restarts and replicas — they are
+//! deployment-wide, the same on every replica, and must not be summed across replicas.
+//! The `idem_process_*` series are this process's own counters and do add up.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -18,27 +19,28 @@ use axum::routing::get;
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
-use tracing::{error, info, warn};
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+use tracing::{Instrument, error, info, info_span, warn};
 
-use crate::config::{Schedule, Settings};
-use crate::connector::{Connector, select_streams};
+use crate::config::Settings;
+use crate::connector::Connector;
 use crate::ledger::dispatch::{DispatchSettings, Dispatcher};
 use crate::ledger::transport::AnyTransport;
-use crate::run::{Mode, RunError, RunOptions, StreamRunner};
+use crate::run::StreamRunner;
 use crate::store::{Context, StoreError};
 
 /// Everything the service's loops share.
 struct Service {
     pool: PgPool,
-    database_url: String,
-    connectors: Vec<Connector>,
     settings: Settings,
     transport: AnyTransport,
-    console: Arc<crate::console::Console>,
+    /// Woken by a worker after a run, so its reminders go out before the next tick.
+    ran: Arc<Notify>,
 }
 
-/// Runs the service until `shutdown` turns true; returns when every loop has stopped.
+/// Runs the service until `shutdown` turns true; returns when every loop has stopped, or
+/// when `[serve] shutdown_grace` has passed since the signal, whichever comes first.
 pub async fn serve(
     settings: Settings,
     connectors: Vec<Connector>,
@@ -48,6 +50,8 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
+    // Every line this process logs carries its instance id.
+    let root = info_span!("idem", instance = %crate::instance::id());
     let console = crate::console::Console::new(
         &settings,
         connectors.clone(),
@@ -57,107 +61,154 @@ pub async fn serve(
     )
     .map_err(|err| std::io::Error::new(std::io::ErrorKind::InvalidInput, err.to_string()))?;
     let service = Arc::new(Service {
-        pool,
-        database_url,
-        connectors,
+        pool: pool.clone(),
         settings,
         transport,
-        console: console.clone(),
+        ran: Arc::new(Notify::new()),
     });
+    let serve_settings = service.settings.serve.clone();
     let mut tasks = Vec::new();
-    for (index, schedule) in service.settings.serve.schedules.iter().enumerate() {
-        tasks.push(tokio::spawn(schedule_loop(
-            service.clone(),
-            index,
-            schedule.clone(),
-            shutdown.clone(),
-        )));
+
+    let targets = crate::schedule::targets(&connectors, &serve_settings.schedules)
+        .map_err(|err| std::io::Error::other(format!("serve.schedules: {err}")))?;
+    if let Err(err) = crate::schedule::sync(&pool, &targets)
+        .instrument(root.clone())
+        .await
+    {
+        root.in_scope(|| error!(error = %crate::run::error_chain(&err), "the schedule could not be stored; nothing will run"));
     }
-    tasks.push(tokio::spawn(notify_loop(service.clone(), shutdown.clone())));
+    // One client (and so one rate limiter) per connector, shared by every worker.
+    let mut runner = StreamRunner::default();
+    let clients: Vec<_> = connectors.iter().map(|c| runner.client(c)).collect();
+    let (live_tx, mut live_rx) = watch::channel(1u32);
+    tasks.push(tokio::spawn(
+        crate::instance::heartbeat_loop(
+            pool.clone(),
+            serve_settings
+                .heartbeat_every
+                .0
+                .max(Duration::from_millis(100)),
+            live_tx,
+            shutdown.clone(),
+        )
+        .instrument(root.clone()),
+    ));
+    tasks.push(tokio::spawn(
+        async move {
+            // Each live replica takes an equal share of every connector's declared rate.
+            while live_rx.changed().await.is_ok() {
+                let live = *live_rx.borrow_and_update();
+                for client in &clients {
+                    client.share_among(live);
+                }
+            }
+        }
+        .instrument(root.clone()),
+    ));
+    if !targets.is_empty() {
+        let connectors = Arc::new(connectors);
+        let targets = Arc::new(targets);
+        tasks.push(tokio::spawn(
+            crate::schedule::announce_next_runs(
+                pool.clone(),
+                targets.clone(),
+                console.clone(),
+                shutdown.clone(),
+            )
+            .instrument(root.clone()),
+        ));
+        for number in 0..serve_settings.workers.max(1) as usize {
+            let worker = crate::schedule::Worker {
+                pool: pool.clone(),
+                database_url: database_url.clone(),
+                connectors: connectors.clone(),
+                targets: targets.clone(),
+                runner: runner.clone(),
+                ran: service.ran.clone(),
+                ddl: service.settings.database.ddl_policy(),
+                batching: service.settings.import.batching(),
+            };
+            tasks.push(tokio::spawn(
+                worker
+                    .run(number, shutdown.clone())
+                    .instrument(root.clone()),
+            ));
+        }
+    }
+    tasks.push(tokio::spawn(
+        notify_loop(service.clone(), shutdown.clone()).instrument(root.clone()),
+    ));
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(service.clone())
-        .merge(crate::console::router(console));
-    let mut server_shutdown = shutdown.clone();
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = server_shutdown.wait_for(|stop| *stop).await;
-        })
-        .await;
-    for task in tasks {
-        let _ = task.await;
+        .merge(crate::console::router(console))
+        .layer(axum::middleware::from_fn({
+            // Requests are served on tasks of their own: each one carries the instance.
+            let root = root.clone();
+            move |request: axum::extract::Request, next: axum::middleware::Next| {
+                next.run(request).instrument(root.clone())
+            }
+        }));
+    // The HTTP server outlives the drain, so /metrics shows the shutdown in progress.
+    let (drained_tx, mut drained_rx) = watch::channel(false);
+    let mut server = tokio::spawn(
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = drained_rx.wait_for(|drained| *drained).await;
+            })
+            .into_future()
+            .instrument(root.clone()),
+    );
+    let mut signal = shutdown.clone();
+    tokio::select! {
+        // The listener failed: there is no service to keep up.
+        result = &mut server => {
+            return result.unwrap_or_else(|err| Err(std::io::Error::other(err)));
+        }
+        _ = signal.wait_for(|stop| *stop) => {}
     }
-    info!("idem serve stopped");
-    served
-}
-
-/// Runs the schedule's streams, waits `every`, and again, until shutdown.
-async fn schedule_loop(
-    service: Arc<Service>,
-    index: usize,
-    schedule: Schedule,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let mut runner = StreamRunner::default();
-    let targets = match select_streams(&service.connectors, &schedule.streams) {
-        Ok(targets) => targets,
-        Err(err) => {
-            error!(schedule = index, error = %err, "schedule names unknown streams; it will not run");
-            return;
+    let signalled = Instant::now();
+    let _ = crate::instance::counters()
+        .shutdown_started
+        .set(signalled.into_std());
+    let grace = serve_settings.shutdown_grace.0;
+    let all_stopped = async {
+        for task in tasks {
+            let _ = task.await;
         }
     };
-    let options = RunOptions {
-        stop: Some(shutdown.clone()),
-        ddl: service.settings.database.ddl_policy(),
-        batching: service.settings.import.batching(),
-        ..RunOptions::new(Mode::Regular, false)
-    };
-    loop {
-        for (connector, stream) in &targets {
-            if *shutdown.borrow() {
-                return;
+    async move {
+        if tokio::time::timeout(grace, all_stopped).await.is_err() {
+            warn!(
+                grace_ms = grace.as_millis() as u64,
+                "shutdown grace elapsed with work in progress: exiting anyway (a send in flight is settled by its lease; a run resumes after its last committed page)"
+            );
+        }
+        let took = signalled.elapsed();
+        crate::instance::counters()
+            .shutdown_ms
+            .store(took.as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
+        let _ = drained_tx.send(true);
+        // The grace bounds the HTTP server's open connections too.
+        let remaining = grace.saturating_sub(signalled.elapsed()).max(Duration::from_millis(200));
+        let served = match tokio::time::timeout(remaining, &mut server).await {
+            Ok(result) => result.unwrap_or_else(|err| Err(std::io::Error::other(err))),
+            Err(_) => {
+                server.abort();
+                Ok(())
             }
-            match runner
-                .run(
-                    &service.pool,
-                    &service.database_url,
-                    connector,
-                    stream,
-                    &options,
-                )
-                .await
-            {
-                Ok(report) => info!(schedule = index, "{}", crate::cli::summary(&report)),
-                Err(RunError::Locked {
-                    source_system,
-                    stream,
-                }) => {
-                    warn!(
-                        schedule = index,
-                        "{source_system}.{stream} is already running elsewhere; skipped this round"
-                    )
-                }
-                Err(err) => {
-                    error!(schedule = index, error = %crate::run::error_chain(&err), "run could not start")
-                }
-            }
-        }
-        dispatch(&service).await;
-        let next = Utc::now() + schedule.every.as_chrono();
-        for (connector, stream) in &targets {
-            let name = format!("{}.{stream}", connector.spec.source_system);
-            service.console.set_next_run(&name, next);
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(schedule.every.0) => {}
-            _ = shutdown.wait_for(|stop| *stop) => return,
-        }
+        };
+        info!(shutdown_ms = signalled.elapsed().as_millis() as u64, "idem serve stopped");
+        served
     }
+    .instrument(root)
+    .await
 }
 
-/// Sends due notifications every `notify_every` (retries come due between runs).
+/// Sends due notifications every `notify_every` (with jitter, so replicas' passes drift
+/// apart), and soon after a run (retries come due between runs).
 async fn notify_loop(service: Arc<Service>, mut shutdown: watch::Receiver<bool>) {
     let every = service
         .settings
@@ -167,21 +218,26 @@ async fn notify_loop(service: Arc<Service>, mut shutdown: watch::Receiver<bool>)
         .max(Duration::from_millis(100));
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(every) => {}
+            _ = tokio::time::sleep(crate::instance::jittered(every, 0.1)) => {}
+            _ = service.ran.notified() => {}
             _ = shutdown.wait_for(|stop| *stop) => return,
         }
-        dispatch(&service).await;
+        dispatch(&service, &shutdown).await;
     }
 }
 
-async fn dispatch(service: &Service) {
+async fn dispatch(service: &Service, shutdown: &watch::Receiver<bool>) {
     let dispatcher = Dispatcher::new(
         &service.pool,
         &service.transport,
         DispatchSettings::from_config(&service.settings.notify),
-    );
+    )
+    .with_stop(shutdown.clone());
+    crate::instance::Counters::bump(&crate::instance::counters().dispatch_passes);
     if let Err(err) = dispatcher.run_once().await {
         error!(error = %crate::run::error_chain(&err), "notification dispatch failed; retried on the next tick");
+        // Rows this pass claimed but never started are not left to their lease.
+        let _ = dispatcher.release_unsent().await;
     }
 }
 
@@ -233,11 +289,14 @@ async fn readyz(State(service): State<Arc<Service>>) -> impl IntoResponse {
 
 async fn metrics(State(service): State<Arc<Service>>) -> impl IntoResponse {
     match render_metrics(&service.pool).await {
-        Ok(text) => (
-            StatusCode::OK,
-            [("content-type", "text/plain; version=0.0.4")],
-            text,
-        ),
+        Ok(mut text) => {
+            crate::instance::render_process_metrics(&mut text);
+            (
+                StatusCode::OK,
+                [("content-type", "text/plain; version=0.0.4")],
+                text,
+            )
+        }
         Err(err) => (
             StatusCode::SERVICE_UNAVAILABLE,
             [("content-type", "text/plain; version=0.0.4")],
@@ -285,7 +344,26 @@ pub async fn render_metrics(pool: &PgPool) -> Result<String, StoreError> {
     .context(|| "reading metrics".into())?;
     let ledger = crate::ledger::counts_by_status(pool).await?;
 
+    let live: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM idem_instances
+         WHERE heartbeat_at > now() - heartbeat_ms * $1 * interval '1 millisecond'",
+    )
+    .bind(crate::instance::MISSED_HEARTBEATS as i32)
+    .fetch_one(pool)
+    .await
+    .context(|| "reading metrics".into())?;
+
     let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# Deployment-wide series below are read from idem's tables: every replica reports the same values; do not sum them across replicas."
+    );
+    let _ = writeln!(
+        out,
+        "# HELP idem_live_instances idem serve processes whose heartbeat is current (deployment-wide)."
+    );
+    let _ = writeln!(out, "# TYPE idem_live_instances gauge");
+    let _ = writeln!(out, "idem_live_instances {live}");
     let _ = writeln!(
         out,
         "# HELP idem_runs_total Runs recorded, by stream, mode and final status."
@@ -358,6 +436,7 @@ pub async fn render_metrics(pool: &PgPool) -> Result<String, StoreError> {
 /// Turns true on SIGTERM or Ctrl-C.
 pub fn shutdown_signal() -> watch::Receiver<bool> {
     let (sender, receiver) = watch::channel(false);
+    let span = info_span!("idem", instance = %crate::instance::id());
     tokio::spawn(async move {
         let terminate = async {
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -371,8 +450,8 @@ pub fn shutdown_signal() -> watch::Receiver<bool> {
             _ = tokio::signal::ctrl_c() => {}
             _ = terminate => {}
         }
-        info!("shutdown requested: finishing the page in progress");
+        info!("shutdown requested: claiming nothing more, finishing the page and the send in progress");
         let _ = sender.send(true);
-    });
+    }.instrument(span));
     receiver
 }

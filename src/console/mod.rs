@@ -22,7 +22,7 @@ use minijinja::{Environment, Value, context};
 use serde::Deserialize;
 use sqlx::PgPool;
 use tokio::sync::watch;
-use tracing::{error, info, warn};
+use tracing::{Instrument, error, info, warn};
 
 use crate::config::Settings;
 use crate::connector::Connector;
@@ -68,6 +68,8 @@ pub struct Console {
     /// click and the run taking the stream's lock).
     started: Mutex<HashSet<String>>,
     shutdown: watch::Receiver<bool>,
+    /// Runs started here obey `[database] ddl` and `[import]` like scheduled ones.
+    run_defaults: (crate::store::table::DdlPolicy, crate::writer::Batching),
 }
 
 impl Console {
@@ -111,6 +113,7 @@ impl Console {
             next_runs: Mutex::new(HashMap::new()),
             started: Mutex::new(HashSet::new()),
             shutdown,
+            run_defaults: (settings.database.ddl_policy(), settings.import.batching()),
         }))
     }
 
@@ -801,6 +804,8 @@ impl Console {
         tokio::spawn(async move {
             let options = RunOptions {
                 stop: Some(console.shutdown.clone()),
+                ddl: console.run_defaults.0.clone(),
+                batching: console.run_defaults.1.clone(),
                 ..RunOptions::new(mode, false)
             };
             let mut runner = StreamRunner::default();
@@ -823,7 +828,8 @@ impl Console {
                 }
             }
             console.started.lock().expect("started lock").remove(&name);
-        });
+        }
+        .instrument(tracing::Span::current()));
         Ok(StartOutcome::Started)
     }
 }

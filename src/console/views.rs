@@ -170,8 +170,11 @@ pub async fn lock_held(
     stream: &str,
 ) -> Result<bool, StoreError> {
     // The two-key form shows as classid = key 1, objid = key 2 (as unsigned), objsubid = 2.
+    // Advisory locks are per database: another database on the server (another idem, or a
+    // test) may hold the same key.
     sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted
+           AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
            AND l.objsubid = 2 AND l.classid::bigint = ($1::bigint & 4294967295)
            AND l.objid::bigint = (hashtext($2)::bigint & 4294967295))",
     )

@@ -147,17 +147,52 @@ pub struct Dispatcher<'a, T: Transport> {
     transport: &'a T,
     settings: DispatchSettings,
     owner: String,
+    /// When this turns true the pass sends nothing more: the send in flight finishes
+    /// (within `send_timeout`) and the rest of the claimed rows are released at once.
+    stop: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl<'a, T: Transport> Dispatcher<'a, T> {
     pub fn new(pool: &'a PgPool, transport: &'a T, settings: DispatchSettings) -> Self {
-        let owner = format!("{}:{}", std::process::id(), uuid::Uuid::new_v4().simple());
+        // The instance id tells replicas apart (the pid is 1 in every container); the
+        // uuid tells this pass from the instance's other passes.
+        let owner = format!(
+            "{}:{}",
+            crate::instance::id(),
+            uuid::Uuid::new_v4().simple()
+        );
         Self {
             pool,
             transport,
             settings,
             owner,
+            stop: None,
         }
+    }
+
+    /// Stops the pass between sends when `stop` turns true (shutdown of `idem serve`).
+    pub fn with_stop(mut self, stop: tokio::sync::watch::Receiver<bool>) -> Self {
+        self.stop = Some(stop);
+        self
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop.as_ref().is_some_and(|stop| *stop.borrow())
+    }
+
+    /// Hands this pass's claimed rows whose send never started back to `pending`, due
+    /// now, so another replica sends them without waiting for their lease to expire.
+    pub async fn release_unsent(&self) -> Result<u64, StoreError> {
+        let released = sqlx::query(
+            "UPDATE idem_ledger SET status = 'pending', lease_owner = NULL, lease_expires_at = NULL
+             WHERE status = 'sending' AND lease_owner = $1 AND in_flight_since IS NULL",
+        )
+        .bind(&self.owner)
+        .execute(self.pool)
+        .await
+        .context(|| "releasing claimed ledger rows on shutdown".into())?
+        .rows_affected();
+        Ok(released)
     }
 
     /// One pass: recover expired leases, then claim, send and mark batches until no row
@@ -188,7 +223,8 @@ impl<'a, T: Transport> Dispatcher<'a, T> {
         let mut work: FuturesUnordered<BoxFuture<'_, Event>> = FuturesUnordered::new();
         let mut first_error: Option<StoreError> = None;
         loop {
-            if first_error.is_none() {
+            // On shutdown no claim and no send starts; sends already started finish.
+            if first_error.is_none() && !self.stopping() {
                 if !drained && !claiming && queue.len() < self.settings.concurrency {
                     claiming = true;
                     work.push(Box::pin(async move {
@@ -237,6 +273,15 @@ impl<'a, T: Transport> Dispatcher<'a, T> {
         }
         if let Some(err) = first_error {
             return Err(err);
+        }
+        if self.stopping() {
+            let released = self.release_unsent().await?;
+            if released > 0 {
+                warn!(
+                    released,
+                    "shutdown: claimed reminders not yet sent were released for another replica"
+                );
+            }
         }
         if lost_in_pass > 0 {
             // Rows of our batches whose claim expired before their turn and that nobody

@@ -199,8 +199,8 @@ pub async fn start_run(
     .context(context)?;
     let id = Uuid::new_v4();
     sqlx::query(
-        "INSERT INTO idem_runs (id, source_system, stream, mode, window_from, window_to, status)
-         VALUES ($1, $2, $3, $4, $5, $6, 'running')",
+        "INSERT INTO idem_runs (id, source_system, stream, mode, window_from, window_to, status, instance)
+         VALUES ($1, $2, $3, $4, $5, $6, 'running', $7)",
     )
     .bind(id)
     .bind(source_system)
@@ -208,6 +208,7 @@ pub async fn start_run(
     .bind(mode)
     .bind(window.0)
     .bind(window.1)
+    .bind(crate::instance::id())
     .execute(pool)
     .await
     .context(context)?;

@@ -13,6 +13,7 @@ mod ledger;
 mod ledger_concurrency;
 mod ledger_edges;
 mod replay;
+mod replicas;
 mod security;
 mod serve;
 mod sync_core;
