@@ -165,7 +165,7 @@ impl Worker {
         let options = RunOptions {
             stop: Some(shutdown.clone()),
             ddl: self.ddl.clone(),
-            batching: self.batching.clone(),
+            batching: self.batching,
             ..RunOptions::new(Mode::Regular, false)
         };
         let mut shutdown = shutdown;

@@ -805,7 +805,7 @@ impl Console {
             let options = RunOptions {
                 stop: Some(console.shutdown.clone()),
                 ddl: console.run_defaults.0.clone(),
-                batching: console.run_defaults.1.clone(),
+                batching: console.run_defaults.1,
                 ..RunOptions::new(mode, false)
             };
             let mut runner = StreamRunner::default();
