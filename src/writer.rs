@@ -19,7 +19,7 @@ use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tracing::warn;
+use tracing::{Instrument, warn};
 use uuid::Uuid;
 
 use crate::connector::StreamSpec;
@@ -268,12 +268,11 @@ impl PageWriter {
         let (pages_tx, pages_rx) = mpsc::channel(2);
         let (committed_tx, committed_rx) = oneshot::channel();
         let after = self.last_committed.replace(committed_rx);
-        let task = tokio::spawn(write_transaction(
-            self.target.clone(),
-            pages_rx,
-            after,
-            committed_tx,
-        ));
+        // The transaction's log lines carry the run's fields (source_system, stream, run_id).
+        let task = tokio::spawn(
+            write_transaction(self.target.clone(), pages_rx, after, committed_tx)
+                .instrument(tracing::Span::current()),
+        );
         OpenBatch {
             pages: pages_tx,
             ids: HashSet::new(),
