@@ -846,7 +846,7 @@ async fn status(
     json: bool,
 ) -> anyhow::Result<u8> {
     let checkpoints = store::state::list_checkpoints(pool, None).await?;
-    let runs = store::state::recent_runs(pool, 5).await?;
+    let runs = store::state::recent_runs(pool, None, 5).await?;
     let failures: Vec<(String, String, String, String, i32)> = sqlx::query_as(
         "SELECT source_system, stream, record_key, error, attempts FROM idem_failures ORDER BY source_system, stream, record_key",
     )

@@ -208,8 +208,7 @@ impl Worker {
         // A previous run still holding the lock is seen through the pool, so a skipped
         // period opens no Postgres session; only a stream that looks free gets one.
         let held =
-            crate::console::views::lock_held(&self.pool, &target.source_system, &target.stream)
-                .await;
+            crate::store::stream_lock_held(&self.pool, &target.source_system, &target.stream).await;
         let result = if held.unwrap_or(false) {
             Err(RunError::Locked {
                 source_system: target.source_system.clone(),

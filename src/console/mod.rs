@@ -294,7 +294,7 @@ pub async fn overview(
         let mut trouble = Vec::new();
         let in_progress = match record {
             Some(r) if r.status == "running" => {
-                if views::lock_held(pool, &source_system, &stream).await? {
+                if crate::store::stream_lock_held(pool, &source_system, &stream).await? {
                     Some(format!(
                         "{} since {}: page {}, {} records so far",
                         r.mode,
@@ -776,7 +776,9 @@ impl Console {
         mode: Mode,
     ) -> Result<StartOutcome, crate::store::StoreError> {
         let name = format!("{}.{stream}", connector.spec.source_system);
-        if views::lock_held(&self.pool, &connector.spec.source_system, &stream).await? {
+        if crate::store::stream_lock_held(&self.pool, &connector.spec.source_system, &stream)
+            .await?
+        {
             let progress = views::runs(
                 &self.pool,
                 Some((&connector.spec.source_system, &stream)),

@@ -39,26 +39,8 @@ pub fn urlencoded(text: &str) -> String {
     url::form_urlencoded::byte_serialize(text.as_bytes()).collect()
 }
 
-/// One recorded run.
-#[derive(Debug, Serialize, sqlx::FromRow)]
-pub struct RunRecord {
-    pub source_system: String,
-    pub stream: String,
-    pub mode: String,
-    pub status: String,
-    pub window_from: Option<DateTime<Utc>>,
-    pub window_to: Option<DateTime<Utc>>,
-    pub started_at: DateTime<Utc>,
-    pub finished_at: Option<DateTime<Utc>>,
-    pub pages: i64,
-    pub fetched: i64,
-    pub inserted: i64,
-    pub updated: i64,
-    pub unchanged: i64,
-    pub failed: i64,
-    pub deleted: i64,
-    pub error: Option<String>,
-}
+/// One recorded run (the same query as `idem status`).
+pub use crate::store::state::RunSummary as RunRecord;
 
 /// A run as the templates show it.
 #[derive(Debug, Serialize)]
@@ -146,43 +128,7 @@ pub async fn runs(
     only: Option<(&str, &str)>,
     per_stream: i64,
 ) -> Result<Vec<RunRecord>, StoreError> {
-    sqlx::query_as(
-        "SELECT source_system, stream, mode, status, window_from, window_to, started_at, finished_at,
-                pages, fetched, inserted, updated, unchanged, failed, deleted, error
-         FROM (SELECT *, row_number() OVER (PARTITION BY source_system, stream ORDER BY started_at DESC) AS n
-               FROM idem_runs WHERE ($1::text IS NULL OR (source_system = $1 AND stream = $2))) r
-         WHERE n <= $3 ORDER BY source_system, stream, started_at DESC",
-    )
-    .bind(only.map(|o| o.0))
-    .bind(only.map(|o| o.1))
-    .bind(per_stream)
-    .fetch_all(pool)
-    .await
-    .context(|| "reading runs for the console".into())
-}
-
-/// Whether some session holds the stream's lock right now (the same key as
-/// [`crate::store::StreamLock`]). Read from `pg_locks`, never by trying the lock: a probe
-/// that took it for an instant could make a real run give up.
-pub async fn lock_held(
-    pool: &PgPool,
-    source_system: &str,
-    stream: &str,
-) -> Result<bool, StoreError> {
-    // The two-key form shows as classid = key 1, objid = key 2 (as unsigned), objsubid = 2.
-    // Advisory locks are per database: another database on the server (another idem, or a
-    // test) may hold the same key.
-    sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted
-           AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-           AND l.objsubid = 2 AND l.classid::bigint = ($1::bigint & 4294967295)
-           AND l.objid::bigint = (hashtext($2)::bigint & 4294967295))",
-    )
-    .bind(crate::store::LOCK_CLASS)
-    .bind(crate::store::lock_key(source_system, stream))
-    .fetch_one(pool)
-    .await
-    .context(|| format!("checking whether {source_system}.{stream} is running"))
+    crate::store::state::recent_runs(pool, only, per_stream).await
 }
 
 /// Counts keyed by `(source_system, stream)`.

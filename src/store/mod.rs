@@ -223,6 +223,30 @@ impl StreamLock {
     }
 }
 
+/// Whether some session holds the stream's lock right now (the same key as
+/// [`StreamLock`]). Read from `pg_locks`, never by trying the lock: a probe
+/// that took it for an instant could make a real run give up.
+pub async fn stream_lock_held(
+    pool: &PgPool,
+    source_system: &str,
+    stream: &str,
+) -> Result<bool, StoreError> {
+    // The two-key form shows as classid = key 1, objid = key 2 (as unsigned), objsubid = 2.
+    // Advisory locks are per database: another database on the server (another idem, or a
+    // test) may hold the same key.
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted
+           AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+           AND l.objsubid = 2 AND l.classid::bigint = ($1::bigint & 4294967295)
+           AND l.objid::bigint = (hashtext($2)::bigint & 4294967295))",
+    )
+    .bind(LOCK_CLASS)
+    .bind(lock_key(source_system, stream))
+    .fetch_one(pool)
+    .await
+    .context(|| format!("checking whether {source_system}.{stream} is running"))
+}
+
 /// The text the stream lock's second key hashes.
 pub fn lock_key(source_system: &str, stream: &str) -> String {
     format!("idem:{source_system}.{stream}")

@@ -286,6 +286,7 @@ pub struct RunSummary {
     pub window_to: Option<DateTime<Utc>>,
     pub started_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
+    pub pages: i64,
     pub fetched: i64,
     pub inserted: i64,
     pub updated: i64,
@@ -296,14 +297,22 @@ pub struct RunSummary {
 }
 
 /// The latest `per_stream` runs of every stream, newest first within a stream.
-pub async fn recent_runs(pool: &PgPool, per_stream: i64) -> Result<Vec<RunSummary>, StoreError> {
+/// The latest `per_stream` runs of every stream (or of `only` one), newest first: what
+/// `idem status` and the console show.
+pub async fn recent_runs(
+    pool: &PgPool,
+    only: Option<(&str, &str)>,
+    per_stream: i64,
+) -> Result<Vec<RunSummary>, StoreError> {
     sqlx::query_as(
         "SELECT id, source_system, stream, mode, status, window_from, window_to, started_at, finished_at,
-                fetched, inserted, updated, unchanged, failed, deleted, error
+                pages, fetched, inserted, updated, unchanged, failed, deleted, error
          FROM (SELECT *, row_number() OVER (PARTITION BY source_system, stream ORDER BY started_at DESC) AS n
-               FROM idem_runs) r
-         WHERE n <= $1 ORDER BY source_system, stream, started_at DESC",
+               FROM idem_runs WHERE ($1::text IS NULL OR (source_system = $1 AND stream = $2))) r
+         WHERE n <= $3 ORDER BY source_system, stream, started_at DESC",
     )
+    .bind(only.map(|o| o.0))
+    .bind(only.map(|o| o.1))
     .bind(per_stream)
     .fetch_all(pool)
     .await

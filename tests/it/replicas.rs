@@ -649,7 +649,7 @@ async fn a_lock_held_in_another_database_is_not_this_streams() {
         .unwrap();
     assert!(taken);
     assert!(
-        !idem::console::views::lock_held(&app.pool, "demo_billing", "invoices")
+        !idem::store::stream_lock_held(&app.pool, "demo_billing", "invoices")
             .await
             .unwrap(),
         "a lock in another database was taken for this stream's"
@@ -663,7 +663,7 @@ async fn a_lock_held_in_another_database_is_not_this_streams() {
         .unwrap()
         .expect("free in this database");
     assert!(
-        idem::console::views::lock_held(&app.pool, "demo_billing", "invoices")
+        idem::store::stream_lock_held(&app.pool, "demo_billing", "invoices")
             .await
             .unwrap()
     );
