@@ -53,6 +53,10 @@ pub enum Command {
         /// Fetch and compare, report what would change, write nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Only this partition of a partitioned stream (default: every partition, one
+        /// after another).
+        #[arg(long)]
+        partition: Option<String>,
         /// Do not send notifications after the run.
         #[arg(long)]
         no_notify: bool,
@@ -76,6 +80,10 @@ pub enum Command {
         /// Start the window again instead of resuming an interrupted replay of it.
         #[arg(long)]
         restart: bool,
+        /// Only this partition of a partitioned stream (default: every partition, one
+        /// after another).
+        #[arg(long)]
+        partition: Option<String>,
         /// Do not send notifications after the replay.
         #[arg(long)]
         no_notify: bool,
@@ -158,19 +166,30 @@ pub enum LedgerCommand {
 #[derive(Debug, Subcommand)]
 pub enum CheckpointCommand {
     /// Show checkpoints (all, or one stream's).
-    Show { target: Option<String> },
+    Show {
+        target: Option<String>,
+        /// Only this partition's checkpoints.
+        #[arg(long)]
+        partition: Option<String>,
+    },
     /// Forget a stream's checkpoint: the next run walks everything.
     Reset {
         target: String,
         /// Do not ask for confirmation.
         #[arg(long)]
         yes: bool,
+        /// Only this partition (default: every partition of the stream).
+        #[arg(long)]
+        partition: Option<String>,
     },
     /// Set a stream's high-water mark (it may move backwards).
     Set {
         target: String,
         #[arg(long)]
         high_water_mark: DateTime<Utc>,
+        /// Only this partition (default: every partition of the stream).
+        #[arg(long)]
+        partition: Option<String>,
     },
 }
 
@@ -243,6 +262,7 @@ async fn execute(cli: Cli) -> anyhow::Result<u8> {
         Command::Run {
             targets,
             dry_run,
+            partition,
             no_notify,
             json,
         } => {
@@ -257,7 +277,8 @@ async fn execute(cli: Cli) -> anyhow::Result<u8> {
                 ddl: settings.database.ddl_policy(),
                 ..RunOptions::new(Mode::Regular, dry_run)
             };
-            let code = run_all(&pool, &url, &selected, &options, json).await?;
+            let code =
+                run_all(&pool, &url, &selected, partition.as_deref(), &options, json).await?;
             if !no_notify && !dry_run {
                 let report = notify(&pool, &settings, &transport).await?;
                 if !json {
@@ -272,6 +293,7 @@ async fn execute(cli: Cli) -> anyhow::Result<u8> {
             from,
             to,
             restart,
+            partition,
             no_notify,
             json,
         } => {
@@ -317,7 +339,8 @@ async fn execute(cli: Cli) -> anyhow::Result<u8> {
                     false,
                 )
             };
-            let code = run_all(&pool, &url, &selected, &options, json).await?;
+            let code =
+                run_all(&pool, &url, &selected, partition.as_deref(), &options, json).await?;
             if !no_notify {
                 let report = notify(&pool, &settings, &transport).await?;
                 if !json {
@@ -733,19 +756,49 @@ async fn run_all(
     pool: &PgPool,
     database_url: &str,
     selected: &[(&Connector, String)],
+    partition: Option<&str>,
     options: &RunOptions,
     json: bool,
 ) -> anyhow::Result<u8> {
+    // Every partition asked for is checked before anything runs.
+    let mut walks = Vec::new();
+    for (connector, stream) in selected {
+        let partitions = match (partition, selected.len()) {
+            // `--partition` with several streams applies to the partitioned ones only.
+            (Some(_), n) if n > 1 && connector.partitions(stream) == [String::new()] => {
+                continue;
+            }
+            _ => connector
+                .select_partitions(stream, partition)
+                .map_err(usage)?,
+        };
+        for p in partitions {
+            walks.push((*connector, stream, p));
+        }
+    }
     let mut runner = StreamRunner::default();
     let mut code = EXIT_OK;
     let mut reports = Vec::new();
-    for (connector, stream) in selected {
-        let name = format!("{}.{stream}", connector.spec.source_system);
+    for (connector, stream, partition) in walks {
+        let spec = connector.stream(stream).expect("selected streams exist");
+        let name = format!(
+            "{}.{}",
+            connector.spec.source_system,
+            crate::partition::qualified(stream, &partition)
+        );
         let bar = crate::progress::StreamBar::start(&name);
         let mut options = options.clone();
         options.progress = bar.as_ref().map(|(_, sender)| sender.clone());
         let result = runner
-            .run(pool, database_url, connector, stream, &options)
+            .run_one(
+                pool,
+                database_url,
+                connector,
+                stream,
+                spec,
+                &partition,
+                &options,
+            )
             .await;
         if let Some((bar, _)) = bar {
             bar.finish();
@@ -773,7 +826,7 @@ async fn run_all(
                 code = worst(code, EXIT_LOCKED);
             }
             Err(err) => {
-                return Err(err).context(format!("{}.{stream}", connector.spec.source_system));
+                return Err(err).context(name);
             }
         }
     }
@@ -808,7 +861,7 @@ pub fn summary(report: &RunReport) -> String {
     let mut line = format!(
         "{}.{} {}: {status}: {} fetched, {} inserted, {} updated, {} unchanged, {} failed",
         report.source_system,
-        report.stream,
+        crate::partition::qualified(&report.stream, report.partition.as_deref().unwrap_or("")),
         report.mode,
         c.fetched,
         c.inserted,
@@ -848,7 +901,8 @@ async fn status(
     let checkpoints = store::state::list_checkpoints(pool, None).await?;
     let runs = store::state::recent_runs(pool, None, 5).await?;
     let failures: Vec<(String, String, String, String, i32)> = sqlx::query_as(
-        "SELECT source_system, stream, record_key, error, attempts FROM idem_failures ORDER BY source_system, stream, record_key",
+        "SELECT source_system, CASE WHEN partition = '' THEN stream ELSE stream || '#' || partition END,
+                record_key, error, attempts FROM idem_failures ORDER BY 1, 2, 3",
     )
     .fetch_all(pool)
     .await?;
@@ -920,13 +974,19 @@ async fn checkpoint(
         }
     };
     match command {
-        CheckpointCommand::Show { target } => {
+        CheckpointCommand::Show { target, partition } => {
             let filter = target.as_deref().map(one).transpose()?;
-            let rows = store::state::list_checkpoints(
+            if let (Some((ss, st)), Some(_)) = (&filter, &partition) {
+                partitions_of(connectors, ss, st, partition.as_deref())?;
+            }
+            let rows: Vec<_> = store::state::list_checkpoints(
                 pool,
                 filter.as_ref().map(|(a, b)| (a.as_str(), b.as_str())),
             )
-            .await?;
+            .await?
+            .into_iter()
+            .filter(|cp| partition.as_ref().is_none_or(|p| *p == cp.partition))
+            .collect();
             if rows.is_empty() {
                 println!("no checkpoint yet");
             }
@@ -934,7 +994,7 @@ async fn checkpoint(
                 println!(
                     "{}.{} [{}] high_water_mark={} cursor={} resume={}",
                     cp.source_system,
-                    cp.stream,
+                    crate::partition::qualified(&cp.stream, &cp.partition),
                     cp.scope,
                     cp.high_water_mark.map_or("-".into(), |t| t.to_rfc3339()),
                     cp.cursor.unwrap_or_else(|| "-".into()),
@@ -943,44 +1003,76 @@ async fn checkpoint(
             }
             Ok(EXIT_OK)
         }
-        CheckpointCommand::Reset { target, yes } => {
+        CheckpointCommand::Reset {
+            target,
+            yes,
+            partition,
+        } => {
             let (ss, st) = one(&target)?;
+            let partitions = partitions_of(connectors, &ss, &st, partition.as_deref())?;
             if !yes
                 && !confirm(&format!(
-                    "Forget the checkpoint of {ss}.{st}? The next run walks everything (writes nothing for unchanged records). [y/N] "
+                    "Forget the checkpoint of {ss}.{st}{}? The next run walks everything (writes nothing for unchanged records). [y/N] ",
+                    partition
+                        .as_ref()
+                        .map_or(String::new(), |p| format!(" (partition {p})"))
                 ))?
             {
                 println!("nothing changed");
                 return Ok(EXIT_OK);
             }
-            let Some(lock) = store::StreamLock::try_acquire(database_url, &ss, &st).await? else {
-                return Ok(checkpoint_locked(&ss, &st));
-            };
-            let done = store::state::overwrite_checkpoint(pool, &ss, &st, None).await;
-            lock.release().await;
-            done?;
-            println!("{ss}.{st}: checkpoint reset");
+            for p in partitions {
+                let name = crate::partition::qualified(&st, &p);
+                let Some(lock) = store::StreamLock::try_acquire(database_url, &ss, &st, &p).await?
+                else {
+                    return Ok(checkpoint_locked(&ss, &name));
+                };
+                let done = store::state::overwrite_checkpoint(pool, &ss, &st, &p, None).await;
+                lock.release().await;
+                done?;
+                println!("{ss}.{name}: checkpoint reset");
+            }
             Ok(EXIT_OK)
         }
         CheckpointCommand::Set {
             target,
             high_water_mark,
+            partition,
         } => {
             let (ss, st) = one(&target)?;
-            let Some(lock) = store::StreamLock::try_acquire(database_url, &ss, &st).await? else {
-                return Ok(checkpoint_locked(&ss, &st));
-            };
-            let done =
-                store::state::overwrite_checkpoint(pool, &ss, &st, Some(high_water_mark)).await;
-            lock.release().await;
-            done?;
-            println!(
-                "{ss}.{st}: high-water mark set to {}",
-                high_water_mark.to_rfc3339()
-            );
+            for p in partitions_of(connectors, &ss, &st, partition.as_deref())? {
+                let name = crate::partition::qualified(&st, &p);
+                let Some(lock) = store::StreamLock::try_acquire(database_url, &ss, &st, &p).await?
+                else {
+                    return Ok(checkpoint_locked(&ss, &name));
+                };
+                let done =
+                    store::state::overwrite_checkpoint(pool, &ss, &st, &p, Some(high_water_mark))
+                        .await;
+                lock.release().await;
+                done?;
+                println!(
+                    "{ss}.{name}: high-water mark set to {}",
+                    high_water_mark.to_rfc3339()
+                );
+            }
             Ok(EXIT_OK)
         }
     }
+}
+
+/// The partitions of `source_system.stream` that `only` selects (all when `None`).
+fn partitions_of(
+    connectors: &[Connector],
+    source_system: &str,
+    stream: &str,
+    only: Option<&str>,
+) -> anyhow::Result<Vec<String>> {
+    let connector = connectors
+        .iter()
+        .find(|c| c.spec.source_system == source_system)
+        .expect("the target was selected from these connectors");
+    connector.select_partitions(stream, only).map_err(usage)
 }
 
 /// A run holds the stream: changing its checkpoint now would be overwritten by the run's

@@ -34,6 +34,12 @@ pub struct Settings {
     /// How imports group pages into transactions.
     #[serde(default)]
     pub import: ImportSettings,
+    /// Per-source overrides of partitioned streams' values:
+    /// `[partitions.<source_system>]` then `<stream> = ["acct_1", "acct_2"]` replaces that
+    /// stream's `[streams.<stream>.partitions] values` (the accounts of this deployment).
+    #[serde(default)]
+    pub partitions:
+        std::collections::BTreeMap<String, std::collections::BTreeMap<String, Vec<String>>>,
     /// The folder the config file is in (connector paths are relative to it).
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -573,6 +579,9 @@ impl Settings {
                 Err(ConfigIssues(found)) => issues.extend(found),
             }
         }
+        for connector in &mut connectors {
+            issues.extend(self.override_partitions(connector));
+        }
         let mut names = std::collections::BTreeMap::new();
         for connector in &connectors {
             if let Some(other) =
@@ -594,5 +603,57 @@ impl Settings {
             return Err(ConfigIssues(issues).into());
         }
         Ok(connectors)
+    }
+
+    /// Applies `[partitions.<source_system>]` to `connector`: only streams that are
+    /// partitioned in their connector file may be overridden, and the new list passes the
+    /// same checks.
+    fn override_partitions(&self, connector: &mut Connector) -> Vec<ConfigIssue> {
+        let mut issues = Vec::new();
+        let Some(overrides) = self.partitions.get(&connector.spec.source_system) else {
+            return issues;
+        };
+        let file = self
+            .file
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("idem.toml"));
+        for (stream_name, values) in overrides {
+            let field = Some(format!(
+                "partitions.{}.{stream_name}",
+                connector.spec.source_system
+            ));
+            let Some(stream) = connector.spec.streams.get_mut(stream_name) else {
+                issues.push(ConfigIssue {
+                    file: file.clone(),
+                    stream: Some(stream_name.clone()),
+                    field,
+                    message: format!(
+                        "{} has no stream '{stream_name}'",
+                        connector.spec.source_system
+                    ),
+                });
+                continue;
+            };
+            let Some(partitions) = stream.partitions.as_mut() else {
+                issues.push(ConfigIssue {
+                    file: file.clone(),
+                    stream: Some(stream_name.clone()),
+                    field,
+                    message: "the stream has no [partitions] in its connector file to override"
+                        .into(),
+                });
+                continue;
+            };
+            partitions.values = values.clone();
+            for (_, message) in crate::partition::check(stream, Some(values)) {
+                issues.push(ConfigIssue {
+                    file: file.clone(),
+                    stream: Some(stream_name.clone()),
+                    field: field.clone(),
+                    message,
+                });
+            }
+        }
+        issues
     }
 }

@@ -1,7 +1,7 @@
 //! The vendor HTTP client: auth, rate limit, timeouts, retries honoring `Retry-After`;
 //! and [`HttpSource`], the declarative connector's [`Source`].
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -174,6 +174,20 @@ impl VendorClient {
         query: &[(String, String)],
         body: Option<&Value>,
     ) -> Result<Fetched, HttpError> {
+        self.send_with_headers(method, url, query, body, &BTreeMap::new())
+            .await
+    }
+
+    /// [`Self::send`] with a stream's own headers (a partition's account header), which
+    /// go where the connector's headers go: only to `base_url`'s origin.
+    pub async fn send_with_headers(
+        &self,
+        method: Method,
+        url: &str,
+        query: &[(String, String)],
+        body: Option<&Value>,
+        stream_headers: &BTreeMap<String, String>,
+    ) -> Result<Fetched, HttpError> {
         let mut method = method;
         let mut body = body;
         let mut url = url.to_string();
@@ -227,7 +241,9 @@ impl VendorClient {
                 limiter.until_ready().await;
             }
             attempts += 1;
-            let request = self.build(method, &url, query, body, credentials).await?;
+            let request = self
+                .build(method, &url, query, body, credentials, stream_headers)
+                .await?;
             let (failure, retry_after) = match request.send().await {
                 Ok(mut response) => {
                     let status = response.status();
@@ -396,6 +412,7 @@ impl VendorClient {
         query: &[(String, String)],
         body: Option<&Value>,
         credentials: bool,
+        stream_headers: &BTreeMap<String, String>,
     ) -> Result<reqwest::RequestBuilder, HttpError> {
         let mut request = match method {
             Method::Get => self.client.get(url),
@@ -416,6 +433,9 @@ impl VendorClient {
         }
         for (name, value) in &self.connector.headers {
             request = request.header(name, value.expose());
+        }
+        for (name, value) in stream_headers {
+            request = request.header(name, value);
         }
         match &self.connector.auth {
             None => {}
@@ -787,7 +807,13 @@ impl Source for HttpSource {
         let shown = crate::redact::url(&shown_url(&url, &query));
         let Fetched { headers, body } = self
             .client
-            .send(self.stream.method, &url, &query, body.as_ref())
+            .send_with_headers(
+                self.stream.method,
+                &url,
+                &query,
+                body.as_ref(),
+                &self.stream.headers,
+            )
             .await?;
         let malformed = |reason: String| SourceError::Malformed {
             url: shown.clone(),

@@ -38,6 +38,7 @@ pub mod instance;
 pub mod ledger;
 pub mod normalize;
 pub mod paginate;
+pub mod partition;
 pub mod progress;
 pub mod redact;
 pub mod run;

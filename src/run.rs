@@ -96,6 +96,9 @@ pub enum RunStatus {
 pub struct RunReport {
     pub source_system: String,
     pub stream: String,
+    /// The partition walked; absent for an unpartitioned stream.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partition: Option<String>,
     pub run_id: Option<Uuid>,
     pub mode: &'static str,
     pub dry_run: bool,
@@ -104,6 +107,17 @@ pub struct RunReport {
     pub skipped_outside_window: u64,
     pub duration_ms: u64,
     pub error: Option<String>,
+}
+
+/// The more severe of two run outcomes (for a partitioned stream's summed report).
+fn worse(a: RunStatus, b: RunStatus) -> RunStatus {
+    let rank = |s| match s {
+        RunStatus::Succeeded => 0,
+        RunStatus::Partial => 1,
+        RunStatus::Interrupted => 2,
+        RunStatus::Failed => 3,
+    };
+    if rank(b) > rank(a) { b } else { a }
 }
 
 /// Why a run did not start (or could not record its end).
@@ -161,18 +175,103 @@ impl StreamRunner {
                 source_system: connector.spec.source_system.clone(),
                 stream: stream.to_string(),
             })?;
+        let partitions = connector.partitions(stream);
+        if let [only] = partitions.as_slice() {
+            let spec = spec.clone();
+            return self
+                .run_one(pool, database_url, connector, stream, &spec, only, options)
+                .await;
+        }
+        // A scheduled or console run walks every partition, one after another; the report
+        // adds them up and keeps the worst status and the first error.
+        let mut total: Option<RunReport> = None;
+        for partition in &partitions {
+            let report = self
+                .run_one(
+                    pool,
+                    database_url,
+                    connector,
+                    stream,
+                    spec,
+                    partition,
+                    options,
+                )
+                .await?;
+            total = Some(match total {
+                None => RunReport {
+                    partition: None,
+                    ..report
+                },
+                Some(mut sum) => {
+                    sum.counters += report.counters;
+                    sum.skipped_outside_window += report.skipped_outside_window;
+                    sum.duration_ms += report.duration_ms;
+                    sum.status = worse(sum.status, report.status);
+                    sum.error = sum.error.or(report.error);
+                    sum
+                }
+            });
+        }
+        Ok(total.expect("a partitioned stream has at least one partition"))
+    }
+
+    /// Runs one partition of `stream` (`""` when it has none) through the HTTP source.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn run_one(
+        &mut self,
+        pool: &PgPool,
+        database_url: &str,
+        connector: &Connector,
+        stream: &str,
+        spec: &StreamSpec,
+        partition: &str,
+        options: &RunOptions,
+    ) -> Result<RunReport, RunError> {
         let client = self.client(connector);
-        let source = HttpSource::new(client, spec.clone());
-        run_stream(pool, database_url, connector, stream, source, options).await
+        let source = HttpSource::new(client, crate::partition::for_partition(spec, partition));
+        run_partition(
+            pool,
+            database_url,
+            connector,
+            stream,
+            partition,
+            source,
+            options,
+        )
+        .await
     }
 }
 
-/// Runs one stream of `connector`, reading pages from `source`.
+/// Runs one unpartitioned stream of `connector`, reading pages from `source`.
 pub async fn run_stream<S: Source + 'static>(
     pool: &PgPool,
     database_url: &str,
     connector: &Connector,
     stream_name: &str,
+    source: S,
+    options: &RunOptions,
+) -> Result<RunReport, RunError> {
+    run_partition(
+        pool,
+        database_url,
+        connector,
+        stream_name,
+        "",
+        source,
+        options,
+    )
+    .await
+}
+
+/// Runs one partition of a stream (`""`: the stream is unpartitioned), reading pages from
+/// `source`, which must already be the partition's (see [`crate::partition::for_partition`]).
+/// The partition has its own lock, checkpoint, runs and failures.
+pub async fn run_partition<S: Source + 'static>(
+    pool: &PgPool,
+    database_url: &str,
+    connector: &Connector,
+    stream_name: &str,
+    partition: &str,
     source: S,
     options: &RunOptions,
 ) -> Result<RunReport, RunError> {
@@ -183,40 +282,47 @@ pub async fn run_stream<S: Source + 'static>(
             source_system: source_system.clone(),
             stream: stream_name.to_string(),
         })?;
-    let span = info_span!("run", source_system = %source_system, stream = %stream_name, run_id = tracing::field::Empty);
+    let qualified = crate::partition::qualified(stream_name, partition);
+    let span = info_span!("run", source_system = %source_system, stream = %stream_name, partition = %partition, run_id = tracing::field::Empty);
     async move {
         let mut lock = if options.dry_run {
             None
         } else {
             Some(
-                StreamLock::try_acquire(database_url, &source_system, stream_name)
+                StreamLock::try_acquire(database_url, &source_system, stream_name, partition)
                     .await?
                     .ok_or_else(|| RunError::Locked {
                         source_system: source_system.clone(),
-                        stream: stream_name.to_string(),
+                        stream: qualified.clone(),
                     })?,
             )
         };
         let same_table = streams_sharing_table(connector, stream);
         let owner = lock.as_ref().map(StreamLock::owner);
         // Errors are collected rather than returned with `?` so the lock is released below.
-        let result =
-            match Walk::prepare(pool, &source_system, stream_name, stream, options, owner).await {
-                Ok(walk) => {
-                    if let Some(lock) = lock.as_mut() {
-                        lock.name_run(&format!(
-                            "idem {source_system}.{stream_name} {}",
-                            walk.run_id
-                        ))
+        let result = match Walk::prepare(
+            pool,
+            &source_system,
+            stream_name,
+            partition,
+            stream,
+            options,
+            owner,
+        )
+        .await
+        {
+            Ok(walk) => {
+                if let Some(lock) = lock.as_mut() {
+                    lock.name_run(&format!("idem {source_system}.{qualified} {}", walk.run_id))
                         .await;
-                    }
-                    match walk.sharing_table_with(same_table).await {
-                        Ok(walk) => walk.execute(source).await,
-                        Err(err) => Err(err),
-                    }
                 }
-                Err(err) => Err(err),
-            };
+                match walk.sharing_table_with(same_table).await {
+                    Ok(walk) => walk.execute(source).await,
+                    Err(err) => Err(err),
+                }
+            }
+            Err(err) => Err(err),
+        };
         if let Some(lock) = lock {
             lock.release().await;
         }
@@ -243,6 +349,8 @@ struct Walk<'a> {
     pool: &'a PgPool,
     source_system: &'a str,
     stream_name: &'a str,
+    /// The partition walked (`""` for an unpartitioned stream).
+    partition: &'a str,
     stream: &'a StreamSpec,
     options: &'a RunOptions,
     table: DestinationTable,
@@ -273,6 +381,7 @@ impl<'a> Walk<'a> {
         pool: &'a PgPool,
         source_system: &'a str,
         stream_name: &'a str,
+        partition: &'a str,
         stream: &'a StreamSpec,
         options: &'a RunOptions,
         owner: Option<Uuid>,
@@ -294,7 +403,7 @@ impl<'a> Walk<'a> {
             Mode::Replay { label, .. } => format!("replay:{label}"),
         };
         let mut checkpoint =
-            state::load_checkpoint(pool, source_system, stream_name, &scope).await?;
+            state::load_checkpoint(pool, source_system, stream_name, partition, &scope).await?;
         if let Mode::Replay { restart: true, .. } = options.mode {
             checkpoint.resume = None;
         }
@@ -369,6 +478,7 @@ impl<'a> Walk<'a> {
                 pool,
                 source_system,
                 stream_name,
+                partition,
                 mode_name,
                 (resume.from, resume.to),
             )
@@ -388,6 +498,7 @@ impl<'a> Walk<'a> {
             pool,
             source_system,
             stream_name,
+            partition,
             stream,
             options,
             normalizer: Normalizer::new(stream),
@@ -609,6 +720,7 @@ impl<'a> Walk<'a> {
         Ok(RunReport {
             source_system: self.source_system.to_string(),
             stream: self.stream_name.to_string(),
+            partition: (!self.partition.is_empty()).then(|| self.partition.to_string()),
             run_id: (!self.options.dry_run).then_some(self.run_id),
             mode: match self.options.mode {
                 Mode::Regular => "run",
@@ -717,7 +829,14 @@ impl<'a> Walk<'a> {
     async fn fence(&self, tx: &mut sqlx::PgConnection) -> Result<(), StoreError> {
         match self.owner {
             Some(owner) => {
-                crate::store::verify_owner(tx, self.source_system, self.stream_name, owner).await
+                crate::store::verify_owner(
+                    tx,
+                    self.source_system,
+                    self.stream_name,
+                    self.partition,
+                    owner,
+                )
+                .await
             }
             None => Ok(()),
         }
@@ -746,7 +865,13 @@ impl<'a> Walk<'a> {
     /// Stored failures are normalized again first: a fixed mapping clears them even when
     /// the vendor does not send the record again.
     async fn retry_stored_failures(&mut self) -> Result<(), StoreError> {
-        let stored = state::failures_of(self.pool, self.source_system, self.stream_name).await?;
+        let stored = state::failures_of(
+            self.pool,
+            self.source_system,
+            self.stream_name,
+            self.partition,
+        )
+        .await?;
         if stored.is_empty() {
             return Ok(());
         }
@@ -960,6 +1085,7 @@ impl<'a> Walk<'a> {
             pool: self.pool.clone(),
             source_system: self.source_system.to_string(),
             stream_name: self.stream_name.to_string(),
+            partition: self.partition.to_string(),
             same_table: self.same_table.clone(),
             owner: self.owner,
             stream: self.stream.clone(),
@@ -1012,6 +1138,7 @@ impl<'a> Walk<'a> {
                 &mut tx,
                 self.source_system,
                 self.stream_name,
+                self.partition,
                 &self.scope,
                 &checkpoint,
                 self.run_id,
@@ -1021,10 +1148,11 @@ impl<'a> Walk<'a> {
         } else {
             // A finished replay needs no resume point; the next one with the same window
             // starts afresh.
-            sqlx::query("DELETE FROM idem_checkpoints WHERE source_system = $1 AND stream = $2 AND scope = $3")
+            sqlx::query("DELETE FROM idem_checkpoints WHERE source_system = $1 AND stream = $2 AND partition = $4 AND scope = $3")
                 .bind(self.source_system)
                 .bind(self.stream_name)
                 .bind(&self.scope)
+                .bind(self.partition)
                 .execute(&mut *tx)
                 .await
                 .context(|| "clearing the replay's resume point".into())?;

@@ -207,8 +207,19 @@ impl Worker {
         let span = tracing::info_span!("scheduled", worker = number);
         // A previous run still holding the lock is seen through the pool, so a skipped
         // period opens no Postgres session; only a stream that looks free gets one.
-        let held =
-            crate::store::stream_lock_held(&self.pool, &target.source_system, &target.stream).await;
+        let mut held = Ok(false);
+        for partition in connector.partitions(&target.stream) {
+            held = crate::store::stream_lock_held(
+                &self.pool,
+                &target.source_system,
+                &target.stream,
+                &partition,
+            )
+            .await;
+            if !matches!(held, Ok(false)) {
+                break;
+            }
+        }
         let result = if held.unwrap_or(false) {
             Err(RunError::Locked {
                 source_system: target.source_system.clone(),

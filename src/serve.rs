@@ -310,6 +310,7 @@ type RunTotals = (
     String,
     String,
     String,
+    String,
     i64,
     i64,
     i64,
@@ -322,22 +323,22 @@ type RunTotals = (
 /// The Prometheus text exposition of idem's tables.
 pub async fn render_metrics(pool: &PgPool) -> Result<String, StoreError> {
     let runs: Vec<RunTotals> = sqlx::query_as(
-        "SELECT source_system, stream, mode, status, count(*), sum(fetched)::bigint, sum(inserted)::bigint,
+        "SELECT source_system, stream, partition, mode, status, count(*), sum(fetched)::bigint, sum(inserted)::bigint,
                 sum(updated)::bigint, sum(unchanged)::bigint, sum(failed)::bigint, sum(deleted)::bigint
-         FROM idem_runs GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4",
+         FROM idem_runs GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5",
     )
     .fetch_all(pool)
     .await
     .context(|| "reading metrics".into())?;
-    let last_success: Vec<(String, String, DateTime<Utc>)> = sqlx::query_as(
-        "SELECT source_system, stream, max(finished_at) FROM idem_runs
-         WHERE status IN ('succeeded', 'partial') AND finished_at IS NOT NULL GROUP BY 1, 2 ORDER BY 1, 2",
+    let last_success: Vec<(String, String, String, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT source_system, stream, partition, max(finished_at) FROM idem_runs
+         WHERE status IN ('succeeded', 'partial') AND finished_at IS NOT NULL GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
     )
     .fetch_all(pool)
     .await
     .context(|| "reading metrics".into())?;
-    let failures: Vec<(String, String, i64)> = sqlx::query_as(
-        "SELECT source_system, stream, count(*) FROM idem_failures GROUP BY 1, 2 ORDER BY 1, 2",
+    let failures: Vec<(String, String, String, i64)> = sqlx::query_as(
+        "SELECT source_system, stream, partition, count(*) FROM idem_failures GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
     )
     .fetch_all(pool)
     .await
@@ -369,10 +370,11 @@ pub async fn render_metrics(pool: &PgPool) -> Result<String, StoreError> {
         "# HELP idem_runs_total Runs recorded, by stream, mode and final status."
     );
     let _ = writeln!(out, "# TYPE idem_runs_total counter");
-    for (ss, st, mode, status, count, ..) in &runs {
+    for (ss, st, p, mode, status, count, ..) in &runs {
+        let p = partition_label(p);
         let _ = writeln!(
             out,
-            "idem_runs_total{{source_system=\"{ss}\",stream=\"{st}\",mode=\"{mode}\",status=\"{status}\"}} {count}"
+            "idem_runs_total{{source_system=\"{ss}\",stream=\"{st}\"{p},mode=\"{mode}\",status=\"{status}\"}} {count}"
         );
     }
     let _ = writeln!(
@@ -380,8 +382,9 @@ pub async fn render_metrics(pool: &PgPool) -> Result<String, StoreError> {
         "# HELP idem_records_total Records handled by runs, by stream and outcome."
     );
     let _ = writeln!(out, "# TYPE idem_records_total counter");
-    let mut totals: std::collections::BTreeMap<(String, String, &str), i64> = Default::default();
-    for (ss, st, _, _, _, fetched, inserted, updated, unchanged, failed, deleted) in &runs {
+    let mut totals: std::collections::BTreeMap<(String, String, String, &str), i64> =
+        Default::default();
+    for (ss, st, p, _, _, _, fetched, inserted, updated, unchanged, failed, deleted) in &runs {
         for (outcome, value) in [
             ("fetched", fetched),
             ("inserted", inserted),
@@ -390,13 +393,16 @@ pub async fn render_metrics(pool: &PgPool) -> Result<String, StoreError> {
             ("failed", failed),
             ("deleted", deleted),
         ] {
-            *totals.entry((ss.clone(), st.clone(), outcome)).or_default() += value;
+            *totals
+                .entry((ss.clone(), st.clone(), p.clone(), outcome))
+                .or_default() += value;
         }
     }
-    for ((ss, st, outcome), value) in totals {
+    for ((ss, st, p, outcome), value) in totals {
+        let p = partition_label(&p);
         let _ = writeln!(
             out,
-            "idem_records_total{{source_system=\"{ss}\",stream=\"{st}\",outcome=\"{outcome}\"}} {value}"
+            "idem_records_total{{source_system=\"{ss}\",stream=\"{st}\"{p},outcome=\"{outcome}\"}} {value}"
         );
     }
     let _ = writeln!(
@@ -404,10 +410,11 @@ pub async fn render_metrics(pool: &PgPool) -> Result<String, StoreError> {
         "# HELP idem_last_success_timestamp_seconds When the stream's last successful run finished."
     );
     let _ = writeln!(out, "# TYPE idem_last_success_timestamp_seconds gauge");
-    for (ss, st, at) in &last_success {
+    for (ss, st, p, at) in &last_success {
+        let p = partition_label(p);
         let _ = writeln!(
             out,
-            "idem_last_success_timestamp_seconds{{source_system=\"{ss}\",stream=\"{st}\"}} {}",
+            "idem_last_success_timestamp_seconds{{source_system=\"{ss}\",stream=\"{st}\"{p}}} {}",
             at.timestamp()
         );
     }
@@ -416,10 +423,11 @@ pub async fn render_metrics(pool: &PgPool) -> Result<String, StoreError> {
         "# HELP idem_record_failures Records waiting in the failures table."
     );
     let _ = writeln!(out, "# TYPE idem_record_failures gauge");
-    for (ss, st, count) in &failures {
+    for (ss, st, p, count) in &failures {
+        let p = partition_label(p);
         let _ = writeln!(
             out,
-            "idem_record_failures{{source_system=\"{ss}\",stream=\"{st}\"}} {count}"
+            "idem_record_failures{{source_system=\"{ss}\",stream=\"{st}\"{p}}} {count}"
         );
     }
     let _ = writeln!(
@@ -431,6 +439,16 @@ pub async fn render_metrics(pool: &PgPool) -> Result<String, StoreError> {
         let _ = writeln!(out, "idem_ledger_rows{{status=\"{status}\"}} {count}");
     }
     Ok(out)
+}
+
+/// The `partition` label of a partitioned stream's series; unpartitioned streams keep
+/// the labels they always had. Partition values are checked to need no escaping.
+fn partition_label(partition: &str) -> String {
+    if partition.is_empty() {
+        String::new()
+    } else {
+        format!(",partition=\"{partition}\"")
+    }
 }
 
 /// Turns true on SIGTERM or Ctrl-C.

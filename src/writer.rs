@@ -73,6 +73,8 @@ pub(crate) struct WriteTarget {
     pub pool: PgPool,
     pub source_system: String,
     pub stream_name: String,
+    /// The partition walked (`""` for an unpartitioned stream).
+    pub partition: String,
     /// The streams writing this table: a stored record clears its failure in any of them.
     pub same_table: Vec<String>,
     /// The owner id this run claimed the stream with (none for dry runs).
@@ -307,7 +309,14 @@ async fn write_transaction(
     // The ownership fence (a shared row lock, so concurrent transactions of this run do not
     // wait on each other) is held until this transaction ends.
     if let Some(owner) = t.owner {
-        crate::store::verify_owner(&mut tx, &t.source_system, &t.stream_name, owner).await?;
+        crate::store::verify_owner(
+            &mut tx,
+            &t.source_system,
+            &t.stream_name,
+            &t.partition,
+            owner,
+        )
+        .await?;
     }
     let mut acc = Accumulated::default();
     let mut chunk = Chunk::default();
@@ -352,6 +361,7 @@ async fn write_transaction(
         &mut tx,
         &t.source_system,
         &t.stream_name,
+        &t.partition,
         t.run_id,
         &failures,
     )
@@ -373,6 +383,7 @@ async fn write_transaction(
         &mut tx,
         &t.source_system,
         &t.stream_name,
+        &t.partition,
         &t.scope,
         &checkpoint,
         t.run_id,

@@ -108,6 +108,42 @@ impl Connector {
     pub fn stream(&self, name: &str) -> Option<&StreamSpec> {
         self.spec.streams.get(name)
     }
+
+    /// The partitions a walk of `stream` goes through, in order: `[""]` for an
+    /// unpartitioned stream.
+    pub fn partitions(&self, stream: &str) -> Vec<String> {
+        match self.stream(stream).and_then(|s| s.partitions.as_ref()) {
+            Some(partitions) => partitions.values.clone(),
+            None => vec![String::new()],
+        }
+    }
+
+    /// The partitions to walk when the user asked for `only` (`None`: all of them). An
+    /// unknown partition, or one asked of an unpartitioned stream, names what exists.
+    pub fn select_partitions(
+        &self,
+        stream: &str,
+        only: Option<&str>,
+    ) -> Result<Vec<String>, String> {
+        let all = self.partitions(stream);
+        let Some(only) = only else {
+            return Ok(all);
+        };
+        let name = format!("{}.{stream}", self.spec.source_system);
+        if all == [String::new()] {
+            return Err(format!(
+                "{name} has no partitions; --partition '{only}' cannot apply"
+            ));
+        }
+        if all.iter().any(|p| p == only) {
+            Ok(vec![only.to_string()])
+        } else {
+            Err(format!(
+                "unknown partition '{only}' of {name} (partitions: {})",
+                all.join(", ")
+            ))
+        }
+    }
 }
 
 /// Reads and validates one connector file, resolving secrets from the environment.
@@ -371,6 +407,12 @@ fn validate_stream(
             "name",
             "stream names must be lowercase letters, digits and '_'".into(),
         );
+    }
+    for (field, message) in crate::partition::check(
+        stream,
+        stream.partitions.as_ref().map(|p| p.values.as_slice()),
+    ) {
+        push(s, field, message);
     }
     let mut pointer = |field: &str, value: &str| {
         if !value.is_empty() && !value.starts_with('/') {

@@ -224,6 +224,26 @@ pub struct StreamSpec {
     /// Reminder rules evaluated over this stream's table (see the notification ledger).
     #[serde(default)]
     pub notifications: Vec<crate::ledger::rules::RuleSpec>,
+    /// Extra request headers for this stream, sent only to `base_url`'s origin like the
+    /// connector's `headers`; a value may use `{partition}`, e.g.
+    /// `headers = { "Stripe-Account" = "{partition}" }`.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Walk the stream once per value of a static list (accounts, regions), each value
+    /// with its own checkpoint, lock and resume point. `{partition}` in `path`, `params`
+    /// values or `headers` is replaced by the value.
+    #[serde(default)]
+    pub partitions: Option<PartitionsSpec>,
+}
+
+/// `[streams.<name>.partitions]`: the values a stream is walked for, one after another.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartitionsSpec {
+    /// The partition values, e.g. `["acct_1", "acct_2"]`: letters, digits, `_`, `-` and
+    /// `.` only (they go into lock keys and URLs). `idem.toml` may replace the list per
+    /// source with `[partitions.<source_system>] <stream> = [...]`.
+    pub values: Vec<String>,
 }
 
 /// A timestamp inside a record.

@@ -266,35 +266,62 @@ pub async fn overview(
     next_runs: &HashMap<String, DateTime<Utc>>,
 ) -> Result<Vec<views::StreamRow>, crate::store::StoreError> {
     let now = Utc::now();
-    let last: BTreeMap<(String, String), views::RunRecord> = views::runs(pool, None, 1)
+    // Keyed by partition too: a partitioned stream shows one row per partition.
+    let last: BTreeMap<(String, String, String), views::RunRecord> = views::runs(pool, None, 1)
         .await?
         .into_iter()
-        .map(|r| ((r.source_system.clone(), r.stream.clone()), r))
+        .map(|r| {
+            (
+                (
+                    r.source_system.clone(),
+                    r.stream.clone(),
+                    r.partition.clone(),
+                ),
+                r,
+            )
+        })
         .collect();
-    let checkpoints: BTreeMap<(String, String), crate::store::state::CheckpointRow> =
+    let checkpoints: BTreeMap<(String, String, String), crate::store::state::CheckpointRow> =
         crate::store::state::list_checkpoints(pool, None)
             .await?
             .into_iter()
             .filter(|cp| cp.scope == crate::store::state::MAIN_SCOPE)
-            .map(|cp| ((cp.source_system.clone(), cp.stream.clone()), cp))
+            .map(|cp| {
+                (
+                    (
+                        cp.source_system.clone(),
+                        cp.stream.clone(),
+                        cp.partition.clone(),
+                    ),
+                    cp,
+                )
+            })
             .collect();
     let failures = views::failure_counts(pool).await?;
     let ledger = views::ledger_counts(pool).await?;
     let mut rows = Vec::new();
-    let mut streams: Vec<(String, String)> = Vec::new();
+    let mut streams: Vec<(String, String, String)> = Vec::new();
     for connector in connectors {
         for stream in connector.spec.streams.keys() {
-            streams.push((connector.spec.source_system.clone(), stream.clone()));
+            for partition in connector.partitions(stream) {
+                streams.push((
+                    connector.spec.source_system.clone(),
+                    stream.clone(),
+                    partition,
+                ));
+            }
         }
     }
-    for (source_system, stream) in streams {
+    for (source_system, stream, partition) in streams {
+        let part_key = (source_system.clone(), stream.clone(), partition.clone());
         let key = (source_system.clone(), stream.clone());
         let name = format!("{source_system}.{stream}");
-        let record = last.get(&key);
+        let record = last.get(&part_key);
         let mut trouble = Vec::new();
         let in_progress = match record {
             Some(r) if r.status == "running" => {
-                if crate::store::stream_lock_held(pool, &source_system, &stream).await? {
+                if crate::store::stream_lock_held(pool, &source_system, &stream, &partition).await?
+                {
                     Some(format!(
                         "{} since {}: page {}, {} records so far",
                         r.mode,
@@ -316,7 +343,7 @@ pub async fn overview(
                 _ => {}
             }
         }
-        let (mark, lag) = match checkpoints.get(&key) {
+        let (mark, lag) = match checkpoints.get(&part_key) {
             None => ("no checkpoint yet".to_string(), "-".to_string()),
             Some(cp) => match (&cp.high_water_mark, &cp.cursor) {
                 (Some(hwm), _) => {
@@ -387,7 +414,7 @@ pub async fn overview(
             ),
             ledger_links,
             source_system,
-            stream,
+            stream: crate::partition::qualified(&stream, &partition),
             last_run: record.map(|r| views::RunView::from_record(r, now)),
             mark,
             lag,
@@ -776,9 +803,18 @@ impl Console {
         mode: Mode,
     ) -> Result<StartOutcome, crate::store::StoreError> {
         let name = format!("{}.{stream}", connector.spec.source_system);
-        if crate::store::stream_lock_held(&self.pool, &connector.spec.source_system, &stream)
-            .await?
-        {
+        let mut held = false;
+        for partition in connector.partitions(&stream) {
+            held = held
+                || crate::store::stream_lock_held(
+                    &self.pool,
+                    &connector.spec.source_system,
+                    &stream,
+                    &partition,
+                )
+                .await?;
+        }
+        if held {
             let progress = views::runs(
                 &self.pool,
                 Some((&connector.spec.source_system, &stream)),

@@ -161,27 +161,31 @@ pub struct StreamLock {
     connection: PgConnection,
     source_system: String,
     stream: String,
+    partition: String,
     owner: Uuid,
 }
 
 impl StreamLock {
-    /// Takes the lock of `source_system.stream` and claims the stream for a new owner id,
-    /// or `None` at once if another run has the lock.
+    /// Takes the lock of `source_system.stream` (of one partition of it; `""` for an
+    /// unpartitioned stream) and claims it for a new owner id, or `None` at once if
+    /// another run has the lock.
     pub async fn try_acquire(
         url: &str,
         source_system: &str,
         stream: &str,
+        partition: &str,
     ) -> Result<Option<StreamLock>, StoreError> {
+        let name = crate::partition::qualified(stream, partition);
         // Its own session name: it stays open (idle, holding the lock) for the whole run.
         let mut connection = Target::parse(url)?
-            .open(&SessionSettings::default().named(format!("idem {source_system}.{stream} lock")))
+            .open(&SessionSettings::default().named(format!("idem {source_system}.{name} lock")))
             .await?;
         let acquired: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, hashtext($2))")
             .bind(LOCK_CLASS)
-            .bind(lock_key(source_system, stream))
+            .bind(lock_key(source_system, stream, partition))
             .fetch_one(&mut connection)
             .await
-            .context(|| format!("taking the lock of {source_system}.{stream}"))?;
+            .context(|| format!("taking the lock of {source_system}.{name}"))?;
         if !acquired {
             let _ = connection.close().await;
             return Ok(None);
@@ -190,19 +194,21 @@ impl StreamLock {
         // Waits for a page transaction of a previous owner still in flight (it holds the
         // row FOR SHARE): that page commits whole before the stream changes hands.
         sqlx::query(
-            "INSERT INTO idem_stream_owners (source_system, stream, owner) VALUES ($1, $2, $3)
-             ON CONFLICT (source_system, stream) DO UPDATE SET owner = EXCLUDED.owner, claimed_at = now()",
+            "INSERT INTO idem_stream_owners (source_system, stream, partition, owner) VALUES ($1, $2, $4, $3)
+             ON CONFLICT (source_system, stream, partition) DO UPDATE SET owner = EXCLUDED.owner, claimed_at = now()",
         )
         .bind(source_system)
         .bind(stream)
         .bind(owner)
+        .bind(partition)
         .execute(&mut connection)
         .await
-        .context(|| format!("claiming {source_system}.{stream} for this run"))?;
+        .context(|| format!("claiming {source_system}.{name} for this run"))?;
         Ok(Some(StreamLock {
             connection,
             source_system: source_system.to_string(),
             stream: stream.to_string(),
+            partition: partition.to_string(),
             owner,
         }))
     }
@@ -216,7 +222,7 @@ impl StreamLock {
     pub async fn release(mut self) {
         let _ = sqlx::query("SELECT pg_advisory_unlock($1, hashtext($2))")
             .bind(LOCK_CLASS)
-            .bind(lock_key(&self.source_system, &self.stream))
+            .bind(lock_key(&self.source_system, &self.stream, &self.partition))
             .execute(&mut self.connection)
             .await;
         let _ = self.connection.close().await;
@@ -230,6 +236,7 @@ pub async fn stream_lock_held(
     pool: &PgPool,
     source_system: &str,
     stream: &str,
+    partition: &str,
 ) -> Result<bool, StoreError> {
     // The two-key form shows as classid = key 1, objid = key 2 (as unsigned), objsubid = 2.
     // Advisory locks are per database: another database on the server (another idem, or a
@@ -241,15 +248,19 @@ pub async fn stream_lock_held(
            AND l.objid::bigint = (hashtext($2)::bigint & 4294967295))",
     )
     .bind(LOCK_CLASS)
-    .bind(lock_key(source_system, stream))
+    .bind(lock_key(source_system, stream, partition))
     .fetch_one(pool)
     .await
     .context(|| format!("checking whether {source_system}.{stream} is running"))
 }
 
-/// The text the stream lock's second key hashes.
-pub fn lock_key(source_system: &str, stream: &str) -> String {
-    format!("idem:{source_system}.{stream}")
+/// The text the stream lock's second key hashes. A partition locks on its own key, so
+/// two partitions of a stream run at once; an unpartitioned stream keeps its old key.
+pub fn lock_key(source_system: &str, stream: &str, partition: &str) -> String {
+    format!(
+        "idem:{source_system}.{}",
+        crate::partition::qualified(stream, partition)
+    )
 }
 
 /// Fails unless `owner` still owns the stream. Called first in every transaction of a
@@ -259,13 +270,15 @@ pub async fn verify_owner(
     connection: &mut PgConnection,
     source_system: &str,
     stream: &str,
+    partition: &str,
     owner: Uuid,
 ) -> Result<(), StoreError> {
     let current: Option<Uuid> = sqlx::query_scalar(
-        "SELECT owner FROM idem_stream_owners WHERE source_system = $1 AND stream = $2 FOR SHARE",
+        "SELECT owner FROM idem_stream_owners WHERE source_system = $1 AND stream = $2 AND partition = $3 FOR SHARE",
     )
     .bind(source_system)
     .bind(stream)
+    .bind(partition)
     .fetch_optional(&mut *connection)
     .await
     .context(|| format!("checking that this run still owns {source_system}.{stream}"))?;
@@ -274,7 +287,7 @@ pub async fn verify_owner(
     } else {
         Err(StoreError::LostOwnership {
             source_system: source_system.to_string(),
-            stream: stream.to_string(),
+            stream: crate::partition::qualified(stream, partition),
         })
     }
 }

@@ -48,14 +48,16 @@ pub async fn load_checkpoint(
     pool: &PgPool,
     source_system: &str,
     stream: &str,
+    partition: &str,
     scope: &str,
 ) -> Result<Checkpoint, StoreError> {
     let row: Option<CheckpointRow> = sqlx::query_as(
-        "SELECT source_system, stream, scope, cursor, high_water_mark, resume, updated_at FROM idem_checkpoints
-         WHERE source_system = $1 AND stream = $2 AND scope = $3",
+        "SELECT source_system, stream, partition, scope, cursor, high_water_mark, resume, updated_at FROM idem_checkpoints
+         WHERE source_system = $1 AND stream = $2 AND partition = $3 AND scope = $4",
     )
     .bind(source_system)
     .bind(stream)
+    .bind(partition)
     .bind(scope)
     .fetch_optional(pool)
     .await
@@ -77,6 +79,8 @@ pub async fn load_checkpoint(
 pub struct CheckpointRow {
     pub source_system: String,
     pub stream: String,
+    /// `""` for an unpartitioned stream.
+    pub partition: String,
     pub scope: String,
     pub cursor: Option<String>,
     pub high_water_mark: Option<DateTime<Utc>>,
@@ -90,8 +94,8 @@ pub async fn list_checkpoints(
     only: Option<(&str, &str)>,
 ) -> Result<Vec<CheckpointRow>, StoreError> {
     sqlx::query_as(
-        "SELECT source_system, stream, scope, cursor, high_water_mark, resume, updated_at FROM idem_checkpoints
-         WHERE ($1::text IS NULL OR (source_system = $1 AND stream = $2)) ORDER BY 1, 2, 3",
+        "SELECT source_system, stream, partition, scope, cursor, high_water_mark, resume, updated_at FROM idem_checkpoints
+         WHERE ($1::text IS NULL OR (source_system = $1 AND stream = $2)) ORDER BY 1, 2, 3, 4",
     )
     .bind(only.map(|o| o.0))
     .bind(only.map(|o| o.1))
@@ -106,14 +110,15 @@ pub async fn save_checkpoint(
     connection: &mut PgConnection,
     source_system: &str,
     stream: &str,
+    partition: &str,
     scope: &str,
     checkpoint: &Checkpoint,
     run_id: Uuid,
 ) -> Result<(), StoreError> {
     sqlx::query(
-        "INSERT INTO idem_checkpoints (source_system, stream, scope, cursor, high_water_mark, resume, last_run_id, updated_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, now())
-         ON CONFLICT (source_system, stream, scope) DO UPDATE SET
+        "INSERT INTO idem_checkpoints (source_system, stream, partition, scope, cursor, high_water_mark, resume, last_run_id, updated_at)
+         VALUES ($1, $2, $8, $3, $4, $5, $6, $7, now())
+         ON CONFLICT (source_system, stream, partition, scope) DO UPDATE SET
            cursor = EXCLUDED.cursor,
            high_water_mark = GREATEST(idem_checkpoints.high_water_mark, EXCLUDED.high_water_mark),
            resume = EXCLUDED.resume, last_run_id = EXCLUDED.last_run_id, updated_at = now()",
@@ -125,6 +130,7 @@ pub async fn save_checkpoint(
     .bind(checkpoint.high_water_mark)
     .bind(checkpoint.resume.as_ref().map(|r| serde_json::to_value(r).expect("serializes")))
     .bind(run_id)
+    .bind(partition)
     .execute(connection)
     .await
     .context(|| format!("advancing the checkpoint of {source_system}.{stream}"))?;
@@ -137,17 +143,19 @@ pub async fn overwrite_checkpoint(
     pool: &PgPool,
     source_system: &str,
     stream: &str,
+    partition: &str,
     high_water_mark: Option<DateTime<Utc>>,
 ) -> Result<(), StoreError> {
     sqlx::query(
-        "INSERT INTO idem_checkpoints (source_system, stream, scope, high_water_mark)
-         VALUES ($1, $2, 'main', $3)
-         ON CONFLICT (source_system, stream, scope) DO UPDATE SET
+        "INSERT INTO idem_checkpoints (source_system, stream, partition, scope, high_water_mark)
+         VALUES ($1, $2, $4, 'main', $3)
+         ON CONFLICT (source_system, stream, partition, scope) DO UPDATE SET
            cursor = NULL, high_water_mark = EXCLUDED.high_water_mark, resume = NULL, updated_at = now()",
     )
     .bind(source_system)
     .bind(stream)
     .bind(high_water_mark)
+    .bind(partition)
     .execute(pool)
     .await
     .context(|| format!("overwriting the checkpoint of {source_system}.{stream}"))?;
@@ -184,23 +192,25 @@ pub async fn start_run(
     pool: &PgPool,
     source_system: &str,
     stream: &str,
+    partition: &str,
     mode: &str,
     window: (Option<DateTime<Utc>>, Option<DateTime<Utc>>),
 ) -> Result<Uuid, StoreError> {
     let context = || format!("recording the start of a run of {source_system}.{stream}");
     sqlx::query(
         "UPDATE idem_runs SET status = 'abandoned', finished_at = now(), error = 'interrupted (process stopped)'
-         WHERE source_system = $1 AND stream = $2 AND status = 'running'",
+         WHERE source_system = $1 AND stream = $2 AND partition = $3 AND status = 'running'",
     )
     .bind(source_system)
     .bind(stream)
+    .bind(partition)
     .execute(pool)
     .await
     .context(context)?;
     let id = Uuid::new_v4();
     sqlx::query(
-        "INSERT INTO idem_runs (id, source_system, stream, mode, window_from, window_to, status, instance)
-         VALUES ($1, $2, $3, $4, $5, $6, 'running', $7)",
+        "INSERT INTO idem_runs (id, source_system, stream, mode, window_from, window_to, status, instance, partition)
+         VALUES ($1, $2, $3, $4, $5, $6, 'running', $7, $8)",
     )
     .bind(id)
     .bind(source_system)
@@ -209,6 +219,7 @@ pub async fn start_run(
     .bind(window.0)
     .bind(window.1)
     .bind(crate::instance::id())
+    .bind(partition)
     .execute(pool)
     .await
     .context(context)?;
@@ -280,6 +291,8 @@ pub struct RunSummary {
     pub id: Uuid,
     pub source_system: String,
     pub stream: String,
+    /// `""` for an unpartitioned stream.
+    pub partition: String,
     pub mode: String,
     pub status: String,
     pub window_from: Option<DateTime<Utc>>,
@@ -305,11 +318,11 @@ pub async fn recent_runs(
     per_stream: i64,
 ) -> Result<Vec<RunSummary>, StoreError> {
     sqlx::query_as(
-        "SELECT id, source_system, stream, mode, status, window_from, window_to, started_at, finished_at,
+        "SELECT id, source_system, stream, partition, mode, status, window_from, window_to, started_at, finished_at,
                 pages, fetched, inserted, updated, unchanged, failed, deleted, error
-         FROM (SELECT *, row_number() OVER (PARTITION BY source_system, stream ORDER BY started_at DESC) AS n
+         FROM (SELECT *, row_number() OVER (PARTITION BY source_system, stream, partition ORDER BY started_at DESC) AS n
                FROM idem_runs WHERE ($1::text IS NULL OR (source_system = $1 AND stream = $2))) r
-         WHERE n <= $3 ORDER BY source_system, stream, started_at DESC",
+         WHERE n <= $3 ORDER BY source_system, stream, partition, started_at DESC",
     )
     .bind(only.map(|o| o.0))
     .bind(only.map(|o| o.1))
@@ -324,6 +337,7 @@ pub async fn record_failures(
     connection: &mut PgConnection,
     source_system: &str,
     stream: &str,
+    partition: &str,
     run_id: Uuid,
     failures: &[RecordFailure],
 ) -> Result<(), StoreError> {
@@ -331,10 +345,10 @@ pub async fn record_failures(
         return Ok(());
     }
     sqlx::query(
-        "INSERT INTO idem_failures (source_system, stream, record_key, source_id, payload, error, last_run_id)
-         SELECT $1, $2, f.key, f.source_id, f.payload, f.error, $3
+        "INSERT INTO idem_failures (source_system, stream, partition, record_key, source_id, payload, error, last_run_id)
+         SELECT $1, $2, $8, f.key, f.source_id, f.payload, f.error, $3
          FROM UNNEST($4::text[], $5::text[], $6::jsonb[], $7::text[]) AS f(key, source_id, payload, error)
-         ON CONFLICT (source_system, stream, record_key) DO UPDATE SET
+         ON CONFLICT (source_system, stream, partition, record_key) DO UPDATE SET
            attempts = idem_failures.attempts + 1, payload = EXCLUDED.payload, error = EXCLUDED.error,
            source_id = EXCLUDED.source_id, last_failed_at = now(), last_run_id = EXCLUDED.last_run_id",
     )
@@ -345,6 +359,7 @@ pub async fn record_failures(
     .bind(failures.iter().map(|f| f.source_id.as_deref()).collect::<Vec<_>>())
     .bind(failures.iter().map(|f| f.payload.clone()).collect::<Vec<_>>())
     .bind(failures.iter().map(|f| f.error.as_str()).collect::<Vec<_>>())
+    .bind(partition)
     .execute(connection)
     .await
     .context(|| format!("recording failed records of {source_system}.{stream}"))?;
@@ -356,15 +371,17 @@ pub async fn clear_failures(
     connection: &mut PgConnection,
     source_system: &str,
     stream: &str,
+    partition: &str,
     keys: &[String],
 ) -> Result<u64, StoreError> {
     if keys.is_empty() {
         return Ok(0);
     }
-    let done = sqlx::query("DELETE FROM idem_failures WHERE source_system = $1 AND stream = $2 AND record_key = ANY($3)")
+    let done = sqlx::query("DELETE FROM idem_failures WHERE source_system = $1 AND stream = $2 AND partition = $4 AND record_key = ANY($3)")
         .bind(source_system)
         .bind(stream)
         .bind(keys)
+        .bind(partition)
         .execute(connection)
         .await
         .context(|| format!("clearing resolved failures of {source_system}.{stream}"))?;
@@ -385,13 +402,15 @@ pub async fn failures_of(
     pool: &PgPool,
     source_system: &str,
     stream: &str,
+    partition: &str,
 ) -> Result<Vec<StoredFailure>, StoreError> {
     sqlx::query_as(
         "SELECT record_key, source_id, payload, error, attempts FROM idem_failures
-         WHERE source_system = $1 AND stream = $2 ORDER BY record_key",
+         WHERE source_system = $1 AND stream = $2 AND partition = $3 ORDER BY record_key",
     )
     .bind(source_system)
     .bind(stream)
+    .bind(partition)
     .fetch_all(pool)
     .await
     .context(|| format!("reading failures of {source_system}.{stream}"))

@@ -640,7 +640,7 @@ async fn a_lock_held_in_another_database_is_not_this_streams() {
     let mut elsewhere = sqlx::PgConnection::connect(&crate::helpers::admin_url())
         .await
         .unwrap();
-    let key = idem::store::lock_key("demo_billing", "invoices");
+    let key = idem::store::lock_key("demo_billing", "invoices", "");
     let taken: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, hashtext($2))")
         .bind(idem::store::LOCK_CLASS)
         .bind(&key)
@@ -649,7 +649,7 @@ async fn a_lock_held_in_another_database_is_not_this_streams() {
         .unwrap();
     assert!(taken);
     assert!(
-        !idem::store::stream_lock_held(&app.pool, "demo_billing", "invoices")
+        !idem::store::stream_lock_held(&app.pool, "demo_billing", "invoices", "")
             .await
             .unwrap(),
         "a lock in another database was taken for this stream's"
@@ -658,12 +658,13 @@ async fn a_lock_held_in_another_database_is_not_this_streams() {
     let report = app.run_invoices(idem::run::Mode::Regular).await;
     assert_eq!(report.status, idem::run::RunStatus::Succeeded);
     // Held here, it is seen.
-    let here = idem::store::StreamLock::try_acquire(&app.database_url, "demo_billing", "invoices")
-        .await
-        .unwrap()
-        .expect("free in this database");
+    let here =
+        idem::store::StreamLock::try_acquire(&app.database_url, "demo_billing", "invoices", "")
+            .await
+            .unwrap()
+            .expect("free in this database");
     assert!(
-        idem::store::stream_lock_held(&app.pool, "demo_billing", "invoices")
+        idem::store::stream_lock_held(&app.pool, "demo_billing", "invoices", "")
             .await
             .unwrap()
     );
