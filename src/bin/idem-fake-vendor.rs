@@ -21,6 +21,10 @@ struct Args {
     /// How many HubSpot contacts to seed.
     #[arg(long, default_value_t = 0)]
     contacts: usize,
+    /// Charges seeded in each connected account of `connectors/demo_accounts.toml`
+    /// (acct_eu, acct_us, acct_uk), served by `GET /v1/charges` per `Stripe-Account`.
+    #[arg(long, default_value_t = 20)]
+    charges_per_account: usize,
     /// Also run the SMTP sink on this address (its mail is at GET /_fake/mailbox).
     #[arg(long)]
     smtp_addr: Option<SocketAddr>,
@@ -37,6 +41,9 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", args.addr))?;
     vendor.seed_invoices(args.invoices);
     vendor.seed_contacts(args.contacts);
+    for account in ["acct_eu", "acct_us", "acct_uk"] {
+        vendor.seed_charges(account, args.charges_per_account);
+    }
     if let Some(token) = &args.bearer {
         vendor.require_bearer(token);
     }

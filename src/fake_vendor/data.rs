@@ -20,6 +20,8 @@ pub struct VendorData {
     pub invoices: BTreeMap<String, Value>,
     /// HubSpot-shaped contacts by id ("1001", ...).
     pub contacts: BTreeMap<String, Value>,
+    /// Charges of connected accounts, served by `GET /v1/charges` per `Stripe-Account`.
+    pub accounts: super::accounts::Accounts,
     pub(crate) events: Vec<Event>,
     pub(crate) clock: i64,
     next_invoice: usize,
@@ -53,6 +55,7 @@ impl Default for VendorData {
         VendorData {
             invoices: BTreeMap::new(),
             contacts: BTreeMap::new(),
+            accounts: Default::default(),
             events: Vec::new(),
             clock: DEFAULT_CLOCK,
             next_invoice: 1,

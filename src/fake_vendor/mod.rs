@@ -3,6 +3,8 @@
 //!
 //! [`FakeVendor`] serves, on `127.0.0.1`:
 //!
+//! - `GET /v1/charges`: one list per connected account, chosen by the `Stripe-Account`
+//!   header (see [`FakeVendor::seed_charges`]), for partitioned streams.
 //! - `GET /v1/invoices`, `GET /v1/customers`, `GET /v1/events`: Stripe-shaped lists
 //!   (`limit`, `starting_after`, `ending_before` for events, `updated[gte|gt|lt|lte]` for
 //!   invoices). Invoices list ascending by id; several share the same `updated` (ties).
@@ -19,6 +21,7 @@
 //!
 //! Faults ([`FakeVendor::inject`]) are applied before auth; auth applies to `/v1` and `/crm`.
 
+mod accounts;
 mod data;
 mod server;
 mod smtp;
@@ -33,6 +36,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde_json::Value;
 
+pub use accounts::Accounts;
 pub use data::{DEFAULT_CLOCK, VendorData};
 pub use smtp::{ReceivedMail, SmtpSink};
 
@@ -275,6 +279,33 @@ impl FakeVendor {
     /// Sets the vendor's "now" (unix seconds) used for bumps and seeding.
     pub fn set_clock(&self, unix_secs: i64) {
         self.lock().data.clock = unix_secs;
+    }
+
+    /// Adds `n` charges to connected account `account` (created if new, even with
+    /// `n = 0`); charge ids ("ch_000001", ...) are unique across accounts.
+    pub fn seed_charges(&self, account: &str, n: usize) {
+        let mut state = self.lock();
+        let clock = state.data.clock;
+        state.data.accounts.seed(account, n, clock);
+    }
+
+    /// The charges of `account` at the vendor, by id.
+    pub fn charges(&self, account: &str) -> Vec<Value> {
+        self.lock()
+            .data
+            .accounts
+            .charges
+            .get(account)
+            .map(|c| c.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Applies `f` to charge `id` of `account`, stamping `updated` with the vendor's clock
+    /// unless `f` set it. False when there is no such charge.
+    pub fn update_charge(&self, account: &str, id: &str, f: impl FnOnce(&mut Value)) -> bool {
+        let mut state = self.lock();
+        let clock = state.data.clock;
+        state.data.accounts.update(account, id, clock, f)
     }
 
     /// Seeds `n` deterministic HubSpot contacts (ids "1001", ...) after any existing ones.

@@ -22,9 +22,9 @@ use super::{ApiKeyPlace, DeliveredEmail, Fault, FaultKind, ReceivedMail, Recorde
 /// A test mutation run before the nth request.
 pub(crate) type Hook = Box<dyn FnOnce(&mut VendorData) + Send>;
 
-type Shared = Arc<Mutex<State>>;
+pub(super) type Shared = Arc<Mutex<State>>;
 type Q = Query<HashMap<String, String>>;
-type Res<T = Json<Value>> = Result<T, Reject>;
+pub(super) type Res<T = Json<Value>> = Result<T, Reject>;
 
 /// An early error answer, boxed to keep `Result`s small.
 pub(crate) struct Reject(Box<Response>);
@@ -196,6 +196,7 @@ pub(crate) fn router(st: Shared) -> Router {
     Router::new()
         .route("/v1/invoices", get(invoices))
         .route("/v1/customers", get(customers))
+        .route("/v1/charges", get(super::accounts::charges))
         .route("/v1/events", get(events))
         .route("/crm/v3/objects/contacts/search", post(contacts_search))
         .route("/crm/v3/objects/contacts", get(contacts_list))
@@ -470,7 +471,7 @@ fn error(status: StatusCode, kind: &str, message: impl Into<String>) -> Response
     (status, Json(body)).into_response()
 }
 
-fn bad_request(message: impl Into<String>) -> Reject {
+pub(super) fn bad_request(message: impl Into<String>) -> Reject {
     error(StatusCode::BAD_REQUEST, "invalid_request_error", message).into()
 }
 
@@ -482,6 +483,11 @@ fn unauthorized(scheme: &str, message: &str) -> Response {
     resp
 }
 
+/// A 404 with a Stripe-shaped error body.
+pub(super) fn not_found_error(message: impl Into<String>) -> Reject {
+    error(StatusCode::NOT_FOUND, "invalid_request_error", message).into()
+}
+
 async fn not_found() -> Response {
     error(
         StatusCode::NOT_FOUND,
@@ -491,7 +497,7 @@ async fn not_found() -> Response {
 }
 
 /// A non-negative integer query parameter, `default` when absent.
-fn num(q: &HashMap<String, String>, key: &str, default: usize) -> Res<usize> {
+pub(super) fn num(q: &HashMap<String, String>, key: &str, default: usize) -> Res<usize> {
     match q.get(key) {
         None => Ok(default),
         Some(v) => v
@@ -500,7 +506,7 @@ fn num(q: &HashMap<String, String>, key: &str, default: usize) -> Res<usize> {
     }
 }
 
-fn int(q: &HashMap<String, String>, key: &str) -> Res<Option<i64>> {
+pub(super) fn int(q: &HashMap<String, String>, key: &str) -> Res<Option<i64>> {
     q.get(key)
         .map(|v| {
             v.parse()
@@ -522,7 +528,7 @@ fn page_of(all: &[&Value], start: usize, limit: usize, dup: bool) -> (Vec<Value>
     (out, end < all.len())
 }
 
-fn stripe_list(url: &str, data: Vec<Value>, has_more: bool) -> Json<Value> {
+pub(super) fn stripe_list(url: &str, data: Vec<Value>, has_more: bool) -> Json<Value> {
     Json(json!({"object": "list", "url": url, "has_more": has_more, "data": data}))
 }
 
