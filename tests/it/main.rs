@@ -12,6 +12,7 @@ mod helpers;
 mod ledger;
 mod ledger_concurrency;
 mod ledger_edges;
+mod partitions;
 mod replay;
 mod replicas;
 mod security;

@@ -1,0 +1,397 @@
+//! Partitioned streams: one stream walked once per connected account, each account with
+//! its own checkpoint, lock and resume point, all of them into one table.
+
+use std::collections::BTreeMap;
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::Output;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use idem::connector::Connector;
+use idem::fake_vendor::DEFAULT_CLOCK;
+use idem::run::{Mode, RunError, RunOptions, RunReport, StreamRunner};
+
+use crate::helpers::{TestApp, spawn_app, stderr, stdout};
+
+const ACCOUNTS: [&str; 3] = ["acct_eu", "acct_us", "acct_uk"];
+
+/// The shipped partitioned connector, pointed at this test's fake vendor.
+fn accounts_connector(app: &TestApp) -> Connector {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("connectors/demo_accounts.toml");
+    idem::connector::load_file_with(&path, &|name| app.env(name)).expect("demo_accounts loads")
+}
+
+/// Seeds each account at its own time, so that each account's mark is its own.
+fn seed(app: &TestApp, counts: [usize; 3]) {
+    for (i, (account, n)) in ACCOUNTS.iter().zip(counts).enumerate() {
+        app.vendor.set_clock(DEFAULT_CLOCK + 1000 * i as i64);
+        app.vendor.seed_charges(account, n);
+    }
+}
+
+async fn run_partition(app: &TestApp, connector: &Connector, partition: &str) -> RunReport {
+    run_partition_result(app, connector, partition)
+        .await
+        .expect("the run starts")
+}
+
+async fn run_partition_result(
+    app: &TestApp,
+    connector: &Connector,
+    partition: &str,
+) -> Result<RunReport, RunError> {
+    let spec = connector.stream("charges").expect("charges").clone();
+    StreamRunner::default()
+        .run_one(
+            &app.pool,
+            &app.database_url,
+            connector,
+            "charges",
+            &spec,
+            partition,
+            &RunOptions::new(Mode::Regular, false),
+        )
+        .await
+}
+
+/// Each partition's regular checkpoint mark, by partition.
+async fn marks(app: &TestApp) -> BTreeMap<String, Option<DateTime<Utc>>> {
+    sqlx::query_as(
+        "SELECT partition, high_water_mark FROM idem_checkpoints
+         WHERE source_system = 'demo_accounts' AND stream = 'charges' AND scope = 'main'",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .collect()
+}
+
+fn at(unix: i64) -> Option<DateTime<Utc>> {
+    DateTime::from_timestamp(unix, 0)
+}
+
+/// `demo_charges` holds exactly every account's charges at the vendor, each once.
+async fn assert_rows_match_vendor(app: &TestApp) {
+    let stored: Vec<(String, serde_json::Value)> =
+        sqlx::query_as("SELECT source_id, data FROM demo_charges ORDER BY source_id")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    let mut truth: Vec<(String, serde_json::Value)> = ACCOUNTS
+        .iter()
+        .flat_map(|a| app.vendor.charges(a))
+        .map(|c| (c["id"].as_str().unwrap().to_string(), c))
+        .collect();
+    truth.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        stored.len(),
+        truth.len(),
+        "row count differs from the vendor's"
+    );
+    assert!(stored == truth, "stored charges differ from the vendor's");
+    let distinct = app
+        .count("SELECT count(DISTINCT source_id) FROM demo_charges")
+        .await;
+    assert_eq!(distinct as usize, truth.len(), "duplicates in demo_charges");
+}
+
+/// The real binary with a config listing only the partitioned connector.
+fn accounts_command(app: &TestApp, args: &[&str]) -> tokio::process::Command {
+    let config = app.dir.path().join("accounts-idem.toml");
+    let connector = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("connectors/demo_accounts.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "connectors = [{:?}]\n[notify]\ntransport = \"log\"\n",
+            connector.display().to_string()
+        ),
+    )
+    .unwrap();
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_idem"));
+    command
+        .arg("--config")
+        .arg(&config)
+        .arg("--log-format")
+        .arg("json")
+        .args(args)
+        .env("DATABASE_URL", &app.database_url)
+        .env("DEMO_BILLING_URL", app.vendor.base_url())
+        .env_remove("IDEM_CRASH_AT")
+        .kill_on_drop(true);
+    command
+}
+
+async fn accounts_idem(app: &TestApp, args: &[&str]) -> Output {
+    tokio::time::timeout(
+        Duration::from_secs(120),
+        accounts_command(app, args).output(),
+    )
+    .await
+    .expect("idem finishes within 2 minutes")
+    .expect("idem runs")
+}
+
+#[tokio::test]
+async fn partitions_keep_separate_checkpoints() {
+    let app = spawn_app(0).await;
+    seed(&app, [120, 50, 7]);
+    let connector = accounts_connector(&app);
+
+    // The first run walks every account; each gets its own checkpoint at its own mark.
+    for (account, n) in ACCOUNTS.iter().zip([120, 50, 7]) {
+        let report = run_partition(&app, &connector, account).await;
+        assert_eq!(report.partition.as_deref(), Some(*account));
+        assert_eq!(report.counters.inserted, n, "{account}");
+    }
+    assert_rows_match_vendor(&app).await;
+    let first = marks(&app).await;
+    assert_eq!(
+        first,
+        BTreeMap::from([
+            ("acct_eu".to_string(), at(DEFAULT_CLOCK - 1)),
+            ("acct_uk".to_string(), at(DEFAULT_CLOCK + 2000 - 1)),
+            ("acct_us".to_string(), at(DEFAULT_CLOCK + 1000 - 1)),
+        ]),
+        "one checkpoint per account, each at its own account's newest change"
+    );
+
+    // Two charges change in one account: the next run writes only those two, and only
+    // that account's checkpoint moves.
+    app.vendor.set_clock(DEFAULT_CLOCK + 5000);
+    let us = app.vendor.charges("acct_us");
+    for charge in &us[..2] {
+        let id = charge["id"].as_str().unwrap();
+        assert!(
+            app.vendor
+                .update_charge("acct_us", id, |c| c["status"] = "refunded".into())
+        );
+    }
+    let mut written = BTreeMap::new();
+    for account in ACCOUNTS {
+        let c = run_partition(&app, &connector, account).await.counters;
+        written.insert(account, (c.inserted, c.updated));
+    }
+    assert_eq!(
+        written,
+        BTreeMap::from([
+            ("acct_eu", (0, 0)),
+            ("acct_uk", (0, 0)),
+            ("acct_us", (0, 2))
+        ])
+    );
+    let second = marks(&app).await;
+    assert_eq!(second["acct_us"], at(DEFAULT_CLOCK + 5000));
+    assert_eq!(second["acct_eu"], first["acct_eu"]);
+    assert_eq!(second["acct_uk"], first["acct_uk"]);
+    assert_rows_match_vendor(&app).await;
+
+    // Each account's runs are its own rows.
+    let runs: i64 = app
+        .count("SELECT count(DISTINCT partition) FROM idem_runs WHERE stream = 'charges'")
+        .await;
+    assert_eq!(runs, 3);
+}
+
+#[tokio::test]
+async fn a_partition_runs_while_another_partition_of_the_stream_holds_its_lock() {
+    let app = spawn_app(0).await;
+    seed(&app, [30, 40, 0]);
+    let connector = accounts_connector(&app);
+    let held = idem::store::StreamLock::try_acquire(
+        &app.database_url,
+        "demo_accounts",
+        "charges",
+        "acct_eu",
+    )
+    .await
+    .unwrap()
+    .expect("the lock of acct_eu is free");
+
+    let us = run_partition(&app, &connector, "acct_us").await;
+    assert_eq!(us.counters.inserted, 40, "another account is not blocked");
+    match run_partition_result(&app, &connector, "acct_eu").await {
+        Err(RunError::Locked { stream, .. }) => assert_eq!(stream, "charges#acct_eu"),
+        other => panic!("the locked account must not run: {other:?}"),
+    }
+    // The binary says so with its "locked" exit code, and writes nothing for it.
+    let locked = accounts_idem(
+        &app,
+        &[
+            "run",
+            "demo_accounts.charges",
+            "--partition",
+            "acct_eu",
+            "--no-notify",
+        ],
+    )
+    .await;
+    assert_eq!(locked.status.code(), Some(75), "{}", stderr(&locked));
+    assert!(
+        stderr(&locked).contains("charges#acct_eu"),
+        "{}",
+        stderr(&locked)
+    );
+    assert_eq!(app.count("SELECT count(*) FROM demo_charges").await, 40);
+
+    held.release().await;
+    let eu = run_partition(&app, &connector, "acct_eu").await;
+    assert_eq!(eu.counters.inserted, 30);
+    assert_rows_match_vendor(&app).await;
+}
+
+#[tokio::test]
+async fn an_unknown_partition_is_refused_with_the_known_ones() {
+    let app = spawn_app(0).await;
+    seed(&app, [1, 1, 1]);
+    for args in [
+        &[
+            "run",
+            "demo_accounts.charges",
+            "--partition",
+            "acct_xx",
+            "--no-notify",
+        ][..],
+        &[
+            "checkpoint",
+            "reset",
+            "demo_accounts.charges",
+            "--partition",
+            "acct_xx",
+            "--yes",
+        ][..],
+    ] {
+        let output = accounts_idem(&app, args).await;
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            stderr(&output)
+        );
+        let message = stderr(&output);
+        assert!(
+            message.contains("unknown partition 'acct_xx'")
+                && message.contains("acct_eu, acct_us, acct_uk"),
+            "{args:?}: {message}"
+        );
+    }
+    assert_eq!(app.count("SELECT count(*) FROM idem_runs").await, 0);
+}
+
+#[tokio::test]
+async fn a_kill_inside_one_partition_resumes_that_partition_without_duplicates() {
+    let app = spawn_app(0).await;
+    // 350 charges in acct_us: four pages of 100.
+    seed(&app, [150, 350, 20]);
+    let done = accounts_idem(
+        &app,
+        &[
+            "run",
+            "demo_accounts.charges",
+            "--partition",
+            "acct_eu",
+            "--no-notify",
+        ],
+    )
+    .await;
+    assert_eq!(done.status.code(), Some(0), "{}", stderr(&done));
+    let eu_mark = marks(&app).await["acct_eu"];
+
+    let crashed = accounts_command(
+        &app,
+        &[
+            "run",
+            "demo_accounts.charges",
+            "--partition",
+            "acct_us",
+            "--no-notify",
+        ],
+    )
+    .env("IDEM__IMPORT__TRANSACTION_RECORDS", "1")
+    .env("IDEM_CRASH_AT", "page_after_commit:2")
+    .output()
+    .await
+    .unwrap();
+    assert_eq!(crashed.status.signal(), Some(9), "{}", stderr(&crashed));
+    assert_eq!(
+        app.count("SELECT count(*) FROM demo_charges").await,
+        150 + 200
+    );
+    let resume_pages: i64 = app
+        .count(
+            "SELECT (resume->>'pages')::bigint FROM idem_checkpoints
+             WHERE partition = 'acct_us' AND scope = 'main'",
+        )
+        .await;
+    assert_eq!(resume_pages, 2, "acct_us resumes after its committed pages");
+
+    // The next run of every account: acct_us picks up after its second page.
+    let resumed = accounts_idem(&app, &["run", "--no-notify", "--json"]).await;
+    assert_eq!(resumed.status.code(), Some(0), "{}", stderr(&resumed));
+    let reports: Vec<serde_json::Value> = serde_json::from_str(&stdout(&resumed)).unwrap();
+    let fetched: BTreeMap<String, u64> = reports
+        .iter()
+        .map(|r| {
+            (
+                r["partition"].as_str().unwrap().to_string(),
+                r["counters"]["fetched"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(fetched["acct_us"], 150, "only the pages after the kill");
+    assert_eq!(
+        reports
+            .iter()
+            .map(|r| r["counters"]["inserted"].as_u64().unwrap())
+            .sum::<u64>(),
+        150 + 20
+    );
+    assert_rows_match_vendor(&app).await;
+    assert_eq!(marks(&app).await["acct_eu"], eu_mark, "acct_eu untouched");
+}
+
+#[tokio::test]
+async fn status_and_metrics_show_each_partition() {
+    let app = spawn_app(0).await;
+    seed(&app, [3, 4, 5]);
+    let ran = accounts_idem(&app, &["run", "--no-notify"]).await;
+    assert_eq!(ran.status.code(), Some(0), "{}", stderr(&ran));
+    for account in ACCOUNTS {
+        assert!(
+            stdout(&ran).contains(&format!("demo_accounts.charges#{account} run: succeeded")),
+            "{}",
+            stdout(&ran)
+        );
+    }
+
+    let text = stdout(&accounts_idem(&app, &["status"]).await);
+    let json: serde_json::Value =
+        serde_json::from_str(&stdout(&accounts_idem(&app, &["status", "--json"]).await)).unwrap();
+    let metrics = idem::serve::render_metrics(&app.pool).await.unwrap();
+    for account in ACCOUNTS {
+        assert!(text.contains(&format!("charges#{account}")), "{text}");
+        assert!(
+            json["checkpoints"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|cp| cp["partition"] == account),
+            "{json}"
+        );
+        assert!(
+            json["runs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r["partition"] == account && r["status"] == "succeeded"),
+            "{json}"
+        );
+        assert!(
+            metrics.contains(&format!(
+                "idem_runs_total{{source_system=\"demo_accounts\",stream=\"charges\",partition=\"{account}\",mode=\"run\",status=\"succeeded\"}} 1"
+            )),
+            "{metrics}"
+        );
+    }
+}
