@@ -99,12 +99,17 @@ async fn assert_rows_match_vendor(app: &TestApp) {
 
 /// The real binary with a config listing only the partitioned connector.
 fn accounts_command(app: &TestApp, args: &[&str]) -> tokio::process::Command {
+    accounts_command_with(app, "", args)
+}
+
+/// [`accounts_command`] with more idem.toml text (e.g. a `[partitions.…]` override).
+fn accounts_command_with(app: &TestApp, extra: &str, args: &[&str]) -> tokio::process::Command {
     let config = app.dir.path().join("accounts-idem.toml");
     let connector = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("connectors/demo_accounts.toml");
     std::fs::write(
         &config,
         format!(
-            "connectors = [{:?}]\n[notify]\ntransport = \"log\"\n",
+            "connectors = [{:?}]\n[notify]\ntransport = \"log\"\n{extra}",
             connector.display().to_string()
         ),
     )
@@ -394,4 +399,33 @@ async fn status_and_metrics_show_each_partition() {
             "{metrics}"
         );
     }
+}
+
+#[tokio::test]
+async fn idem_toml_chooses_the_accounts_of_a_deployment() {
+    let app = spawn_app(0).await;
+    seed(&app, [3, 4, 5]);
+    let only_us = "[partitions.demo_accounts]\ncharges = [\"acct_us\"]\n";
+    let ran = accounts_command_with(&app, only_us, &["run", "--no-notify"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(ran.status.code(), Some(0), "{}", stderr(&ran));
+    assert_eq!(app.count("SELECT count(*) FROM demo_charges").await, 4);
+    assert_eq!(
+        app.count("SELECT count(*) FROM idem_runs WHERE partition <> 'acct_us'")
+            .await,
+        0
+    );
+
+    // A value unsafe for a URL or a lock key is refused before anything runs.
+    let bad = "[partitions.demo_accounts]\ncharges = [\"acct us\", \"acct_us\", \"acct_us\"]\n";
+    let checked = accounts_command_with(&app, bad, &["check"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(checked.status.code(), Some(2), "{}", stderr(&checked));
+    let message = stderr(&checked) + &stdout(&checked);
+    assert!(message.contains("'acct us' contains ' '"), "{message}");
+    assert!(message.contains("'acct_us' is listed twice"), "{message}");
 }
