@@ -183,10 +183,12 @@ impl StreamRunner {
                 .await;
         }
         // A scheduled or console run walks every partition, one after another; the report
-        // adds them up and keeps the worst status and the first error.
+        // adds them up and keeps the worst status and the first error. A partition whose
+        // lock another run holds is left to that run; the others still go.
         let mut total: Option<RunReport> = None;
+        let mut locked = None;
         for partition in &partitions {
-            let report = self
+            let report = match self
                 .run_one(
                     pool,
                     database_url,
@@ -196,7 +198,16 @@ impl StreamRunner {
                     partition,
                     options,
                 )
-                .await?;
+                .await
+            {
+                Ok(report) => report,
+                Err(err @ RunError::Locked { .. }) => {
+                    info!(partition = %partition, "{err}; the other partitions still run");
+                    locked = Some(err);
+                    continue;
+                }
+                Err(err) => return Err(err),
+            };
             total = Some(match total {
                 None => RunReport {
                     partition: None,
@@ -212,7 +223,11 @@ impl StreamRunner {
                 }
             });
         }
-        Ok(total.expect("a partitioned stream has at least one partition"))
+        match (total, locked) {
+            (Some(total), _) => Ok(total),
+            (None, Some(locked)) => Err(locked),
+            (None, None) => unreachable!("a partitioned stream has at least one partition"),
+        }
     }
 
     /// Runs one partition of `stream` (`""` when it has none) through the HTTP source.

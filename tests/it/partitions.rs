@@ -240,6 +240,30 @@ async fn a_partition_runs_while_another_partition_of_the_stream_holds_its_lock()
     );
     assert_eq!(app.count("SELECT count(*) FROM demo_charges").await, 40);
 
+    // A scheduled run of the whole stream walks the free accounts and leaves the held
+    // one to its holder.
+    let all = StreamRunner::default()
+        .run(
+            &app.pool,
+            &app.database_url,
+            &connector,
+            "charges",
+            &RunOptions::new(Mode::Regular, false),
+        )
+        .await
+        .expect("the free accounts run");
+    assert_eq!(all.counters.inserted + all.counters.updated, 0);
+    assert_eq!(
+        app.count("SELECT count(*) FROM idem_runs WHERE partition = 'acct_eu'")
+            .await,
+        0
+    );
+    assert_eq!(
+        app.count("SELECT count(*) FROM idem_runs WHERE partition = 'acct_uk'")
+            .await,
+        1
+    );
+
     held.release().await;
     let eu = run_partition(&app, &connector, "acct_eu").await;
     assert_eq!(eu.counters.inserted, 30);
