@@ -209,6 +209,20 @@ pub fn parse(
             ),
         );
     }
+    if spec
+        .headers
+        .values()
+        .any(|v| v.contains(crate::partition::PLACEHOLDER))
+    {
+        push(
+            None,
+            "headers",
+            format!(
+                "{} is only filled in a stream's own `headers` (with [streams.NAME.partitions])",
+                crate::partition::PLACEHOLDER
+            ),
+        );
+    }
     let base_url = resolve("base_url", &spec.base_url, &mut push);
     // A `user:password@` in the URL is a credential like any other.
     crate::redact::register_url(&base_url);

@@ -75,7 +75,12 @@ impl RunView {
             ),
         };
         RunView {
-            mode: r.mode.clone(),
+            // A partitioned stream's runs are listed together; each says whose it was.
+            mode: if r.partition.is_empty() {
+                r.mode.clone()
+            } else {
+                format!("{} ({})", r.mode, r.partition)
+            },
             status: r.status.clone(),
             when: when(r.started_at, now),
             duration,

@@ -453,3 +453,70 @@ async fn idem_toml_chooses_the_accounts_of_a_deployment() {
     assert!(message.contains("'acct us' contains ' '"), "{message}");
     assert!(message.contains("'acct_us' is listed twice"), "{message}");
 }
+
+#[tokio::test]
+async fn a_replay_of_one_partition_repairs_it_and_leaves_the_others_alone() {
+    let app = spawn_app(0).await;
+    seed(&app, [3, 4, 5]);
+    let ran = accounts_idem(&app, &["run", "--no-notify"]).await;
+    assert_eq!(ran.status.code(), Some(0), "{}", stderr(&ran));
+    let before = marks(&app).await;
+    // Drift: someone edited one acct_us row in the table.
+    let drifted = app.vendor.charges("acct_us")[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    sqlx::query(
+        "UPDATE demo_charges SET data = jsonb_set(data, '{amount}', '0') WHERE source_id = $1",
+    )
+    .bind(&drifted)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+
+    let from = DateTime::from_timestamp(DEFAULT_CLOCK - 86_400, 0)
+        .unwrap()
+        .to_rfc3339();
+    let to = DateTime::from_timestamp(DEFAULT_CLOCK + 86_400, 0)
+        .unwrap()
+        .to_rfc3339();
+    let replayed = accounts_idem(
+        &app,
+        &[
+            "replay",
+            "demo_accounts.charges",
+            "--partition",
+            "acct_us",
+            "--from",
+            &from,
+            "--to",
+            &to,
+            "--no-notify",
+        ],
+    )
+    .await;
+    assert_eq!(replayed.status.code(), Some(0), "{}", stderr(&replayed));
+    let out = stdout(&replayed);
+    assert!(
+        out.contains(
+            "demo_accounts.charges#acct_us replay: succeeded: 4 fetched, 0 inserted, 1 updated"
+        ),
+        "{out}"
+    );
+    assert!(
+        !out.contains("acct_eu") && !out.contains("acct_uk"),
+        "{out}"
+    );
+    assert_rows_match_vendor(&app).await;
+    assert_eq!(
+        marks(&app).await,
+        before,
+        "a replay moves no regular checkpoint"
+    );
+    assert_eq!(
+        app.count("SELECT count(*) FROM idem_checkpoints WHERE scope <> 'main'")
+            .await,
+        0,
+        "the finished replay leaves no resume point"
+    );
+}
