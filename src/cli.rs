@@ -776,6 +776,11 @@ async fn run_all(
             walks.push((*connector, stream, p));
         }
     }
+    if let (Some(partition), true) = (partition, walks.is_empty()) {
+        return Err(usage(format!(
+            "--partition {partition}: none of the selected streams has partitions"
+        )));
+    }
     let mut runner = StreamRunner::default();
     let mut code = EXIT_OK;
     let mut reports = Vec::new();

@@ -315,7 +315,12 @@ pub async fn checkpoints(
     Ok(rows
         .into_iter()
         .map(|cp| CheckpointView {
-            scope: cp.scope,
+            // One checkpoint per partition: the scope names whose it is.
+            scope: if cp.partition.is_empty() {
+                cp.scope
+            } else {
+                format!("{} ({})", cp.scope, cp.partition)
+            },
             high_water_mark: cp.high_water_mark.map_or("-".into(), |t| when(t, now)),
             cursor: cp.cursor.map_or("-".into(), |c| cut(&redact_text(&c), 120)),
             resume: cp.resume.map(|r| pretty_cut(&redact(r), PAYLOAD_SHOWN)),
