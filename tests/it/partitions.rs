@@ -520,3 +520,59 @@ async fn a_replay_of_one_partition_repairs_it_and_leaves_the_others_alone() {
         "the finished replay leaves no resume point"
     );
 }
+
+#[tokio::test]
+async fn checkpoint_commands_act_on_one_partition_or_on_all() {
+    let app = spawn_app(0).await;
+    seed(&app, [3, 4, 5]);
+    let ran = accounts_idem(&app, &["run", "--no-notify"]).await;
+    assert_eq!(ran.status.code(), Some(0), "{}", stderr(&ran));
+    let before = marks(&app).await;
+
+    let shown = accounts_idem(
+        &app,
+        &[
+            "checkpoint",
+            "show",
+            "demo_accounts.charges",
+            "--partition",
+            "acct_us",
+        ],
+    )
+    .await;
+    let lines: Vec<String> = stdout(&shown).lines().map(str::to_string).collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].starts_with("demo_accounts.charges#acct_us [main]"),
+        "{lines:?}"
+    );
+
+    let set = accounts_idem(
+        &app,
+        &[
+            "checkpoint",
+            "set",
+            "demo_accounts.charges",
+            "--partition",
+            "acct_us",
+            "--high-water-mark",
+            "2020-01-01T00:00:00Z",
+        ],
+    )
+    .await;
+    assert_eq!(set.status.code(), Some(0), "{}", stderr(&set));
+    let after = marks(&app).await;
+    assert_eq!(after["acct_us"], at(1_577_836_800));
+    assert_eq!(after["acct_eu"], before["acct_eu"]);
+    assert_eq!(after["acct_uk"], before["acct_uk"]);
+
+    // Without --partition, every partition of the stream.
+    let reset = accounts_idem(
+        &app,
+        &["checkpoint", "reset", "demo_accounts.charges", "--yes"],
+    )
+    .await;
+    assert_eq!(reset.status.code(), Some(0), "{}", stderr(&reset));
+    assert_eq!(stdout(&reset).lines().count(), 3, "{}", stdout(&reset));
+    assert!(marks(&app).await.values().all(Option::is_none));
+}
