@@ -789,7 +789,7 @@ async fn run_all(
         let name = format!(
             "{}.{}",
             connector.spec.source_system,
-            crate::partition::qualified(stream, &partition)
+            crate::connector::partition::qualified(stream, &partition)
         );
         let bar = crate::progress::StreamBar::start(&name);
         let mut options = options.clone();
@@ -866,7 +866,10 @@ pub fn summary(report: &RunReport) -> String {
     let mut line = format!(
         "{}.{} {}: {status}: {} fetched, {} inserted, {} updated, {} unchanged, {} failed",
         report.source_system,
-        crate::partition::qualified(&report.stream, report.partition.as_deref().unwrap_or("")),
+        crate::connector::partition::qualified(
+            &report.stream,
+            report.partition.as_deref().unwrap_or("")
+        ),
         report.mode,
         c.fetched,
         c.inserted,
@@ -999,7 +1002,7 @@ async fn checkpoint(
                 println!(
                     "{}.{} [{}] high_water_mark={} cursor={} resume={}",
                     cp.source_system,
-                    crate::partition::qualified(&cp.stream, &cp.partition),
+                    crate::connector::partition::qualified(&cp.stream, &cp.partition),
                     cp.scope,
                     cp.high_water_mark.map_or("-".into(), |t| t.to_rfc3339()),
                     cp.cursor.unwrap_or_else(|| "-".into()),
@@ -1027,7 +1030,7 @@ async fn checkpoint(
                 return Ok(EXIT_OK);
             }
             for p in partitions {
-                let name = crate::partition::qualified(&st, &p);
+                let name = crate::connector::partition::qualified(&st, &p);
                 let Some(lock) = store::StreamLock::try_acquire(database_url, &ss, &st, &p).await?
                 else {
                     return Ok(checkpoint_locked(&ss, &name));
@@ -1046,7 +1049,7 @@ async fn checkpoint(
         } => {
             let (ss, st) = one(&target)?;
             for p in partitions_of(connectors, &ss, &st, partition.as_deref())? {
-                let name = crate::partition::qualified(&st, &p);
+                let name = crate::connector::partition::qualified(&st, &p);
                 let Some(lock) = store::StreamLock::try_acquire(database_url, &ss, &st, &p).await?
                 else {
                     return Ok(checkpoint_locked(&ss, &name));

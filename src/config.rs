@@ -645,7 +645,7 @@ impl Settings {
                 continue;
             };
             partitions.values = values.clone();
-            for (_, message) in crate::partition::check(stream, Some(values)) {
+            for (_, message) in crate::connector::partition::check(stream, Some(values)) {
                 issues.push(ConfigIssue {
                     file: file.clone(),
                     stream: Some(stream_name.clone()),

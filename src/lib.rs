@@ -38,7 +38,6 @@ pub mod instance;
 pub mod ledger;
 pub mod normalize;
 pub mod paginate;
-pub mod partition;
 pub mod progress;
 pub mod redact;
 pub mod run;

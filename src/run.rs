@@ -243,7 +243,10 @@ impl StreamRunner {
         options: &RunOptions,
     ) -> Result<RunReport, RunError> {
         let client = self.client(connector);
-        let source = HttpSource::new(client, crate::partition::for_partition(spec, partition));
+        let source = HttpSource::new(
+            client,
+            crate::connector::partition::for_partition(spec, partition),
+        );
         run_partition(
             pool,
             database_url,
@@ -279,7 +282,7 @@ pub async fn run_stream<S: Source + 'static>(
 }
 
 /// Runs one partition of a stream (`""`: the stream is unpartitioned), reading pages from
-/// `source`, which must already be the partition's (see [`crate::partition::for_partition`]).
+/// `source`, which must already be the partition's (see [`crate::connector::partition::for_partition`]).
 /// The partition has its own lock, checkpoint, runs and failures.
 pub async fn run_partition<S: Source + 'static>(
     pool: &PgPool,
@@ -297,7 +300,7 @@ pub async fn run_partition<S: Source + 'static>(
             source_system: source_system.clone(),
             stream: stream_name.to_string(),
         })?;
-    let qualified = crate::partition::qualified(stream_name, partition);
+    let qualified = crate::connector::partition::qualified(stream_name, partition);
     let span = info_span!("run", source_system = %source_system, stream = %stream_name, partition = %partition, run_id = tracing::field::Empty);
     async move {
         let mut lock = if options.dry_run {

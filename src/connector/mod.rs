@@ -4,6 +4,7 @@
 //! (pointers, names, combinations of kinds), collecting every problem with the file,
 //! stream and field it is about, so `idem check` can list them all at once.
 
+pub mod partition;
 pub mod spec;
 
 use std::collections::BTreeMap;
@@ -212,14 +213,14 @@ pub fn parse(
     if spec
         .headers
         .values()
-        .any(|v| v.contains(crate::partition::PLACEHOLDER))
+        .any(|v| v.contains(partition::PLACEHOLDER))
     {
         push(
             None,
             "headers",
             format!(
                 "{} is only filled in a stream's own `headers` (with [streams.NAME.partitions])",
-                crate::partition::PLACEHOLDER
+                partition::PLACEHOLDER
             ),
         );
     }
@@ -422,7 +423,7 @@ fn validate_stream(
             "stream names must be lowercase letters, digits and '_'".into(),
         );
     }
-    for (field, message) in crate::partition::check(
+    for (field, message) in partition::check(
         stream,
         stream.partitions.as_ref().map(|p| p.values.as_slice()),
     ) {

@@ -414,7 +414,7 @@ pub async fn overview(
             ),
             ledger_links,
             source_system,
-            stream: crate::partition::qualified(&stream, &partition),
+            stream: crate::connector::partition::qualified(&stream, &partition),
             last_run: record.map(|r| views::RunView::from_record(r, now)),
             mark,
             lag,

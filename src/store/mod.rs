@@ -175,7 +175,7 @@ impl StreamLock {
         stream: &str,
         partition: &str,
     ) -> Result<Option<StreamLock>, StoreError> {
-        let name = crate::partition::qualified(stream, partition);
+        let name = qualified(stream, partition);
         // Its own session name: it stays open (idle, holding the lock) for the whole run.
         let mut connection = Target::parse(url)?
             .open(&SessionSettings::default().named(format!("idem {source_system}.{name} lock")))
@@ -257,10 +257,7 @@ pub async fn stream_lock_held(
 /// The text the stream lock's second key hashes. A partition locks on its own key, so
 /// two partitions of a stream run at once; an unpartitioned stream keeps its old key.
 pub fn lock_key(source_system: &str, stream: &str, partition: &str) -> String {
-    format!(
-        "idem:{source_system}.{}",
-        crate::partition::qualified(stream, partition)
-    )
+    format!("idem:{source_system}.{}", qualified(stream, partition))
 }
 
 /// Fails unless `owner` still owns the stream. Called first in every transaction of a
@@ -287,7 +284,18 @@ pub async fn verify_owner(
     } else {
         Err(StoreError::LostOwnership {
             source_system: source_system.to_string(),
-            stream: crate::partition::qualified(stream, partition),
+            stream: qualified(stream, partition),
         })
+    }
+}
+
+/// One partition of a stream as locks, session names and errors show it: `charges#acct_1`,
+/// or just `charges` when unpartitioned (`""`). The same text as
+/// `connector::partition::qualified`, kept here so the store names no connector module.
+fn qualified(stream: &str, partition: &str) -> String {
+    if partition.is_empty() {
+        stream.to_string()
+    } else {
+        format!("{stream}#{partition}")
     }
 }

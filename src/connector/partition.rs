@@ -1,7 +1,7 @@
 //! Partitions of a stream: the `{partition}` placeholder, its checks, and the stream spec
 //! one partition is walked with.
 
-use crate::connector::StreamSpec;
+use super::StreamSpec;
 
 /// The placeholder a partitioned stream's path, parameter values and headers use.
 pub const PLACEHOLDER: &str = "{partition}";
@@ -77,7 +77,7 @@ pub fn check(stream: &StreamSpec, values: Option<&[String]>) -> Vec<(&'static st
     }
     if matches!(
         stream.incremental,
-        crate::connector::IncrementalSpec::Full { mark_deleted: true }
+        super::IncrementalSpec::Full { mark_deleted: true }
     ) {
         issues.push((
             "incremental.mark_deleted",
