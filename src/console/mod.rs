@@ -374,7 +374,7 @@ pub async fn overview(
                 (None, None) => ("walk in progress".to_string(), "-".to_string()),
             },
         };
-        let failures = failures.get(&key).copied().unwrap_or(0);
+        let failures = failures.get(&part_key).copied().unwrap_or(0);
         if failures > 0 {
             trouble.push(format!("{failures} failed record(s) waiting"));
         }

@@ -136,14 +136,20 @@ pub async fn runs(
     crate::store::state::recent_runs(pool, only, per_stream).await
 }
 
-/// Counts keyed by `(source_system, stream)`.
-pub async fn failure_counts(pool: &PgPool) -> Result<BTreeMap<(String, String), i64>, StoreError> {
-    let rows: Vec<(String, String, i64)> =
-        sqlx::query_as("SELECT source_system, stream, count(*) FROM idem_failures GROUP BY 1, 2")
-            .fetch_all(pool)
-            .await
-            .context(|| "counting failures for the console".into())?;
-    Ok(rows.into_iter().map(|(a, b, n)| ((a, b), n)).collect())
+/// Counts keyed by `(source_system, stream, partition)`.
+pub async fn failure_counts(
+    pool: &PgPool,
+) -> Result<BTreeMap<(String, String, String), i64>, StoreError> {
+    let rows: Vec<(String, String, String, i64)> = sqlx::query_as(
+        "SELECT source_system, stream, partition, count(*) FROM idem_failures GROUP BY 1, 2, 3",
+    )
+    .fetch_all(pool)
+    .await
+    .context(|| "counting failures for the console".into())?;
+    Ok(rows
+        .into_iter()
+        .map(|(a, b, p, n)| ((a, b, p), n))
+        .collect())
 }
 
 /// Ledger rows per stream and status.

@@ -576,3 +576,60 @@ async fn checkpoint_commands_act_on_one_partition_or_on_all() {
     assert_eq!(stdout(&reset).lines().count(), 3, "{}", stdout(&reset));
     assert!(marks(&app).await.values().all(Option::is_none));
 }
+
+#[tokio::test]
+async fn a_bad_record_is_a_failure_of_its_own_partition() {
+    let app = spawn_app(0).await;
+    seed(&app, [3, 4, 5]);
+    let bad = app.vendor.charges("acct_uk")[1]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        app.vendor
+            .update_charge("acct_uk", &bad, |c| c["amount"] = "lots".into())
+    );
+    let ran = accounts_idem(&app, &["run", "--no-notify"]).await;
+    assert_eq!(ran.status.code(), Some(3), "{}", stderr(&ran));
+    let failures: Vec<(String, String)> =
+        sqlx::query_as("SELECT partition, record_key FROM idem_failures")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(failures, [("acct_uk".to_string(), bad.clone())]);
+    let metrics = idem::serve::render_metrics(&app.pool).await.unwrap();
+    assert!(
+        metrics.contains(
+            "idem_record_failures{source_system=\"demo_accounts\",stream=\"charges\",partition=\"acct_uk\"} 1"
+        ),
+        "{metrics}"
+    );
+    let status = stdout(&accounts_idem(&app, &["status"]).await);
+    assert!(status.contains("1 failed record(s) waiting"), "{status}");
+    assert!(
+        status.contains(&format!("demo_accounts.charges#acct_uk {bad}")),
+        "{status}"
+    );
+
+    // Fixed at the vendor, the record is stored by its partition's next run and the
+    // failure goes.
+    app.vendor.set_clock(DEFAULT_CLOCK + 9000);
+    assert!(
+        app.vendor
+            .update_charge("acct_uk", &bad, |c| c["amount"] = 5.into())
+    );
+    let again = accounts_idem(
+        &app,
+        &[
+            "run",
+            "demo_accounts.charges",
+            "--partition",
+            "acct_uk",
+            "--no-notify",
+        ],
+    )
+    .await;
+    assert_eq!(again.status.code(), Some(0), "{}", stderr(&again));
+    assert_eq!(app.count("SELECT count(*) FROM idem_failures").await, 0);
+    assert_rows_match_vendor(&app).await;
+}
