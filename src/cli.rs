@@ -918,6 +918,9 @@ async fn status(
     if json {
         let value = json!({
             "streams": connectors.iter().flat_map(|c| c.spec.streams.keys().map(move |s| format!("{}.{s}", c.spec.source_system))).collect::<Vec<_>>(),
+            "partitions": connectors.iter().flat_map(|c| c.spec.streams.iter().filter_map(move |(s, spec)| {
+                spec.partitions.as_ref().map(|p| (format!("{}.{s}", c.spec.source_system), json!(p.values)))
+            })).collect::<serde_json::Map<_, _>>(),
             "checkpoints": checkpoints,
             "runs": runs,
             "failures": failures.iter().map(|(ss, st, key, error, attempts)| json!({

@@ -398,6 +398,10 @@ async fn status_and_metrics_show_each_partition() {
     let json: serde_json::Value =
         serde_json::from_str(&stdout(&accounts_idem(&app, &["status", "--json"]).await)).unwrap();
     let metrics = idem::serve::render_metrics(&app.pool).await.unwrap();
+    assert_eq!(
+        json["partitions"]["demo_accounts.charges"],
+        serde_json::json!(ACCOUNTS)
+    );
     for account in ACCOUNTS {
         assert!(text.contains(&format!("charges#{account}")), "{text}");
         assert!(
