@@ -268,6 +268,7 @@ async fn execute(cli: Cli) -> anyhow::Result<u8> {
         } => {
             let connectors = settings.load_connectors()?;
             let selected = select(&connectors, &targets)?;
+            let walks = plan_walks(&selected, partition.as_deref())?;
             let pool = connect_creating(&settings, true).await?;
             let url = settings.database_url()?;
             let transport =
@@ -277,8 +278,7 @@ async fn execute(cli: Cli) -> anyhow::Result<u8> {
                 ddl: settings.database.ddl_policy(),
                 ..RunOptions::new(Mode::Regular, dry_run)
             };
-            let code =
-                run_all(&pool, &url, &selected, partition.as_deref(), &options, json).await?;
+            let code = run_all(&pool, &url, walks, &options, json).await?;
             if !no_notify && !dry_run {
                 let report = notify(&pool, &settings, &transport).await?;
                 if !json {
@@ -305,6 +305,7 @@ async fn execute(cli: Cli) -> anyhow::Result<u8> {
                     selected.len()
                 )));
             }
+            let walks = plan_walks(&selected, partition.as_deref())?;
             let (from, to, label) = match (since, from, to) {
                 (Some(since), None, None) => {
                     let now = Utc::now();
@@ -339,8 +340,7 @@ async fn execute(cli: Cli) -> anyhow::Result<u8> {
                     false,
                 )
             };
-            let code =
-                run_all(&pool, &url, &selected, partition.as_deref(), &options, json).await?;
+            let code = run_all(&pool, &url, walks, &options, json).await?;
             if !no_notify {
                 let report = notify(&pool, &settings, &transport).await?;
                 if !json {
@@ -752,15 +752,15 @@ fn select<'a>(
     crate::connector::select_streams(connectors, targets).map_err(usage)
 }
 
-async fn run_all(
-    pool: &PgPool,
-    database_url: &str,
-    selected: &[(&Connector, String)],
+/// One walk `idem run`/`replay` makes: a stream, and its partition (`""` for none).
+type Walk<'a> = (&'a Connector, &'a str, String);
+
+/// The walks of `selected`, every partition of each (or only `partition`): checked before
+/// anything connects or runs, so a mistyped partition is a usage error at once.
+fn plan_walks<'a>(
+    selected: &'a [(&'a Connector, String)],
     partition: Option<&str>,
-    options: &RunOptions,
-    json: bool,
-) -> anyhow::Result<u8> {
-    // Every partition asked for is checked before anything runs.
+) -> anyhow::Result<Vec<Walk<'a>>> {
     let mut walks = Vec::new();
     for (connector, stream) in selected {
         let partitions = match (partition, selected.len()) {
@@ -773,7 +773,7 @@ async fn run_all(
                 .map_err(usage)?,
         };
         for p in partitions {
-            walks.push((*connector, stream, p));
+            walks.push((*connector, stream.as_str(), p));
         }
     }
     if let (Some(partition), true) = (partition, walks.is_empty()) {
@@ -781,6 +781,16 @@ async fn run_all(
             "--partition {partition}: none of the selected streams has partitions"
         )));
     }
+    Ok(walks)
+}
+
+async fn run_all(
+    pool: &PgPool,
+    database_url: &str,
+    walks: Vec<Walk<'_>>,
+    options: &RunOptions,
+    json: bool,
+) -> anyhow::Result<u8> {
     let mut runner = StreamRunner::default();
     let mut code = EXIT_OK;
     let mut reports = Vec::new();
