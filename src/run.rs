@@ -104,6 +104,9 @@ pub struct RunReport {
     pub skipped_outside_window: u64,
     pub duration_ms: u64,
     pub error: Option<String>,
+    /// The runs of this stream's child streams that followed it (owed children walked).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub children: Vec<RunReport>,
 }
 
 /// Why a run did not start (or could not record its end).
@@ -162,8 +165,40 @@ impl StreamRunner {
                 stream: stream.to_string(),
             })?;
         let client = self.client(connector);
-        let source = HttpSource::new(client, spec.clone());
-        run_stream(pool, database_url, connector, stream, source, options).await
+        // A child stream is walked through its parents: on its own, a run walks the
+        // children still owed (by an interrupted run, or a parent run that was locked out).
+        if spec.parent.is_some() {
+            return crate::child::drain(pool, database_url, client, connector, stream, options)
+                .await;
+        }
+        let source = HttpSource::new(client.clone(), spec.clone());
+        let mut report = run_stream(pool, database_url, connector, stream, source, options).await?;
+        if options.dry_run {
+            return Ok(report);
+        }
+        // Whatever the parent walk's outcome, the children its committed pages owe are
+        // walked now (and any an earlier, interrupted run left owed).
+        for (child, _) in crate::child::children_of(connector, stream) {
+            match crate::child::drain(
+                pool,
+                database_url,
+                client.clone(),
+                connector,
+                &child,
+                options,
+            )
+            .await
+            {
+                Ok(child_report) => report.children.push(child_report),
+                Err(RunError::Locked { .. }) => {
+                    info!(source_system = %connector.spec.source_system, stream = %child, "another run is walking this child stream; it walks the children owed");
+                }
+                Err(err) => {
+                    warn!(source_system = %connector.spec.source_system, stream = %child, error = %error_chain(&err), "walking the owed children failed; they stay owed");
+                }
+            }
+        }
+        Ok(report)
     }
 }
 
@@ -211,7 +246,10 @@ pub async fn run_stream<S: Source + 'static>(
                         .await;
                     }
                     match walk.sharing_table_with(same_table).await {
-                        Ok(walk) => walk.execute(source).await,
+                        Ok(mut walk) => {
+                            walk.children = crate::child::children_of(connector, stream_name);
+                            walk.execute(source).await
+                        }
                         Err(err) => Err(err),
                     }
                 }
@@ -266,6 +304,8 @@ struct Walk<'a> {
     /// The owner id this run claimed the stream with (none for dry runs): every
     /// transaction of the walk checks it first.
     owner: Option<Uuid>,
+    /// This stream's child streams and their conditions (see [`crate::child`]).
+    children: Vec<(String, Vec<crate::connector::ParentCondition>)>,
 }
 
 impl<'a> Walk<'a> {
@@ -406,6 +446,7 @@ impl<'a> Walk<'a> {
             seen_ids,
             last_token: None,
             owner,
+            children: Vec::new(),
         })
     }
 
@@ -620,6 +661,7 @@ impl<'a> Walk<'a> {
             skipped_outside_window: self.skipped_outside_window,
             duration_ms: duration.as_millis() as u64,
             error: failure,
+            children: Vec::new(),
         })
     }
 
@@ -972,6 +1014,7 @@ impl<'a> Walk<'a> {
                 Mode::Replay { .. } => Compare::Content,
             },
             dry_run: self.options.dry_run,
+            children: self.children.clone(),
         }
     }
 

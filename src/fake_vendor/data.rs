@@ -20,6 +20,9 @@ pub struct VendorData {
     pub invoices: BTreeMap<String, Value>,
     /// HubSpot-shaped contacts by id ("1001", ...).
     pub contacts: BTreeMap<String, Value>,
+    /// The full line list of invoices with more lines than they carry inline, by
+    /// invoice id (see `lines.rs`); other invoices' lines are their inline ones.
+    pub lines: BTreeMap<String, Vec<Value>>,
     pub(crate) events: Vec<Event>,
     pub(crate) clock: i64,
     next_invoice: usize,
@@ -53,6 +56,7 @@ impl Default for VendorData {
         VendorData {
             invoices: BTreeMap::new(),
             contacts: BTreeMap::new(),
+            lines: BTreeMap::new(),
             events: Vec::new(),
             clock: DEFAULT_CLOCK,
             next_invoice: 1,

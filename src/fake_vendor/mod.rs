@@ -20,6 +20,7 @@
 //! Faults ([`FakeVendor::inject`]) are applied before auth; auth applies to `/v1` and `/crm`.
 
 mod data;
+mod lines;
 mod server;
 mod smtp;
 #[cfg(test)]
@@ -240,6 +241,36 @@ impl FakeVendor {
     /// third paid, the other open with about half more than 3 days overdue.
     pub fn seed_invoices(&self, n: usize) {
         self.lock().data.seed_invoices(n);
+    }
+
+    /// Seeds `n` invoices with `lines` line items each after the existing ones; with more
+    /// than 10 lines an invoice carries the first 10 and `lines.has_more = true`.
+    pub fn seed_long_invoices(&self, n: usize, lines: usize) {
+        self.lock().data.seed_long_invoices(n, lines);
+    }
+
+    /// Every line of invoice `id` (`None` when unknown).
+    pub fn invoice_lines(&self, id: &str) -> Option<Vec<Value>> {
+        self.lock().data.invoice_lines(id)
+    }
+
+    /// Adds a line to invoice `id` (the invoice is updated); returns the line's id.
+    pub fn add_invoice_line(&self, id: &str) -> Option<String> {
+        self.lock().data.add_invoice_line(id)
+    }
+
+    /// Removes line `line_id` of invoice `id` (the invoice is updated).
+    pub fn remove_invoice_line(&self, id: &str, line_id: &str) -> bool {
+        self.lock().data.remove_invoice_line(id, line_id)
+    }
+
+    /// Requests made to `/v1/invoices/{id}/lines`, any invoice.
+    pub fn line_item_requests(&self) -> usize {
+        self.lock()
+            .requests
+            .iter()
+            .filter(|r| r.path.starts_with("/v1/invoices/") && r.path.ends_with("/lines"))
+            .count()
     }
 
     /// The vendor's current invoices, sorted by id.

@@ -22,7 +22,7 @@ use super::{ApiKeyPlace, DeliveredEmail, Fault, FaultKind, ReceivedMail, Recorde
 /// A test mutation run before the nth request.
 pub(crate) type Hook = Box<dyn FnOnce(&mut VendorData) + Send>;
 
-type Shared = Arc<Mutex<State>>;
+pub(crate) type Shared = Arc<Mutex<State>>;
 type Q = Query<HashMap<String, String>>;
 type Res<T = Json<Value>> = Result<T, Reject>;
 
@@ -195,6 +195,7 @@ type DupExt = Option<Extension<Dup>>;
 pub(crate) fn router(st: Shared) -> Router {
     Router::new()
         .route("/v1/invoices", get(invoices))
+        .route("/v1/invoices/{id}/lines", get(super::lines::invoice_lines))
         .route("/v1/customers", get(customers))
         .route("/v1/events", get(events))
         .route("/crm/v3/objects/contacts/search", post(contacts_search))
