@@ -146,6 +146,10 @@ pub async fn drain(
             info!("a dry run does not walk child streams");
             return Ok(empty_report(&source_system, child, true));
         }
+        // Nothing owed, no run: most parent runs change nothing.
+        if owed_count(pool, &source_system, child).await? == 0 {
+            return Ok(empty_report(&source_system, child, false));
+        }
         let lock = StreamLock::try_acquire(database_url, &source_system, child)
             .await?
             .ok_or_else(|| RunError::Locked {

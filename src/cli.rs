@@ -761,6 +761,19 @@ async fn run_all(
                 if !json {
                     println!("{}", summary(&report));
                 }
+                for child in &report.children {
+                    code = worst(
+                        code,
+                        match child.status {
+                            RunStatus::Succeeded => EXIT_OK,
+                            RunStatus::Partial => EXIT_PARTIAL,
+                            RunStatus::Failed | RunStatus::Interrupted => EXIT_FAILED,
+                        },
+                    );
+                    if !json {
+                        println!("{}", summary(child));
+                    }
+                }
                 reports.push(report);
             }
             Err(RunError::Locked {

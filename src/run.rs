@@ -189,7 +189,10 @@ impl StreamRunner {
             )
             .await
             {
-                Ok(child_report) => report.children.push(child_report),
+                Ok(child_report) if child_report.run_id.is_some() => {
+                    report.children.push(child_report)
+                }
+                Ok(_) => {}
                 Err(RunError::Locked { .. }) => {
                     info!(source_system = %connector.spec.source_system, stream = %child, "another run is walking this child stream; it walks the children owed");
                 }

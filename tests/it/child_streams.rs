@@ -1,0 +1,305 @@
+//! Child streams: invoice line items beyond the ten an invoice carries inline, walked per
+//! changed invoice, crash safe across the two levels, with deletions kept within a parent.
+
+use std::collections::BTreeSet;
+use std::os::unix::process::ExitStatusExt;
+
+use idem::connector::Connector;
+use idem::fake_vendor::Fault;
+use idem::run::{Mode, RunOptions, RunReport, RunStatus, StreamRunner};
+
+use crate::helpers::{TestApp, spawn_app, stderr};
+
+/// A run of `demo_billing.invoices` as the CLI and `serve` do it: the parent walk, then
+/// the children it owes.
+async fn run_with_children(app: &TestApp, connector: &Connector) -> RunReport {
+    StreamRunner::default()
+        .run(
+            &app.pool,
+            &app.database_url,
+            connector,
+            "invoices",
+            &RunOptions::new(Mode::Regular, false),
+        )
+        .await
+        .expect("the run starts")
+}
+
+/// The ids of invoice `invoice`'s stored, not deleted, line items.
+async fn stored_lines(app: &TestApp, invoice: &str) -> BTreeSet<String> {
+    sqlx::query_scalar(
+        "SELECT source_id FROM demo_invoice_lines WHERE parent_source_id = $1 AND deleted_at IS NULL",
+    )
+    .bind(invoice)
+    .fetch_all(&app.pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .collect()
+}
+
+fn vendor_lines(app: &TestApp, invoice: &str) -> BTreeSet<String> {
+    app.vendor
+        .invoice_lines(invoice)
+        .expect("the invoice exists")
+        .iter()
+        .map(|l| l["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// The ids of the seeded invoices with more than ten lines.
+fn long_invoices(app: &TestApp) -> Vec<String> {
+    app.vendor
+        .invoices()
+        .into_iter()
+        .filter(|i| i["lines"]["has_more"] == true)
+        .map(|i| i["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Every line item of every long invoice is stored once, not deleted, as the vendor has
+/// it, and nothing is owed any more.
+async fn assert_lines_match_vendor(app: &TestApp, context: &str) {
+    let mut total = 0;
+    for invoice in long_invoices(app) {
+        let truth = vendor_lines(app, &invoice);
+        assert_eq!(
+            stored_lines(app, &invoice).await,
+            truth,
+            "{context}: lines of {invoice}"
+        );
+        total += truth.len() as i64;
+    }
+    assert_eq!(
+        app.count("SELECT count(*) FROM demo_invoice_lines WHERE deleted_at IS NULL")
+            .await,
+        total,
+        "{context}: line items"
+    );
+    assert_eq!(
+        app.count("SELECT count(DISTINCT source_id) FROM demo_invoice_lines")
+            .await,
+        app.count("SELECT count(*) FROM demo_invoice_lines").await,
+        "{context}: duplicates"
+    );
+    assert_eq!(
+        app.count("SELECT count(*) FROM idem_child_queue").await,
+        0,
+        "{context}: children still owed"
+    );
+}
+
+#[tokio::test]
+async fn child_streams_follow_changed_parents_only() {
+    let app = spawn_app(20).await;
+    app.vendor.seed_long_invoices(3, 25);
+    let connector = app.connector();
+
+    let first = run_with_children(&app, &connector).await;
+    assert_eq!(first.status, RunStatus::Succeeded, "{first:?}");
+    assert_eq!(first.children.len(), 1, "{first:?}");
+    assert_eq!(first.children[0].status, RunStatus::Succeeded);
+    assert_eq!(first.children[0].counters.inserted, 75);
+    // Only the three invoices whose inline list is incomplete (`lines.has_more`).
+    assert_eq!(app.vendor.line_item_requests(), 3);
+    assert_lines_match_vendor(&app, "first run").await;
+
+    // Nothing changed at the vendor: no child request at all, no child run.
+    let second = run_with_children(&app, &connector).await;
+    assert_eq!(second.status, RunStatus::Succeeded);
+    assert!(second.children.is_empty(), "{second:?}");
+    assert_eq!(app.vendor.line_item_requests(), 3);
+
+    // One long invoice gains a line, and a short one changes: only the long one's lines
+    // are read again (one page of 26).
+    let changed = long_invoices(&app)[1].clone();
+    let new_line = app.vendor.add_invoice_line(&changed).unwrap();
+    app.vendor
+        .update_invoice("in_000002", |inv| inv["amount_due"] = 1.into());
+    let third = run_with_children(&app, &connector).await;
+    assert_eq!(third.status, RunStatus::Succeeded);
+    assert_eq!(third.counters.updated, 2, "{third:?}");
+    assert_eq!(app.vendor.line_item_requests(), 4);
+    let requests = app.vendor.requests();
+    let last = requests
+        .iter()
+        .rev()
+        .find(|r| r.path.ends_with("/lines"))
+        .unwrap();
+    assert_eq!(last.path, format!("/v1/invoices/{changed}/lines"));
+    assert_eq!(third.children[0].counters.inserted, 1);
+    assert_eq!(third.children[0].counters.unchanged, 25);
+    let parent: String =
+        sqlx::query_scalar("SELECT parent_source_id FROM demo_invoice_lines WHERE source_id = $1")
+            .bind(&new_line)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(parent, changed);
+    assert_lines_match_vendor(&app, "third run").await;
+}
+
+#[tokio::test]
+async fn a_crash_between_parent_and_children_loses_no_child() {
+    // Two long invoices of 15 lines, read 10 a page: four child pages after one parent
+    // page. Every commit boundary of the two levels, one kill each.
+    let mut points: Vec<String> = [
+        "page_before_commit:1",
+        "page_after_commit:1",
+        "walk_end_before_commit:1",
+        "walk_end_after_commit:1",
+        "run_after_finish:1",
+        "child_run_after_finish:1",
+    ]
+    .iter()
+    .map(|p| p.to_string())
+    .collect();
+    for page in 1..=4 {
+        points.push(format!("child_page_before_commit:{page}"));
+        points.push(format!("child_page_after_commit:{page}"));
+    }
+    for crash_at in &points {
+        let app = spawn_app(3).await;
+        app.vendor.seed_long_invoices(2, 15);
+        app.demo_connector_variant("paged_lines", |text| {
+            text.replace(
+                "path = \"/v1/invoices/{parent.id}/lines\"\nparams = { limit = \"100\" }",
+                "path = \"/v1/invoices/{parent.id}/lines\"\nparams = { limit = \"10\" }",
+            )
+        });
+        let variant = app.dir.path().join("paged_lines.toml");
+        std::fs::write(
+            &app.config_path,
+            format!(
+                "connectors = [{:?}]\n[notify]\ntransport = \"log\"\n",
+                variant.display().to_string()
+            ),
+        )
+        .unwrap();
+        let crashed = app
+            .command(&["run", "--no-notify"])
+            .env("IDEM__IMPORT__TRANSACTION_RECORDS", "1")
+            .env("IDEM_CRASH_AT", crash_at)
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(
+            crashed.status.signal(),
+            Some(9),
+            "{crash_at}: the process should have been killed: {}",
+            stderr(&crashed)
+        );
+        // The vendor moves on while idem is down: a long invoice loses a line.
+        let moved = long_invoices(&app)[0].clone();
+        let gone = vendor_lines(&app, &moved).into_iter().next().unwrap();
+        assert!(app.vendor.remove_invoice_line(&moved, &gone));
+
+        let rerun = app.idem(&["run", "--no-notify"]).await;
+        assert_eq!(
+            rerun.status.code(),
+            Some(0),
+            "{crash_at}: {}",
+            stderr(&rerun)
+        );
+        app.assert_matches_vendor().await;
+        assert_lines_match_vendor(&app, crash_at).await;
+        // And a run after that has nothing left to do at the second level.
+        let before = app.vendor.line_item_requests();
+        let quiet = app.idem(&["run", "--no-notify"]).await;
+        assert_eq!(
+            quiet.status.code(),
+            Some(0),
+            "{crash_at}: {}",
+            stderr(&quiet)
+        );
+        assert_eq!(app.vendor.line_item_requests(), before, "{crash_at}");
+    }
+}
+
+#[tokio::test]
+async fn children_removed_at_the_vendor_are_marked_deleted_within_their_parent() {
+    let app = spawn_app(0).await;
+    app.vendor.seed_long_invoices(2, 12);
+    let connector = app.demo_connector_variant("paged_lines", |text| {
+        text.replace(
+            "path = \"/v1/invoices/{parent.id}/lines\"\nparams = { limit = \"100\" }",
+            "path = \"/v1/invoices/{parent.id}/lines\"\nparams = { limit = \"5\" }",
+        )
+    });
+    run_with_children(&app, &connector).await;
+    let invoices = long_invoices(&app);
+    let (a, b) = (invoices[0].clone(), invoices[1].clone());
+    assert_eq!(stored_lines(&app, &a).await.len(), 12);
+
+    // A line disappears from A, and reading A's lines fails after the first page: an
+    // incomplete walk marks nothing.
+    let gone = vendor_lines(&app, &a).into_iter().next_back().unwrap();
+    assert!(app.vendor.remove_invoice_line(&a, &gone));
+    app.vendor.inject(Fault::status(
+        format!("/v1/invoices/{a}/lines?limit=5&starting_after="),
+        1,
+        400,
+        None,
+    ));
+    let failed = run_with_children(&app, &connector).await;
+    assert_eq!(failed.children[0].status, RunStatus::Failed, "{failed:?}");
+    assert_eq!(
+        app.count("SELECT count(*) FROM demo_invoice_lines WHERE deleted_at IS NOT NULL")
+            .await,
+        0
+    );
+    assert_eq!(app.count("SELECT count(*) FROM idem_child_queue").await, 1);
+
+    // The vendor recovers: the next run walks A's lines again, completely, and marks the
+    // removed one deleted — only it, and none of B's.
+    let recovered = run_with_children(&app, &connector).await;
+    assert_eq!(recovered.children[0].status, RunStatus::Succeeded);
+    assert_eq!(recovered.children[0].counters.deleted, 1);
+    let deleted: Vec<(String, String)> = sqlx::query_as(
+        "SELECT source_id, parent_source_id FROM demo_invoice_lines WHERE deleted_at IS NOT NULL",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(deleted, vec![(gone, a.clone())]);
+    assert_eq!(stored_lines(&app, &b).await, vendor_lines(&app, &b));
+    assert_lines_match_vendor(&app, "after the recovery").await;
+}
+
+#[tokio::test]
+async fn a_missing_parent_answers_404_without_failing_the_run() {
+    let app = spawn_app(0).await;
+    app.vendor.seed_long_invoices(2, 12);
+    let connector = app.connector();
+    run_with_children(&app, &connector).await;
+    let invoices = long_invoices(&app);
+    let (a, b) = (invoices[0].clone(), invoices[1].clone());
+
+    // A changes, and is gone by the time its lines are read; B changes too.
+    app.vendor.add_invoice_line(&a);
+    app.vendor.add_invoice_line(&b);
+    app.vendor.inject(Fault::status(
+        format!("/v1/invoices/{a}/lines"),
+        1,
+        404,
+        None,
+    ));
+    let run = run_with_children(&app, &connector).await;
+    assert_eq!(run.status, RunStatus::Succeeded, "{run:?}");
+    let child = &run.children[0];
+    assert_eq!(child.status, RunStatus::Succeeded, "{child:?}");
+    assert_eq!(child.error, None);
+    // `on_missing = "delete_children"`: A's twelve stored lines are marked deleted,
+    // B's are all there (with its new one), and nothing is owed any more.
+    assert_eq!(child.counters.deleted, 12);
+    assert!(stored_lines(&app, &a).await.is_empty());
+    assert_eq!(stored_lines(&app, &b).await, vendor_lines(&app, &b));
+    assert_eq!(app.count("SELECT count(*) FROM idem_child_queue").await, 0);
+    let status: String = sqlx::query_scalar(
+        "SELECT status FROM idem_runs WHERE stream = 'line_items' ORDER BY started_at DESC LIMIT 1",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(status, "succeeded");
+}
