@@ -109,9 +109,12 @@ pub async fn owed_count(
     .context(|| format!("counting the owed children of {source_system}.{child}"))
 }
 
-/// A child stream's table columns: the declared ones and the parent's key.
-pub fn child_columns(stream: &StreamSpec) -> Vec<ColumnSpec> {
+/// A stream's table columns: the declared ones, and a child stream's parent key.
+pub fn table_columns(stream: &StreamSpec) -> Vec<ColumnSpec> {
     let mut columns = stream.columns.clone();
+    if stream.parent.is_none() {
+        return columns;
+    }
     columns.push(ColumnSpec {
         name: PARENT_COLUMN.into(),
         // Never in a record: the value is set from the parent after normalizing.
@@ -221,7 +224,7 @@ struct Drain<'a> {
 impl Drain<'_> {
     async fn run(&mut self, options: &RunOptions) -> Result<RunReport, RunError> {
         let started = Instant::now();
-        let columns = child_columns(self.stream);
+        let columns = table_columns(self.stream);
         let table =
             DestinationTable::new(&self.stream.table, &columns).with_ddl(options.ddl.clone());
         table.ensure(self.pool).await?;

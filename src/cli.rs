@@ -663,7 +663,7 @@ async fn check_database(settings: &Settings, connectors: &[Connector]) -> anyhow
             {
                 tables.push(store::table::DestinationTable::new(
                     &stream.table,
-                    &stream.columns,
+                    &crate::child::table_columns(stream),
                 ));
             }
         }
@@ -707,8 +707,11 @@ async fn migrate_tables(
                 continue;
             }
             done.push(&stream.table);
-            let table = store::table::DestinationTable::new(&stream.table, &stream.columns)
-                .with_ddl(policy.clone());
+            let table = store::table::DestinationTable::new(
+                &stream.table,
+                &crate::child::table_columns(stream),
+            )
+            .with_ddl(policy.clone());
             let statements = table.missing_ddl(pool).await?;
             table.ensure(pool).await?;
             if statements.is_empty() {

@@ -1097,6 +1097,7 @@ async fn fake_state(AxState(st): AxState<Shared>) -> Json<Value> {
         "contacts": s.data.contacts.len(),
         "events": s.data.events.len(),
         "requests": s.requests.len(),
+        "line_item_requests": s.requests.iter().filter(|r| r.path.starts_with("/v1/invoices/") && r.path.ends_with("/lines")).count(),
         "emails": s.emails.len(),
         "mailbox": s.mailbox.as_ref().map(|m| m.lock().unwrap_or_else(PoisonError::into_inner).len()),
     }))

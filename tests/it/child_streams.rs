@@ -3,12 +3,41 @@
 
 use std::collections::BTreeSet;
 use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
 
 use idem::connector::Connector;
 use idem::fake_vendor::Fault;
 use idem::run::{Mode, RunOptions, RunReport, RunStatus, StreamRunner};
 
 use crate::helpers::{TestApp, spawn_app, stderr};
+
+/// The demo connector with line items (`connectors/demo_billing_lines.toml`), its
+/// `line_items` read `limit` a page.
+fn lines_connector(app: &TestApp, limit: &str) -> (Connector, PathBuf) {
+    let shipped =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("connectors/demo_billing_lines.toml");
+    let text = std::fs::read_to_string(shipped).expect("read the demo connector");
+    let from = "path = \"/v1/invoices/{parent.id}/lines\"\nparams = { limit = \"100\" }";
+    assert!(text.contains(from));
+    let path = app.dir.path().join(format!("lines_{limit}.toml"));
+    let text = text.replace(
+        from,
+        &format!("path = \"/v1/invoices/{{parent.id}}/lines\"\nparams = {{ limit = \"{limit}\" }}"),
+    );
+    std::fs::write(&path, text).expect("write the connector");
+    // The real binary reads this file too.
+    std::fs::write(
+        &app.config_path,
+        format!(
+            "connectors = [{:?}]\n[notify]\ntransport = \"log\"\n",
+            path.display().to_string()
+        ),
+    )
+    .expect("write idem.toml");
+    let connector =
+        idem::connector::load_file_with(&path, &|name| app.env(name)).expect("it loads");
+    (connector, path)
+}
 
 /// A run of `demo_billing.invoices` as the CLI and `serve` do it: the parent walk, then
 /// the children it owes.
@@ -93,7 +122,7 @@ async fn assert_lines_match_vendor(app: &TestApp, context: &str) {
 async fn child_streams_follow_changed_parents_only() {
     let app = spawn_app(20).await;
     app.vendor.seed_long_invoices(3, 25);
-    let connector = app.connector();
+    let (connector, _) = lines_connector(&app, "100");
 
     let first = run_with_children(&app, &connector).await;
     assert_eq!(first.status, RunStatus::Succeeded, "{first:?}");
@@ -161,21 +190,7 @@ async fn a_crash_between_parent_and_children_loses_no_child() {
     for crash_at in &points {
         let app = spawn_app(3).await;
         app.vendor.seed_long_invoices(2, 15);
-        app.demo_connector_variant("paged_lines", |text| {
-            text.replace(
-                "path = \"/v1/invoices/{parent.id}/lines\"\nparams = { limit = \"100\" }",
-                "path = \"/v1/invoices/{parent.id}/lines\"\nparams = { limit = \"10\" }",
-            )
-        });
-        let variant = app.dir.path().join("paged_lines.toml");
-        std::fs::write(
-            &app.config_path,
-            format!(
-                "connectors = [{:?}]\n[notify]\ntransport = \"log\"\n",
-                variant.display().to_string()
-            ),
-        )
-        .unwrap();
+        lines_connector(&app, "10");
         let crashed = app
             .command(&["run", "--no-notify"])
             .env("IDEM__IMPORT__TRANSACTION_RECORDS", "1")
@@ -220,12 +235,7 @@ async fn a_crash_between_parent_and_children_loses_no_child() {
 async fn children_removed_at_the_vendor_are_marked_deleted_within_their_parent() {
     let app = spawn_app(0).await;
     app.vendor.seed_long_invoices(2, 12);
-    let connector = app.demo_connector_variant("paged_lines", |text| {
-        text.replace(
-            "path = \"/v1/invoices/{parent.id}/lines\"\nparams = { limit = \"100\" }",
-            "path = \"/v1/invoices/{parent.id}/lines\"\nparams = { limit = \"5\" }",
-        )
-    });
+    let (connector, _) = lines_connector(&app, "5");
     run_with_children(&app, &connector).await;
     let invoices = long_invoices(&app);
     let (a, b) = (invoices[0].clone(), invoices[1].clone());
@@ -270,7 +280,7 @@ async fn children_removed_at_the_vendor_are_marked_deleted_within_their_parent()
 async fn a_missing_parent_answers_404_without_failing_the_run() {
     let app = spawn_app(0).await;
     app.vendor.seed_long_invoices(2, 12);
-    let connector = app.connector();
+    let (connector, _) = lines_connector(&app, "100");
     run_with_children(&app, &connector).await;
     let invoices = long_invoices(&app);
     let (a, b) = (invoices[0].clone(), invoices[1].clone());
