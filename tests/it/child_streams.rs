@@ -313,3 +313,109 @@ async fn a_missing_parent_answers_404_without_failing_the_run() {
     .unwrap();
     assert_eq!(status, "succeeded");
 }
+
+#[tokio::test]
+async fn stripe_invoice_lines_are_a_child_of_both_invoice_streams() {
+    let app = spawn_app(10).await;
+    app.vendor.seed_long_invoices(2, 30);
+    let base = app.vendor.base_url();
+    let stripe = idem::connector::load_file_with(
+        &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("connectors/stripe.toml"),
+        &|env| match env {
+            "STRIPE_API_KEY" => Some("sk_test_demo".into()),
+            "STRIPE_BASE_URL" => Some(base.clone()),
+            _ => None,
+        },
+    )
+    .unwrap_or_else(|issues| panic!("{issues}"));
+    let mut runner = StreamRunner::default();
+    let options = RunOptions::new(Mode::Regular, false);
+    // The backfill finds both long invoices and owes their lines.
+    let backfill = runner
+        .run(
+            &app.pool,
+            &app.database_url,
+            &stripe,
+            "invoices_backfill",
+            &options,
+        )
+        .await
+        .unwrap();
+    assert_eq!(backfill.status, RunStatus::Succeeded, "{backfill:?}");
+    assert_eq!(backfill.children.len(), 1);
+    assert_eq!(backfill.children[0].stream, "invoice_lines");
+    assert_eq!(backfill.children[0].counters.inserted, 60);
+    // The events feed then brings the same invoices, unchanged: no line request.
+    let before = app.vendor.line_item_requests();
+    let events = runner
+        .run(&app.pool, &app.database_url, &stripe, "invoices", &options)
+        .await
+        .unwrap();
+    assert_eq!(events.status, RunStatus::Succeeded, "{events:?}");
+    assert_eq!(app.vendor.line_item_requests(), before);
+    // A line added at the vendor arrives through the events feed.
+    let invoice = long_invoices(&app)[0].clone();
+    let line = app.vendor.add_invoice_line(&invoice).unwrap();
+    let events = runner
+        .run(&app.pool, &app.database_url, &stripe, "invoices", &options)
+        .await
+        .unwrap();
+    assert_eq!(events.children[0].counters.inserted, 1, "{events:?}");
+    let parent: String = sqlx::query_scalar(
+        "SELECT parent_source_id FROM stripe_invoice_lines WHERE source_id = $1",
+    )
+    .bind(&line)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(parent, invoice);
+    assert_eq!(
+        app.count("SELECT count(*) FROM stripe_invoice_lines").await,
+        61
+    );
+}
+
+#[test]
+fn child_stream_mistakes_are_named_before_any_request() {
+    let check = |streams: &str| {
+        let text = format!(
+            "source_system = \"demo\"\nbase_url = \"http://127.0.0.1:1\"\n[streams.invoices]\npath = \"/v1/invoices\"\nid = \"/id\"\ntable = \"invoices\"\n{streams}"
+        );
+        match idem::connector::parse(std::path::Path::new("demo.toml"), &text, &|_| None) {
+            Ok(_) => String::new(),
+            Err(issues) => issues.to_string(),
+        }
+    };
+    let unknown = check(
+        "[streams.lines]\npath = \"/v1/invoices/{parent.id}/lines\"\nid = \"/id\"\ntable = \"lines\"\n[streams.lines.parent]\nstreams = [\"invoice\"]\n",
+    );
+    assert!(
+        unknown.contains("stream 'lines': field 'parent.streams'")
+            && unknown.contains("unknown parent stream 'invoice'"),
+        "{unknown}"
+    );
+    let grandchild = check(
+        "[streams.lines]\npath = \"/v1/invoices/{parent.id}/lines\"\nid = \"/id\"\ntable = \"lines\"\n[streams.lines.parent]\nstreams = [\"invoices\"]\n[streams.taxes]\npath = \"/v1/lines/{parent.id}/taxes\"\nid = \"/id\"\ntable = \"taxes\"\n[streams.taxes.parent]\nstreams = [\"lines\"]\n",
+    );
+    assert!(
+        grandchild.contains("'lines' is itself a child stream"),
+        "{grandchild}"
+    );
+    let orphan = check(
+        "[streams.lines]\npath = \"/v1/invoices/{parent.id}/lines\"\nid = \"/id\"\ntable = \"lines\"\n",
+    );
+    assert!(
+        orphan.contains("stream 'lines': field 'path': templates {parent…} need a [streams.<name>.parent] section"),
+        "{orphan}"
+    );
+    let typo = check(
+        "[streams.lines]\npath = \"/v1/invoices/{parent.key}/lines\"\nid = \"/id\"\ntable = \"lines\"\n[streams.lines.parent]\nstreams = [\"invoices\"]\n",
+    );
+    assert!(typo.contains("unknown template '{parent.key}'"), "{typo}");
+    assert_eq!(
+        check(
+            "[streams.lines]\npath = \"/v1/invoices/{parent.id}/lines\"\nid = \"/id\"\ntable = \"lines\"\n[streams.lines.parent]\nstreams = [\"invoices\"]\nwhen = [{ pointer = \"/lines/has_more\", eq = true }]\n"
+        ),
+        ""
+    );
+}
