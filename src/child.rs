@@ -228,6 +228,9 @@ impl Drain<'_> {
         let table =
             DestinationTable::new(&self.stream.table, &columns).with_ddl(options.ddl.clone());
         table.ensure(self.pool).await?;
+        if options.ddl.allow {
+            self.ensure_parent_index().await?;
+        }
         let owed: Vec<(String, String, DateTime<Utc>)> = sqlx::query_as(
             "SELECT parent_source_id, parent::text, enqueued_at FROM idem_child_queue
              WHERE source_system = $1 AND stream = $2 ORDER BY enqueued_at, parent_source_id",
@@ -316,6 +319,30 @@ impl Drain<'_> {
             error,
             ..empty_report(self.source_system, self.child, false)
         })
+    }
+
+    /// Deletions within a parent look its children up by parent: without an index each
+    /// parent would scan the whole table. Looked up first, so a drain with the index in
+    /// place takes no lock on the table.
+    async fn ensure_parent_index(&self) -> Result<(), StoreError> {
+        // Postgres cuts names at 63 bytes; the lookup must use the name it keeps.
+        let table = &self.stream.table;
+        let index = format!("{}_by_parent", &table[..table.len().min(53)]);
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+            .bind(format!("\"{index}\""))
+            .fetch_one(self.pool)
+            .await
+            .context(|| format!("looking for index {index}"))?;
+        if !exists {
+            sqlx::query(&format!(
+                "CREATE INDEX IF NOT EXISTS \"{index}\" ON \"{}\" (source_system, \"{PARENT_COLUMN}\")",
+                self.stream.table
+            ))
+            .execute(self.pool)
+            .await
+            .context(|| format!("creating index {index}"))?;
+        }
+        Ok(())
     }
 
     /// Walks one parent's children from their first page, a transaction per page; the
