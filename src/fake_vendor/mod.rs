@@ -254,6 +254,12 @@ impl FakeVendor {
         self.lock().data.invoice_lines(id)
     }
 
+    /// Replaces every line of invoice `id` (the invoice is updated); false when unknown.
+    pub fn set_invoice_lines(&self, id: &str, lines: Vec<Value>) -> bool {
+        let mut state = self.lock();
+        state.data.invoices.contains_key(id) && state.data.set_lines(id, lines)
+    }
+
     /// Adds a line to invoice `id` (the invoice is updated); returns the line's id.
     pub fn add_invoice_line(&self, id: &str) -> Option<String> {
         self.lock().data.add_invoice_line(id)

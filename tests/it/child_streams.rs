@@ -419,3 +419,73 @@ fn child_stream_mistakes_are_named_before_any_request() {
         ""
     );
 }
+
+#[tokio::test]
+async fn a_replay_walks_the_children_of_every_parent_it_reads() {
+    let app = spawn_app(5).await;
+    app.vendor.seed_long_invoices(3, 12);
+    let (connector, _) = lines_connector(&app, "100");
+    run_with_children(&app, &connector).await;
+    assert_eq!(app.vendor.line_item_requests(), 3);
+    let invoice = long_invoices(&app)[2].clone();
+    let at = |secs: i64| chrono::DateTime::<chrono::Utc>::from_timestamp(secs, 0).unwrap();
+    let replay = StreamRunner::default()
+        .run(
+            &app.pool,
+            &app.database_url,
+            &connector,
+            "invoices",
+            &RunOptions::new(
+                Mode::Replay {
+                    from: at(0),
+                    to: at(app.vendor.invoices()[0]["updated"].as_i64().unwrap() + 86_400 * 400),
+                    label: "all".into(),
+                    restart: false,
+                },
+                false,
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(replay.status, RunStatus::Succeeded, "{replay:?}");
+    // Every long invoice read, unchanged or not, has its lines read again, as no-ops.
+    assert_eq!(app.vendor.line_item_requests(), 6);
+    let child = &replay.children[0];
+    assert_eq!((child.counters.unchanged, child.counters.inserted), (36, 0));
+    assert_eq!(
+        stored_lines(&app, &invoice).await,
+        vendor_lines(&app, &invoice)
+    );
+    assert_lines_match_vendor(&app, "after the replay").await;
+}
+
+#[tokio::test]
+async fn a_bad_line_item_is_isolated_and_the_rest_of_its_page_commits() {
+    let app = spawn_app(0).await;
+    app.vendor.seed_long_invoices(1, 12);
+    let (connector, _) = lines_connector(&app, "100");
+    let invoice = long_invoices(&app)[0].clone();
+    let mut lines = app.vendor.invoice_lines(&invoice).unwrap();
+    lines[4]["amount"] = serde_json::json!("twelve dollars");
+    let bad = lines[4]["id"].as_str().unwrap().to_string();
+    assert!(app.vendor.set_invoice_lines(&invoice, lines.clone()));
+    let run = run_with_children(&app, &connector).await;
+    let child = &run.children[0];
+    assert_eq!(child.status, RunStatus::Partial, "{child:?}");
+    assert_eq!((child.counters.inserted, child.counters.failed), (11, 1));
+    let failed: Vec<(String, String)> =
+        sqlx::query_as("SELECT stream, record_key FROM idem_failures")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(failed, vec![("line_items".to_string(), bad.clone())]);
+    assert_eq!(app.count("SELECT count(*) FROM idem_child_queue").await, 0);
+
+    // The vendor fixes the line (the invoice changes with it): stored, failure cleared.
+    lines[4]["amount"] = serde_json::json!(1200);
+    assert!(app.vendor.set_invoice_lines(&invoice, lines));
+    let fixed = run_with_children(&app, &connector).await;
+    assert_eq!(fixed.children[0].status, RunStatus::Succeeded);
+    assert_eq!(app.count("SELECT count(*) FROM idem_failures").await, 0);
+    assert_lines_match_vendor(&app, "after the fix").await;
+}
