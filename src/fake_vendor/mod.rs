@@ -6,6 +6,10 @@
 //! - `GET /v1/invoices`, `GET /v1/customers`, `GET /v1/events`: Stripe-shaped lists
 //!   (`limit`, `starting_after`, `ending_before` for events, `updated[gte|gt|lt|lte]` for
 //!   invoices). Invoices list ascending by id; several share the same `updated` (ties).
+//! - `GET /v1/invoices/{id}/lines`: an invoice's line items (`limit`, `starting_after`,
+//!   `has_more`; 404 for an unknown invoice). An invoice carries at most 10 lines inline
+//!   with `lines.has_more`; [`FakeVendor::seed_long_invoices`] seeds invoices with more
+//!   (see `lines.rs`), and `/_fake/state` counts the line item requests.
 //! - `POST /crm/v3/objects/contacts/search` and `GET /crm/v3/objects/contacts`:
 //!   HubSpot-shaped; the search caps `after + limit` at 10,000 with HTTP 400.
 //! - `GET /paged/{next_url,link,page,offset,stuck}`: one endpoint per pagination kind over
