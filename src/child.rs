@@ -269,8 +269,10 @@ impl Drain<'_> {
         };
         let normalizer = Normalizer::new(&spec);
         let mut errors = Vec::new();
+        let mut interrupted = false;
         for (parent_id, parent, enqueued_at) in owed {
             if options.stop.as_ref().is_some_and(|s| *s.borrow()) {
+                interrupted = true;
                 errors
                     .push("stopped by shutdown; the owed parents left are walked next run".into());
                 break;
@@ -295,6 +297,7 @@ impl Drain<'_> {
             }
         }
         let status = match (errors.is_empty(), self.counters.failed) {
+            _ if interrupted => RunStatus::Interrupted,
             (false, _) => RunStatus::Failed,
             (true, 0) => RunStatus::Succeeded,
             (true, _) => RunStatus::Partial,
@@ -303,7 +306,8 @@ impl Drain<'_> {
         let name = match status {
             RunStatus::Succeeded => "succeeded",
             RunStatus::Partial => "partial",
-            _ => "failed",
+            RunStatus::Interrupted => "interrupted",
+            RunStatus::Failed => "failed",
         };
         state::finish_run(self.pool, run_id, name, error.as_deref()).await?;
         crash_point("child_run_after_finish", 1);
@@ -354,7 +358,6 @@ impl Drain<'_> {
         owed: &Owed,
     ) -> Result<Walked, String> {
         let parent_id = owed.parent_id.as_str();
-        let _span = info_span!("parent", parent_source_id = %parent_id);
         let render_err = |field: &str, err: template::TemplateError| {
             format!("{field} of stream {}: {err}", self.child)
         };
