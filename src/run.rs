@@ -817,6 +817,23 @@ impl<'a> Walk<'a> {
                 false,
             )
             .await?;
+        // A parent stored at last owes its children, as if a page had brought it.
+        if !self.children.is_empty() && !written.changed.is_empty() {
+            let changed: HashSet<&str> = written.changed.iter().map(String::as_str).collect();
+            let owed: Vec<(String, String)> = rows
+                .iter()
+                .filter(|r| changed.contains(r.source_id.as_str()))
+                .map(|r| (r.source_id.clone(), r.data.clone()))
+                .collect();
+            crate::child::enqueue(
+                &mut tx,
+                self.source_system,
+                self.run_id,
+                &self.children,
+                &owed,
+            )
+            .await?;
+        }
         // The stored row may be newer than the retried payload (another stream stored the
         // record since): the upsert's version guard keeps it, and the failure is cleared
         // all the same, since the record is stored.
