@@ -12,6 +12,8 @@
 //!   (see `lines.rs`), and `/_fake/state` counts the line item requests.
 //! - `POST /crm/v3/objects/contacts/search` and `GET /crm/v3/objects/contacts`:
 //!   HubSpot-shaped; the search caps `after + limit` at 10,000 with HTTP 400.
+//!   `GET /crm/v4/objects/contacts/{id}/associations/companies`: the company a contact's
+//!   `company` property names ("Company 007" is company 9007); 404 for an unknown contact.
 //! - `GET /paged/{next_url,link,page,offset,stuck}`: one endpoint per pagination kind over
 //!   the invoices. Their next links repeat an API key given as a query parameter, as many
 //!   vendors' do, and may point at another host ([`FakeVendor::set_link_base`]).
@@ -23,6 +25,7 @@
 //!
 //! Faults ([`FakeVendor::inject`]) are applied before auth; auth applies to `/v1` and `/crm`.
 
+mod associations;
 mod data;
 mod lines;
 mod server;

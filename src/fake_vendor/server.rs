@@ -200,6 +200,10 @@ pub(crate) fn router(st: Shared) -> Router {
         .route("/v1/events", get(events))
         .route("/crm/v3/objects/contacts/search", post(contacts_search))
         .route("/crm/v3/objects/contacts", get(contacts_list))
+        .route(
+            "/crm/v4/objects/contacts/{id}/associations/companies",
+            get(super::associations::contact_companies),
+        )
         .route("/paged/next_url", get(paged_next_url))
         .route("/paged/link", get(paged_link))
         .route("/paged/page", get(paged_page))

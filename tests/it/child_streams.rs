@@ -489,3 +489,86 @@ async fn a_bad_line_item_is_isolated_and_the_rest_of_its_page_commits() {
     assert_eq!(app.count("SELECT count(*) FROM idem_failures").await, 0);
     assert_lines_match_vendor(&app, "after the fix").await;
 }
+
+#[tokio::test]
+async fn hubspot_lead_companies_are_stored_per_lead_with_ids_unique_within_it() {
+    let app = spawn_app(0).await;
+    app.vendor.seed_contacts(6);
+    let base = app.vendor.base_url();
+    let hubspot = idem::connector::load_file_with(
+        &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("connectors/hubspot.toml"),
+        &|env| match env {
+            "HUBSPOT_TOKEN" => Some("sk_test_demo".into()),
+            "HUBSPOT_BASE_URL" => Some(base.clone()),
+            _ => None,
+        },
+    )
+    .unwrap_or_else(|issues| panic!("{issues}"));
+    let mut runner = StreamRunner::default();
+    let options = RunOptions::new(Mode::Regular, false);
+    let run = runner
+        .run(&app.pool, &app.database_url, &hubspot, "leads", &options)
+        .await
+        .unwrap();
+    assert_eq!(run.status, RunStatus::Succeeded, "{run:?}");
+    assert_eq!(run.children[0].counters.inserted, 6, "{run:?}");
+    let stored: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT source_id, parent_source_id, company_id FROM hubspot_lead_companies ORDER BY source_id",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    let expected: Vec<(String, String, i64)> = app
+        .vendor
+        .contacts()
+        .iter()
+        .map(|c| {
+            let id = c["id"].as_str().unwrap().to_string();
+            let company: i64 = c["properties"]["company"]
+                .as_str()
+                .unwrap()
+                .trim_start_matches("Company ")
+                .parse::<i64>()
+                .unwrap()
+                + 9000;
+            (format!("{id}/{company}"), id, company)
+        })
+        .collect();
+    assert_eq!(stored, expected);
+
+    // A lead moves to another company: its old association is marked deleted, its new one
+    // stored; no other lead's associations are read.
+    let before = app
+        .vendor
+        .requests()
+        .iter()
+        .filter(|r| r.path.contains("/associations/"))
+        .count();
+    app.vendor.update_contact("1002", |c| {
+        c["properties"]["company"] = serde_json::json!("Company 049")
+    });
+    let run = runner
+        .run(&app.pool, &app.database_url, &hubspot, "leads", &options)
+        .await
+        .unwrap();
+    let child = &run.children[0];
+    assert_eq!(
+        (child.counters.inserted, child.counters.deleted),
+        (1, 1),
+        "{run:?}"
+    );
+    let after = app
+        .vendor
+        .requests()
+        .iter()
+        .filter(|r| r.path.contains("/associations/"))
+        .count();
+    assert_eq!(after - before, 1);
+    let live: Vec<String> = sqlx::query_scalar(
+        "SELECT source_id FROM hubspot_lead_companies WHERE parent_source_id = '1002' AND deleted_at IS NULL",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(live, vec!["1002/9049".to_string()]);
+}
