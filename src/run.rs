@@ -171,37 +171,57 @@ impl StreamRunner {
             return crate::child::drain(pool, database_url, client, connector, stream, options)
                 .await;
         }
-        let source = HttpSource::new(client.clone(), spec.clone());
+        let children = crate::child::children_of(connector, stream);
+        // Children an interrupted run left owed come first: they were owed before anything
+        // this run finds.
+        let mut earlier = Vec::new();
+        if !options.dry_run {
+            for (child, _) in &children {
+                earlier.extend(
+                    self.drain_child(pool, database_url, connector, child, options)
+                        .await,
+                );
+            }
+        }
+        let source = HttpSource::new(client, spec.clone());
         let mut report = run_stream(pool, database_url, connector, stream, source, options).await?;
+        report.children = earlier;
         if options.dry_run {
             return Ok(report);
         }
         // Whatever the parent walk's outcome, the children its committed pages owe are
-        // walked now (and any an earlier, interrupted run left owed).
-        for (child, _) in crate::child::children_of(connector, stream) {
-            match crate::child::drain(
-                pool,
-                database_url,
-                client.clone(),
-                connector,
-                &child,
-                options,
-            )
-            .await
-            {
-                Ok(child_report) if child_report.run_id.is_some() => {
-                    report.children.push(child_report)
-                }
-                Ok(_) => {}
-                Err(RunError::Locked { .. }) => {
-                    info!(source_system = %connector.spec.source_system, stream = %child, "another run is walking this child stream; it walks the children owed");
-                }
-                Err(err) => {
-                    warn!(source_system = %connector.spec.source_system, stream = %child, error = %error_chain(&err), "walking the owed children failed; they stay owed");
-                }
-            }
+        // walked now.
+        for (child, _) in &children {
+            let walked = self
+                .drain_child(pool, database_url, connector, child, options)
+                .await;
+            report.children.extend(walked);
         }
         Ok(report)
+    }
+
+    /// Walks the children owed to `child`; a report only when some were owed. A lock held
+    /// by another process means that process walks them.
+    async fn drain_child(
+        &mut self,
+        pool: &PgPool,
+        database_url: &str,
+        connector: &Connector,
+        child: &str,
+        options: &RunOptions,
+    ) -> Option<RunReport> {
+        let client = self.client(connector);
+        match crate::child::drain(pool, database_url, client, connector, child, options).await {
+            Ok(report) => report.run_id.is_some().then_some(report),
+            Err(RunError::Locked { .. }) => {
+                info!(source_system = %connector.spec.source_system, stream = %child, "another run is walking this child stream; it walks the children owed");
+                None
+            }
+            Err(err) => {
+                warn!(source_system = %connector.spec.source_system, stream = %child, error = %error_chain(&err), "walking the owed children failed; they stay owed");
+                None
+            }
+        }
     }
 }
 
