@@ -600,7 +600,15 @@ fn insecure_files(settings: &Settings) -> Vec<String> {
 async fn check(settings: &Settings) -> anyhow::Result<u8> {
     let connectors = settings.load_connectors()?;
     for connector in &connectors {
-        let streams: Vec<&str> = connector.spec.streams.keys().map(String::as_str).collect();
+        let streams: Vec<String> = connector
+            .spec
+            .streams
+            .iter()
+            .map(|(name, spec)| match &spec.parent {
+                Some(parent) => format!("{name} (child of {})", parent.streams.join(", ")),
+                None => name.clone(),
+            })
+            .collect();
         println!(
             "ok  {} ({}): streams {}",
             connector.file.display(),
