@@ -10,6 +10,7 @@ if [ -z "${IDEM_DEMO_INNER:-}" ]; then
 fi
 
 INVOICES="${DEMO_INVOICES:-1000}"
+LONG_INVOICES="${DEMO_LONG_INVOICES:-20}"
 echo "==> building idem (first build takes a few minutes)"
 cargo build --quiet --bins
 
@@ -32,8 +33,9 @@ base="${admin_url%%\?*}"
 demo_url="${base%/*}/${demo_db}"
 PGOPTIONS="-c client_min_messages=warning" psql "$admin_url" -qAt -c "DROP DATABASE IF EXISTS ${demo_db} WITH (FORCE)" -c "CREATE DATABASE ${demo_db}" >/dev/null
 
-echo "==> starting the fake billing vendor ($INVOICES invoices) and a mail sink"
+echo "==> starting the fake billing vendor ($INVOICES invoices, $LONG_INVOICES more with 25 line items each) and a mail sink"
 target/debug/idem-fake-vendor --addr "127.0.0.1:${http_port}" --invoices "$INVOICES" \
+  --long-invoices "$LONG_INVOICES" \
   --smtp-addr "127.0.0.1:${smtp_port}" --bearer sk_test_demo >"$work/vendor.log" 2>&1 &
 vendor_pid=$!
 for _ in $(seq 1 100); do
@@ -42,7 +44,7 @@ for _ in $(seq 1 100); do
 done
 
 cat >"$work/idem.toml" <<TOML
-connectors = ["$PWD/connectors/demo_billing.toml"]
+connectors = ["$PWD/connectors/demo_billing_lines.toml"]
 
 [notify]
 transport = "smtp"
@@ -60,9 +62,14 @@ idem() { target/debug/idem --config "$work/idem.toml" --log-format pretty "$@"; 
 echo
 echo "==> nightly run #1: import, then send the overdue reminders"
 idem run
+line_requests() { curl -s "http://127.0.0.1:${http_port}/_fake/state" | python3 -c 'import json,sys; print(json.load(sys.stdin)["line_item_requests"])' 2>/dev/null || echo '?'; }
+lines="$(psql "$DATABASE_URL" -qAt -c "SELECT count(*) FROM demo_invoice_lines" 2>/dev/null || echo '?')"
+echo "==> line items beyond the 10 an invoice carries inline (child stream line_items): ${lines} rows in demo_invoice_lines, $(line_requests) line item requests"
 echo
 echo "==> nightly run #2: the same job again (a retry, an overlap, a second cron): nothing to do"
+before="$(line_requests)"
 idem run
+echo "==> run #2 made $(( $(line_requests) - before )) line item requests (no invoice changed, so no child walk)"
 echo
 echo "==> a third, full re-walk after forgetting the checkpoint: every record compared, none written"
 idem checkpoint reset demo_billing.invoices --yes

@@ -623,7 +623,15 @@ fn insecure_files(settings: &Settings) -> Vec<String> {
 async fn check(settings: &Settings) -> anyhow::Result<u8> {
     let connectors = settings.load_connectors()?;
     for connector in &connectors {
-        let streams: Vec<&str> = connector.spec.streams.keys().map(String::as_str).collect();
+        let streams: Vec<String> = connector
+            .spec
+            .streams
+            .iter()
+            .map(|(name, spec)| match &spec.parent {
+                Some(parent) => format!("{name} (child of {})", parent.streams.join(", ")),
+                None => name.clone(),
+            })
+            .collect();
         println!(
             "ok  {} ({}): streams {}",
             connector.file.display(),
@@ -686,7 +694,7 @@ async fn check_database(settings: &Settings, connectors: &[Connector]) -> anyhow
             {
                 tables.push(store::table::DestinationTable::new(
                     &stream.table,
-                    &stream.columns,
+                    &crate::child::table_columns(stream),
                 ));
             }
         }
@@ -730,8 +738,11 @@ async fn migrate_tables(
                 continue;
             }
             done.push(&stream.table);
-            let table = store::table::DestinationTable::new(&stream.table, &stream.columns)
-                .with_ddl(policy.clone());
+            let table = store::table::DestinationTable::new(
+                &stream.table,
+                &crate::child::table_columns(stream),
+            )
+            .with_ddl(policy.clone());
             let statements = table.missing_ddl(pool).await?;
             table.ensure(pool).await?;
             if statements.is_empty() {
@@ -828,6 +839,19 @@ async fn run_all(
                 code = worst(code, stream_code);
                 if !json {
                     println!("{}", summary(&report));
+                }
+                for child in &report.children {
+                    code = worst(
+                        code,
+                        match child.status {
+                            RunStatus::Succeeded => EXIT_OK,
+                            RunStatus::Partial => EXIT_PARTIAL,
+                            RunStatus::Failed | RunStatus::Interrupted => EXIT_FAILED,
+                        },
+                    );
+                    if !json {
+                        println!("{}", summary(child));
+                    }
                 }
                 reports.push(report);
             }

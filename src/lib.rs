@@ -26,6 +26,7 @@
 //! - [`console`]: the operator console `idem serve` serves: pages and guarded actions.
 //! - [`fake_vendor`]: an in-project fake vendor (HTTP API + SMTP sink) for tests and the demo.
 
+pub mod child;
 pub mod cli;
 pub mod config;
 pub mod connector;

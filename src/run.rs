@@ -107,6 +107,9 @@ pub struct RunReport {
     pub skipped_outside_window: u64,
     pub duration_ms: u64,
     pub error: Option<String>,
+    /// The runs of this stream's child streams that followed it (owed children walked).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub children: Vec<RunReport>,
 }
 
 /// The more severe of two run outcomes (for a partitioned stream's summed report).
@@ -243,11 +246,29 @@ impl StreamRunner {
         options: &RunOptions,
     ) -> Result<RunReport, RunError> {
         let client = self.client(connector);
+        // A child stream is walked through its parents: on its own, a run walks the
+        // children still owed (by an interrupted run, or a parent run that was locked out).
+        if spec.parent.is_some() {
+            return crate::child::drain(pool, database_url, client, connector, stream, options)
+                .await;
+        }
+        let children = crate::child::children_of(connector, stream);
+        // Children an interrupted run left owed come first: they were owed before anything
+        // this run finds.
+        let mut earlier = Vec::new();
+        if !options.dry_run {
+            for (child, _) in &children {
+                earlier.extend(
+                    self.drain_child(pool, database_url, connector, child, options)
+                        .await,
+                );
+            }
+        }
         let source = HttpSource::new(
             client,
             crate::connector::partition::for_partition(spec, partition),
         );
-        run_partition(
+        let mut report = run_partition(
             pool,
             database_url,
             connector,
@@ -256,7 +277,44 @@ impl StreamRunner {
             source,
             options,
         )
-        .await
+        .await?;
+        report.children = earlier;
+        if options.dry_run {
+            return Ok(report);
+        }
+        // Whatever the parent walk's outcome, the children its committed pages owe are
+        // walked now.
+        for (child, _) in &children {
+            let walked = self
+                .drain_child(pool, database_url, connector, child, options)
+                .await;
+            report.children.extend(walked);
+        }
+        Ok(report)
+    }
+
+    /// Walks the children owed to `child`; a report only when some were owed. A lock held
+    /// by another process means that process walks them.
+    async fn drain_child(
+        &mut self,
+        pool: &PgPool,
+        database_url: &str,
+        connector: &Connector,
+        child: &str,
+        options: &RunOptions,
+    ) -> Option<RunReport> {
+        let client = self.client(connector);
+        match crate::child::drain(pool, database_url, client, connector, child, options).await {
+            Ok(report) => report.run_id.is_some().then_some(report),
+            Err(RunError::Locked { .. }) => {
+                info!(source_system = %connector.spec.source_system, stream = %child, "another run is walking this child stream; it walks the children owed");
+                None
+            }
+            Err(err) => {
+                warn!(source_system = %connector.spec.source_system, stream = %child, error = %error_chain(&err), "walking the owed children failed; they stay owed");
+                None
+            }
+        }
     }
 }
 
@@ -335,7 +393,10 @@ pub async fn run_partition<S: Source + 'static>(
                         .await;
                 }
                 match walk.sharing_table_with(same_table).await {
-                    Ok(walk) => walk.execute(source).await,
+                    Ok(mut walk) => {
+                        walk.children = crate::child::children_of(connector, stream_name);
+                        walk.execute(source).await
+                    }
                     Err(err) => Err(err),
                 }
             }
@@ -392,6 +453,8 @@ struct Walk<'a> {
     /// The owner id this run claimed the stream with (none for dry runs): every
     /// transaction of the walk checks it first.
     owner: Option<Uuid>,
+    /// This stream's child streams and their conditions (see [`crate::child`]).
+    children: Vec<(String, Vec<crate::connector::ParentCondition>)>,
 }
 
 impl<'a> Walk<'a> {
@@ -535,6 +598,7 @@ impl<'a> Walk<'a> {
             seen_ids,
             last_token: None,
             owner,
+            children: Vec::new(),
         })
     }
 
@@ -750,6 +814,7 @@ impl<'a> Walk<'a> {
             skipped_outside_window: self.skipped_outside_window,
             duration_ms: duration.as_millis() as u64,
             error: failure,
+            children: Vec::new(),
         })
     }
 
@@ -915,6 +980,23 @@ impl<'a> Walk<'a> {
                 false,
             )
             .await?;
+        // A parent stored at last owes its children, as if a page had brought it.
+        if !self.children.is_empty() && !written.changed.is_empty() {
+            let changed: HashSet<&str> = written.changed.iter().map(String::as_str).collect();
+            let owed: Vec<(String, String)> = rows
+                .iter()
+                .filter(|r| changed.contains(r.source_id.as_str()))
+                .map(|r| (r.source_id.clone(), r.data.clone()))
+                .collect();
+            crate::child::enqueue(
+                &mut tx,
+                self.source_system,
+                self.run_id,
+                &self.children,
+                &owed,
+            )
+            .await?;
+        }
         // The stored row may be newer than the retried payload (another stream stored the
         // record since): the upsert's version guard keeps it, and the failure is cleared
         // all the same, since the record is stored.
@@ -1116,6 +1198,7 @@ impl<'a> Walk<'a> {
                 Mode::Replay { .. } => Compare::Content,
             },
             dry_run: self.options.dry_run,
+            children: self.children.clone(),
         }
     }
 

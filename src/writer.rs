@@ -86,6 +86,10 @@ pub(crate) struct WriteTarget {
     pub table_exists: bool,
     pub compare: Compare,
     pub dry_run: bool,
+    /// Child streams of this stream and their conditions on the parent record: the
+    /// transaction owes them the parents it inserts or changes (every parent it touches
+    /// in a replay), recorded in `idem_child_queue` with the parent rows.
+    pub children: Vec<(String, Vec<crate::connector::ParentCondition>)>,
 }
 
 /// Why a transaction did not commit.
@@ -344,6 +348,7 @@ async fn write_transaction(
         failures,
         resolved,
         written_ids,
+        owed,
     } = acc;
     if t.dry_run {
         return Ok(counters);
@@ -378,6 +383,9 @@ async fn write_transaction(
             Some(&ids),
         )
         .await?;
+    }
+    if !owed.is_empty() {
+        crate::child::enqueue(&mut tx, &t.source_system, t.run_id, &t.children, &owed).await?;
     }
     state::save_checkpoint(
         &mut tx,
@@ -444,6 +452,7 @@ async fn write_one_by_one(
                 total.inserted += written.inserted;
                 total.updated += written.updated;
                 total.unchanged += written.unchanged;
+                total.changed.extend(written.changed);
                 kept.push(row);
             }
             Err(err) if refused_by_postgres(&err) => {
@@ -484,6 +493,8 @@ struct Accumulated {
     failures: Vec<RecordFailure>,
     resolved: Vec<String>,
     written_ids: Vec<String>,
+    /// Parents whose children are owed: (source_id, record).
+    owed: Vec<(String, String)>,
 }
 
 /// Rows of consecutive pages not yet written, one per record.
@@ -570,6 +581,16 @@ async fn flush(
     acc.counters.inserted += written.inserted;
     acc.counters.updated += written.updated;
     acc.counters.unchanged += written.unchanged;
+    if !t.children.is_empty() {
+        // A replay re-reads on purpose: it walks the children of every parent it touches.
+        let owed: HashSet<&str> = written.changed.iter().map(String::as_str).collect();
+        let every = t.compare == Compare::Content;
+        acc.owed.extend(
+            rows.iter()
+                .filter(|r| every || owed.contains(r.source_id.as_str()))
+                .map(|r| (r.source_id.clone(), r.data.clone())),
+        );
+    }
     if written.inserted + written.updated > 0 {
         acc.written_ids
             .extend(rows.into_iter().map(|r| r.source_id));
@@ -584,4 +605,19 @@ async fn simple_query(
 ) -> Result<(), sqlx::Error> {
     use sqlx::Executor;
     connection.execute(sql).await.map(|_| ())
+}
+
+/// Writes `rows` in `tx` as a page transaction does (under a savepoint, row by row when
+/// Postgres refuses the chunk): for walks that commit their own transactions (child
+/// streams). Returns the counters, the rows Postgres refused and the ids written.
+pub(crate) async fn write_rows(
+    t: &WriteTarget,
+    tx: &mut sqlx::PgConnection,
+    rows: Vec<Row>,
+) -> Result<(Counters, Vec<RecordFailure>, Vec<String>), StoreError> {
+    let mut chunk = Chunk::default();
+    let mut acc = Accumulated::default();
+    chunk.add(rows, &mut acc.counters);
+    flush(t, tx, &mut chunk, &mut acc).await?;
+    Ok((acc.counters, acc.failures, acc.written_ids))
 }

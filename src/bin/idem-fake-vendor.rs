@@ -18,6 +18,9 @@ struct Args {
     /// How many invoices to seed.
     #[arg(long, default_value_t = 200)]
     invoices: usize,
+    /// How many invoices with more than 10 line items (25 each) to seed after the others.
+    #[arg(long, default_value_t = 0)]
+    long_invoices: usize,
     /// How many HubSpot contacts to seed.
     #[arg(long, default_value_t = 0)]
     contacts: usize,
@@ -40,6 +43,7 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.addr))?;
     vendor.seed_invoices(args.invoices);
+    vendor.seed_long_invoices(args.long_invoices, 25);
     vendor.seed_contacts(args.contacts);
     for account in ["acct_eu", "acct_us", "acct_uk"] {
         vendor.seed_charges(account, args.charges_per_account);

@@ -6,6 +6,7 @@
 
 pub mod partition;
 pub mod spec;
+pub mod template;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -396,6 +397,7 @@ pub fn parse(
             }
         }
         validate_stream(name, stream, &mut push);
+        validate_parent(name, stream, &spec.streams, &mut push);
     }
     if !issues.is_empty() {
         return Err(ConfigIssues(issues));
@@ -585,6 +587,139 @@ fn validate_stream(
     }
 }
 
+/// A child stream's parent settings and templates: parents exist, are not children
+/// themselves (one level, so no cycles), and templates appear only in child streams.
+fn validate_parent(
+    name: &str,
+    stream: &StreamSpec,
+    streams: &BTreeMap<String, StreamSpec>,
+    push: &mut dyn FnMut(Option<&str>, &str, String),
+) {
+    let s = Some(name);
+    let mut texts: Vec<(String, &str)> = vec![("path".into(), stream.path.as_str())];
+    for (key, value) in &stream.params {
+        for text in template::toml_strings(value) {
+            texts.push((format!("params.{key}"), text));
+        }
+    }
+    if let Some(body) = &stream.body {
+        for text in template::toml_strings(body) {
+            texts.push(("body".into(), text));
+        }
+    }
+    for (field, text) in &texts {
+        for placeholder in template::placeholders(text) {
+            match placeholder {
+                template::Placeholder::Unknown(inner) => push(
+                    s,
+                    field,
+                    format!("unknown template '{{{inner}}}': use {{parent.id}} or {{parent/<json pointer>}}"),
+                ),
+                _ if stream.parent.is_none() => push(
+                    s,
+                    field,
+                    "templates {parent…} need a [streams.<name>.parent] section naming the parent streams".into(),
+                ),
+                _ => {}
+            }
+        }
+    }
+    let Some(parent) = &stream.parent else {
+        return;
+    };
+    if parent.streams.is_empty() {
+        push(
+            s,
+            "parent.streams",
+            "name at least one parent stream, e.g. streams = [\"invoices\"]".into(),
+        );
+    }
+    for other in &parent.streams {
+        match streams.get(other) {
+            None => {
+                let known: Vec<&str> = streams
+                    .iter()
+                    .filter(|(_, spec)| spec.parent.is_none())
+                    .map(|(n, _)| n.as_str())
+                    .collect();
+                push(
+                    s,
+                    "parent.streams",
+                    format!(
+                        "unknown parent stream '{other}' (streams: {})",
+                        known.join(", ")
+                    ),
+                );
+            }
+            Some(_) if other == name => push(
+                s,
+                "parent.streams",
+                "a stream cannot be its own parent".into(),
+            ),
+            Some(spec) if spec.parent.is_some() => push(
+                s,
+                "parent.streams",
+                format!(
+                    "'{other}' is itself a child stream; children of children are not supported (name its parent instead)"
+                ),
+            ),
+            Some(spec) if spec.table == stream.table => push(
+                s,
+                "table",
+                format!("a child stream needs its own table, not its parent '{other}''s"),
+            ),
+            Some(_) => {}
+        }
+    }
+    for (index, condition) in parent.when.iter().enumerate() {
+        if !condition.pointer.starts_with('/') {
+            push(
+                s,
+                &format!("parent.when[{index}].pointer"),
+                format!(
+                    "'{}' is not a JSON pointer: it must start with '/', e.g. \"/lines/has_more\"",
+                    condition.pointer
+                ),
+            );
+        }
+        if !matches!(
+            condition.eq,
+            toml::Value::String(_)
+                | toml::Value::Boolean(_)
+                | toml::Value::Integer(_)
+                | toml::Value::Float(_)
+        ) {
+            push(
+                s,
+                &format!("parent.when[{index}].eq"),
+                "must be a string, number or boolean".into(),
+            );
+        }
+    }
+    if stream.columns.iter().any(|c| c.name == PARENT_COLUMN) {
+        push(
+            s,
+            "columns",
+            format!("'{PARENT_COLUMN}' is idem's own column in a child stream's table"),
+        );
+    }
+    if !matches!(
+        stream.incremental,
+        IncrementalSpec::Full {
+            mark_deleted: false
+        }
+    ) {
+        push(
+            s,
+            "incremental",
+            "a child stream is walked whole for each parent: leave `incremental` out and use parent.mark_deleted for deletions".into(),
+        );
+    }
+}
+
+/// The column of a child stream's table holding its parent's `source_id`.
+pub const PARENT_COLUMN: &str = "parent_source_id";
+
 /// Columns every destination table has; typed columns may not reuse their names.
 pub const RESERVED_COLUMNS: &[&str] = &[
     "source_system",
@@ -714,12 +849,15 @@ pub fn select_streams<'a>(
     connectors: &'a [Connector],
     targets: &[String],
 ) -> Result<Vec<(&'a Connector, String)>, String> {
+    // Child streams are walked through their parents, so "every stream" leaves them out;
+    // naming one (`SOURCE.CHILD`) walks the children still owed.
     let all_of = |connector: &'a Connector| {
         connector
             .spec
             .streams
-            .keys()
-            .map(move |s| (connector, s.clone()))
+            .iter()
+            .filter(|(_, spec)| spec.parent.is_none())
+            .map(move |(s, _)| (connector, s.clone()))
     };
     if targets.is_empty() {
         return Ok(connectors.iter().flat_map(all_of).collect());

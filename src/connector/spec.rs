@@ -234,6 +234,12 @@ pub struct StreamSpec {
     /// values or `headers` is replaced by the value.
     #[serde(default)]
     pub partitions: Option<PartitionsSpec>,
+    /// Makes this a child stream: walked once per parent record that a parent stream
+    /// inserted or changed, with `{parent.id}` and `{parent/<pointer>}` in `path`,
+    /// `params` and `body` taken from that parent record (see "Child streams" in
+    /// docs/connectors.md).
+    #[serde(default)]
+    pub parent: Option<ParentSpec>,
 }
 
 /// `[streams.<name>.partitions]`: the values a stream is walked for, one after another.
@@ -244,6 +250,72 @@ pub struct PartitionsSpec {
     /// `.` only (they go into lock keys and URLs). `idem.toml` may replace the list per
     /// source with `[partitions.<source_system>] <stream> = [...]`.
     pub values: Vec<String>,
+}
+
+/// `[streams.<child>.parent]`: which parent records a child stream is walked for, and
+/// how its rows relate to them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParentSpec {
+    /// The parent streams of the same connector, e.g. `["invoices", "invoices_backfill"]`.
+    /// A parent may not itself be a child stream.
+    pub streams: Vec<String>,
+    /// Conditions on the parent record, all of which must hold for its children to be
+    /// walked, e.g. `[{ pointer = "/lines/has_more", eq = true }]`. Default: every
+    /// inserted or changed parent.
+    #[serde(default)]
+    pub when: Vec<ParentCondition>,
+    /// The child's id is unique only within its parent: the stored `source_id` becomes
+    /// `<parent id>/<child id>`.
+    #[serde(default)]
+    pub id_unique_within_parent: bool,
+    /// After a complete walk of one parent's children, mark that parent's stored children
+    /// the vendor no longer returned as deleted (`deleted_at`). Never other parents'
+    /// children, never after an interrupted walk.
+    #[serde(default)]
+    pub mark_deleted: bool,
+    /// What a 404 on the child path (the parent is gone) means: `"keep"` (default) leaves
+    /// the stored children as they are, `"delete_children"` marks them deleted. Either
+    /// way the run does not fail.
+    #[serde(default)]
+    pub on_missing: OnMissing,
+}
+
+/// One condition on a parent record: the value at `pointer` equals `eq`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ParentCondition {
+    /// JSON pointer inside the parent record, e.g. `"/lines/has_more"`.
+    pub pointer: String,
+    /// The value it must equal (a string, number or boolean); a missing value never does.
+    pub eq: toml::Value,
+}
+
+impl ParentCondition {
+    /// Whether `record` satisfies the condition.
+    pub fn holds(&self, record: &serde_json::Value) -> bool {
+        let Some(value) = record.pointer(&self.pointer) else {
+            return false;
+        };
+        match (&self.eq, value) {
+            (toml::Value::String(a), serde_json::Value::String(b)) => a == b,
+            (toml::Value::Boolean(a), serde_json::Value::Bool(b)) => a == b,
+            (toml::Value::Integer(a), serde_json::Value::Number(b)) => b.as_i64() == Some(*a),
+            (toml::Value::Float(a), serde_json::Value::Number(b)) => b.as_f64() == Some(*a),
+            _ => false,
+        }
+    }
+}
+
+/// What a 404 on a child path means.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OnMissing {
+    /// Leave the parent's stored children as they are.
+    #[default]
+    Keep,
+    /// Mark the parent's stored children deleted.
+    DeleteChildren,
 }
 
 /// A timestamp inside a record.

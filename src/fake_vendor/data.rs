@@ -22,6 +22,9 @@ pub struct VendorData {
     pub contacts: BTreeMap<String, Value>,
     /// Charges of connected accounts, served by `GET /v1/charges` per `Stripe-Account`.
     pub accounts: super::accounts::Accounts,
+    /// The full line list of invoices with more lines than they carry inline, by
+    /// invoice id (see `lines.rs`); other invoices' lines are their inline ones.
+    pub lines: BTreeMap<String, Vec<Value>>,
     pub(crate) events: Vec<Event>,
     pub(crate) clock: i64,
     next_invoice: usize,
@@ -56,6 +59,7 @@ impl Default for VendorData {
             invoices: BTreeMap::new(),
             contacts: BTreeMap::new(),
             accounts: Default::default(),
+            lines: BTreeMap::new(),
             events: Vec::new(),
             clock: DEFAULT_CLOCK,
             next_invoice: 1,

@@ -8,8 +8,14 @@
 //! - `GET /v1/invoices`, `GET /v1/customers`, `GET /v1/events`: Stripe-shaped lists
 //!   (`limit`, `starting_after`, `ending_before` for events, `updated[gte|gt|lt|lte]` for
 //!   invoices). Invoices list ascending by id; several share the same `updated` (ties).
+//! - `GET /v1/invoices/{id}/lines`: an invoice's line items (`limit`, `starting_after`,
+//!   `has_more`; 404 for an unknown invoice). An invoice carries at most 10 lines inline
+//!   with `lines.has_more`; [`FakeVendor::seed_long_invoices`] seeds invoices with more
+//!   (see `lines.rs`), and `/_fake/state` counts the line item requests.
 //! - `POST /crm/v3/objects/contacts/search` and `GET /crm/v3/objects/contacts`:
 //!   HubSpot-shaped; the search caps `after + limit` at 10,000 with HTTP 400.
+//!   `GET /crm/v4/objects/contacts/{id}/associations/companies`: the company a contact's
+//!   `company` property names ("Company 007" is company 9007); 404 for an unknown contact.
 //! - `GET /paged/{next_url,link,page,offset,stuck}`: one endpoint per pagination kind over
 //!   the invoices. Their next links repeat an API key given as a query parameter, as many
 //!   vendors' do, and may point at another host ([`FakeVendor::set_link_base`]).
@@ -22,7 +28,9 @@
 //! Faults ([`FakeVendor::inject`]) are applied before auth; auth applies to `/v1` and `/crm`.
 
 mod accounts;
+mod associations;
 mod data;
+mod lines;
 mod server;
 mod smtp;
 #[cfg(test)]
@@ -244,6 +252,42 @@ impl FakeVendor {
     /// third paid, the other open with about half more than 3 days overdue.
     pub fn seed_invoices(&self, n: usize) {
         self.lock().data.seed_invoices(n);
+    }
+
+    /// Seeds `n` invoices with `lines` line items each after the existing ones; with more
+    /// than 10 lines an invoice carries the first 10 and `lines.has_more = true`.
+    pub fn seed_long_invoices(&self, n: usize, lines: usize) {
+        self.lock().data.seed_long_invoices(n, lines);
+    }
+
+    /// Every line of invoice `id` (`None` when unknown).
+    pub fn invoice_lines(&self, id: &str) -> Option<Vec<Value>> {
+        self.lock().data.invoice_lines(id)
+    }
+
+    /// Replaces every line of invoice `id` (the invoice is updated); false when unknown.
+    pub fn set_invoice_lines(&self, id: &str, lines: Vec<Value>) -> bool {
+        let mut state = self.lock();
+        state.data.invoices.contains_key(id) && state.data.set_lines(id, lines)
+    }
+
+    /// Adds a line to invoice `id` (the invoice is updated); returns the line's id.
+    pub fn add_invoice_line(&self, id: &str) -> Option<String> {
+        self.lock().data.add_invoice_line(id)
+    }
+
+    /// Removes line `line_id` of invoice `id` (the invoice is updated).
+    pub fn remove_invoice_line(&self, id: &str, line_id: &str) -> bool {
+        self.lock().data.remove_invoice_line(id, line_id)
+    }
+
+    /// Requests made to `/v1/invoices/{id}/lines`, any invoice.
+    pub fn line_item_requests(&self) -> usize {
+        self.lock()
+            .requests
+            .iter()
+            .filter(|r| r.path.starts_with("/v1/invoices/") && r.path.ends_with("/lines"))
+            .count()
     }
 
     /// The vendor's current invoices, sorted by id.

@@ -22,7 +22,7 @@ use super::{ApiKeyPlace, DeliveredEmail, Fault, FaultKind, ReceivedMail, Recorde
 /// A test mutation run before the nth request.
 pub(crate) type Hook = Box<dyn FnOnce(&mut VendorData) + Send>;
 
-pub(super) type Shared = Arc<Mutex<State>>;
+pub(crate) type Shared = Arc<Mutex<State>>;
 type Q = Query<HashMap<String, String>>;
 pub(super) type Res<T = Json<Value>> = Result<T, Reject>;
 
@@ -195,11 +195,16 @@ type DupExt = Option<Extension<Dup>>;
 pub(crate) fn router(st: Shared) -> Router {
     Router::new()
         .route("/v1/invoices", get(invoices))
+        .route("/v1/invoices/{id}/lines", get(super::lines::invoice_lines))
         .route("/v1/customers", get(customers))
         .route("/v1/charges", get(super::accounts::charges))
         .route("/v1/events", get(events))
         .route("/crm/v3/objects/contacts/search", post(contacts_search))
         .route("/crm/v3/objects/contacts", get(contacts_list))
+        .route(
+            "/crm/v4/objects/contacts/{id}/associations/companies",
+            get(super::associations::contact_companies),
+        )
         .route("/paged/next_url", get(paged_next_url))
         .route("/paged/link", get(paged_link))
         .route("/paged/page", get(paged_page))
@@ -1102,6 +1107,7 @@ async fn fake_state(AxState(st): AxState<Shared>) -> Json<Value> {
         "contacts": s.data.contacts.len(),
         "events": s.data.events.len(),
         "requests": s.requests.len(),
+        "line_item_requests": s.requests.iter().filter(|r| r.path.starts_with("/v1/invoices/") && r.path.ends_with("/lines")).count(),
         "emails": s.emails.len(),
         "mailbox": s.mailbox.as_ref().map(|m| m.lock().unwrap_or_else(PoisonError::into_inner).len()),
     }))

@@ -22,11 +22,13 @@ pub enum Compare {
 }
 
 /// Counts of one page's write.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct WriteCounts {
     pub inserted: u64,
     pub updated: u64,
     pub unchanged: u64,
+    /// The ids of the rows inserted or updated (their children are owed).
+    pub changed: Vec<String>,
 }
 
 /// A destination table and the statements that write it, built once per run.
@@ -526,6 +528,7 @@ impl DestinationTable {
                 }
             })
             .collect();
+        counts.changed = to_write.iter().map(|r| r.source_id.clone()).collect();
         if to_write.is_empty() || dry_run {
             return Ok(counts);
         }

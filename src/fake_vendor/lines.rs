@@ -1,0 +1,157 @@
+//! Invoice line items beyond the inline ten: `GET /v1/invoices/{id}/lines` (Stripe's
+//! shape, `starting_after`/`has_more`), long invoices and the helpers that edit lines.
+
+use axum::extract::{Path, Query, State as AxState};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use super::data::VendorData;
+use super::server::{Shared, lock};
+
+/// Stripe embeds at most this many lines in an invoice; the rest are behind `/lines`.
+pub const INLINE_LINES: usize = 10;
+
+impl VendorData {
+    /// Every line of invoice `id`: the full list kept for long invoices, else the inline
+    /// lines. `None` when the invoice does not exist.
+    pub fn invoice_lines(&self, id: &str) -> Option<Vec<Value>> {
+        let invoice = self.invoices.get(id)?;
+        Some(match self.lines.get(id) {
+            Some(all) => all.clone(),
+            None => invoice["lines"]["data"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default(),
+        })
+    }
+
+    /// Seeds `n` invoices carrying `lines` line items each (`lines` > 10 leaves
+    /// `lines.has_more` true), after the existing invoices.
+    pub fn seed_long_invoices(&mut self, n: usize, lines: usize) {
+        for _ in 0..n {
+            let number = self.invoices.len() + 1;
+            self.insert_invoice(json!({
+                "object": "invoice",
+                "number": format!("INV-L{number:05}"),
+                "customer": format!("cus_{:04}", number % 1000 + 1),
+                "customer_email": format!("customer{:04}@example.com", number % 1000 + 1),
+                "status": "open",
+                "amount_due": 0,
+                "currency": "usd",
+                "due_date": null,
+            }));
+            let id = self
+                .invoices
+                .keys()
+                .next_back()
+                .cloned()
+                .unwrap_or_default();
+            let all = (0..lines).map(|j| line(&id, j)).collect();
+            self.set_lines(&id, all);
+        }
+    }
+
+    /// Replaces invoice `id`'s lines: the inline list, `has_more` and `amount_due` follow,
+    /// and the invoice is updated (an `invoice.updated` event) as Stripe does.
+    pub fn set_lines(&mut self, id: &str, all: Vec<Value>) -> bool {
+        let inline: Vec<Value> = all.iter().take(INLINE_LINES).cloned().collect();
+        let total: i64 = all.iter().filter_map(|l| l["amount"].as_i64()).sum();
+        let has_more = all.len() > INLINE_LINES;
+        let count = all.len();
+        self.lines.insert(id.to_string(), all);
+        self.update_invoice(id, |invoice| {
+            invoice["amount_due"] = json!(total);
+            invoice["lines"] = json!({
+                "object": "list",
+                "url": format!("/v1/invoices/{id}/lines"),
+                "has_more": has_more,
+                "total_count": count,
+                "data": inline,
+            });
+        })
+    }
+
+    /// Adds a new line at the end of invoice `id`; returns its id.
+    pub fn add_invoice_line(&mut self, id: &str) -> Option<String> {
+        let mut all = self.invoice_lines(id)?;
+        let next = all.len();
+        let mut new = line(id, next);
+        // Ids must stay unique after removals.
+        while all.iter().any(|l| l["id"] == new["id"]) {
+            new = line(id, next + 1000);
+        }
+        let line_id = new["id"].as_str().map(str::to_string);
+        all.push(new);
+        self.set_lines(id, all);
+        line_id
+    }
+
+    /// Removes line `line_id` of invoice `id`; false when either is unknown.
+    pub fn remove_invoice_line(&mut self, id: &str, line_id: &str) -> bool {
+        let Some(mut all) = self.invoice_lines(id) else {
+            return false;
+        };
+        let before = all.len();
+        all.retain(|l| l["id"] != line_id);
+        before != all.len() && self.set_lines(id, all)
+    }
+}
+
+/// Line `j` of invoice `id`.
+fn line(id: &str, j: usize) -> Value {
+    let unit = 100 + (j as i64 % 7) * 50;
+    let suffix = id.trim_start_matches("in_");
+    json!({
+        "id": format!("il_{suffix}_{j}"),
+        "object": "line_item",
+        "invoice": id,
+        "description": format!("Usage line {j}"),
+        "amount": unit,
+        "currency": "usd",
+        "quantity": 1,
+        "unit_amount": unit,
+    })
+}
+
+/// `GET /v1/invoices/{id}/lines`: ascending line order, `limit` (default 10, at most 100),
+/// `starting_after`; 404 for an unknown invoice.
+pub(crate) async fn invoice_lines(
+    AxState(st): AxState<Shared>,
+    Path(id): Path<String>,
+    Query(q): Query<std::collections::HashMap<String, String>>,
+) -> Response {
+    let limit = q
+        .get("limit")
+        .and_then(|l| l.parse::<usize>().ok())
+        .unwrap_or(10)
+        .clamp(1, 100);
+    let state = lock(&st);
+    let Some(all) = state.data.invoice_lines(&id) else {
+        return (
+            StatusCode::NOT_FOUND,
+            axum::Json(json!({"error": {
+                "type": "invalid_request_error",
+                "code": "resource_missing",
+                "message": format!("No such invoice: '{id}'"),
+            }})),
+        )
+            .into_response();
+    };
+    let start = match q.get("starting_after") {
+        Some(after) => match all.iter().position(|l| l["id"] == after.as_str()) {
+            Some(index) => index + 1,
+            None => all.len(),
+        },
+        None => 0,
+    };
+    let end = (start + limit).min(all.len());
+    let data = all[start.min(end)..end].to_vec();
+    axum::Json(json!({
+        "object": "list",
+        "url": format!("/v1/invoices/{id}/lines"),
+        "has_more": end < all.len(),
+        "data": data,
+    }))
+    .into_response()
+}
