@@ -412,7 +412,7 @@ impl World {
     pub async fn start_events_cursor(&self) {
         sqlx::query(
             "INSERT INTO idem_checkpoints (source_system, stream, scope, cursor) VALUES ('torture', 'events', 'main', 'evt_000000')
-             ON CONFLICT (source_system, stream, scope) DO UPDATE SET cursor = 'evt_000000', resume = NULL, high_water_mark = NULL",
+             ON CONFLICT (source_system, stream, partition, scope) DO UPDATE SET cursor = 'evt_000000', resume = NULL, high_water_mark = NULL",
         )
         .execute(&self.pool)
         .await
