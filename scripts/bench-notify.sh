@@ -25,7 +25,7 @@ INVOICES="${INVOICES:-$(( N * 3 ))}"
 # PROFILE=debug gives a quick, slower, figure while developing.
 PROFILE="${PROFILE:-release}"
 echo "==> ${PROFILE} build"
-if [ "$PROFILE" = release ]; then cargo build --release --quiet --bins; else cargo build --quiet --bins; fi
+if [ "$PROFILE" = release ]; then cargo build --release --quiet --workspace --bins; else cargo build --quiet --workspace --bins; fi
 bin="target/${PROFILE}"
 
 work="$(mktemp -d)"

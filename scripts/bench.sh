@@ -17,7 +17,7 @@ INVOICES="${1:-200000}"
 LIMITS=1
 [ "${2:-}" = "--no-limits" ] && LIMITS=0
 echo "==> release build"
-cargo build --release --quiet --bins --example raw_limits
+cargo build --release --quiet --workspace --bins --example raw_limits
 
 work="$(mktemp -d)"
 vendor_pid=""

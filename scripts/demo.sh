@@ -12,7 +12,7 @@ fi
 INVOICES="${DEMO_INVOICES:-1000}"
 LONG_INVOICES="${DEMO_LONG_INVOICES:-20}"
 echo "==> building idem (first build takes a few minutes)"
-cargo build --quiet --bins
+cargo build --quiet --workspace --bins
 
 work="$(mktemp -d)"
 vendor_pid=""

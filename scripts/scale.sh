@@ -22,9 +22,9 @@ BURST="${BURST:-5}"
 INVOICES="${INVOICES:-200}"
 PROFILE="${PROFILE:-debug}"
 if [ "$PROFILE" = release ]; then
-  cargo build --release --quiet --bins
+  cargo build --release --quiet --workspace --bins
 else
-  cargo build --quiet --bins
+  cargo build --quiet --workspace --bins
 fi
 bin="target/$PROFILE"
 

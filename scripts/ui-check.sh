@@ -20,7 +20,7 @@ if [ -z "$browser" ]; then
 fi
 
 echo "==> building idem"
-cargo build --quiet --bins
+cargo build --quiet --workspace --bins
 
 out="target/ui"
 mkdir -p "$out"

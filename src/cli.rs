@@ -17,7 +17,7 @@ use crate::connector::Connector;
 use crate::duration::HumanDuration;
 use crate::ledger::dispatch::{DispatchReport, DispatchSettings, Dispatcher, MAX_CONCURRENCY};
 use crate::ledger::transport::AnyTransport;
-use crate::run::{Mode, RunError, RunOptions, RunReport, RunStatus, StreamRunner};
+use crate::run::{Mode, RunError, RunOptions, RunStatus, StreamRunner, summary};
 use crate::store;
 use crate::telemetry::{self, LogFormat};
 
@@ -694,7 +694,7 @@ async fn check_database(settings: &Settings, connectors: &[Connector]) -> anyhow
             {
                 tables.push(store::table::DestinationTable::new(
                     &stream.table,
-                    &crate::child::table_columns(stream),
+                    &crate::run::children::table_columns(stream),
                 ));
             }
         }
@@ -740,7 +740,7 @@ async fn migrate_tables(
             done.push(&stream.table);
             let table = store::table::DestinationTable::new(
                 &stream.table,
-                &crate::child::table_columns(stream),
+                &crate::run::children::table_columns(stream),
             )
             .with_ddl(policy.clone());
             let statements = table.missing_ddl(pool).await?;
@@ -884,54 +884,6 @@ fn worst(a: u8, b: u8) -> u8 {
         _ => 0,
     };
     if rank(b) > rank(a) { b } else { a }
-}
-
-/// The one-line report of a run.
-pub fn summary(report: &RunReport) -> String {
-    let c = &report.counters;
-    let seconds = report.duration_ms as f64 / 1000.0;
-    let status = match (report.status, report.dry_run) {
-        (_, true) => "dry run (nothing written)",
-        (RunStatus::Succeeded, _) => "succeeded",
-        (RunStatus::Partial, _) => "finished with failed records",
-        (RunStatus::Failed, _) => "FAILED",
-        (RunStatus::Interrupted, _) => "interrupted by shutdown (resumes next run)",
-    };
-    let mut line = format!(
-        "{}.{} {}: {status}: {} fetched, {} inserted, {} updated, {} unchanged, {} failed",
-        report.source_system,
-        crate::connector::partition::qualified(
-            &report.stream,
-            report.partition.as_deref().unwrap_or("")
-        ),
-        report.mode,
-        c.fetched,
-        c.inserted,
-        c.updated,
-        c.unchanged,
-        c.failed
-    );
-    if c.deleted > 0 {
-        line.push_str(&format!(", {} marked deleted", c.deleted));
-    }
-    if report.skipped_outside_window > 0 {
-        line.push_str(&format!(
-            ", {} outside the window skipped",
-            report.skipped_outside_window
-        ));
-    }
-    line.push_str(&format!(
-        " in {} pages, {seconds:.1}s ({:.0} records/s)",
-        c.pages,
-        c.fetched as f64 / seconds.max(0.001)
-    ));
-    if let Some(error) = &report.error {
-        line.push_str(&format!(
-            "\n  error: {}",
-            crate::redact::for_terminal(&crate::redact::redact(error))
-        ));
-    }
-    line
 }
 
 async fn status(

@@ -6,7 +6,7 @@
 //! transaction; with `[import] transaction_records = 1` every page);
 //! `walk_end_before_commit`, `walk_end_after_commit` (the end-of-walk transaction: mark or
 //! cursor, deletions, reminder rules) and `run_after_finish` (the run's row is closed),
-//! n = 1; child streams (`src/child.rs`): `child_page_before_commit` and
+//! n = 1; child streams (`src/run/children.rs`): `child_page_before_commit` and
 //! `child_page_after_commit` (n = the child page committed by this process, 1, 2, ...)
 //! and `child_run_after_finish` (n = 1); `notify_before_send` (the row is marked in flight, nothing sent yet) and
 //! `notify_after_send` (n = message number of the dispatcher's pass).

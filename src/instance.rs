@@ -12,47 +12,9 @@ use sqlx::PgPool;
 use tokio::sync::watch;
 use tracing::{Instrument, debug, info, warn};
 
+use crate::errors::error_chain;
+pub use crate::identity::{id, set_id};
 use crate::store::{Context, StoreError};
-
-static INSTANCE: OnceLock<String> = OnceLock::new();
-
-/// This process's instance id. `idem serve` sets it at start ([`set_id`]); any other
-/// command is `host:pid`, which is enough to tell a CLI run apart in `idem_runs`.
-pub fn id() -> &'static str {
-    INSTANCE.get_or_init(|| format!("{}:{}", hostname(), std::process::id()))
-}
-
-/// Fixes the instance id: `configured` (`[serve] instance` or `IDEM__SERVE__INSTANCE`)
-/// when given, else the host name (the pod name in Kubernetes) and the start time, so a
-/// restarted pod with the same name is still a new instance. Returns the id in force.
-pub fn set_id(configured: Option<&str>) -> &'static str {
-    let wanted = match configured.map(str::trim).filter(|s| !s.is_empty()) {
-        Some(id) => id.to_string(),
-        None => format!(
-            "{}@{}",
-            hostname(),
-            chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ")
-        ),
-    };
-    let _ = INSTANCE.set(wanted);
-    id()
-}
-
-fn hostname() -> String {
-    if let Ok(name) = std::env::var("HOSTNAME") {
-        if !name.is_empty() {
-            return name;
-        }
-    }
-    let mut buffer = [0u8; 256];
-    // SAFETY: the buffer is valid for its length; gethostname writes at most that much.
-    let ok = unsafe { libc::gethostname(buffer.as_mut_ptr().cast(), buffer.len()) } == 0;
-    let end = buffer.iter().position(|b| *b == 0).unwrap_or(buffer.len());
-    match std::str::from_utf8(&buffer[..end]) {
-        Ok(name) if ok && !name.is_empty() => name.to_string(),
-        _ => "unknown-host".into(),
-    }
-}
 
 /// `base` plus or minus up to `fraction` of it, so timers of replicas started together
 /// (and of one replica's loops) drift apart instead of firing in step.
@@ -120,7 +82,7 @@ pub async fn heartbeat_loop(
                     });
                 }
                 Err(err) => {
-                    warn!(error = %crate::run::error_chain(&err), "heartbeat failed; retried on the next tick")
+                    warn!(error = %error_chain(&err), "heartbeat failed; retried on the next tick")
                 }
             }
             match reap(&pool).await {
@@ -132,7 +94,7 @@ pub async fn heartbeat_loop(
                     )
                 }
                 Err(err) => {
-                    debug!(error = %crate::run::error_chain(&err), "reaping dead instances' runs failed")
+                    debug!(error = %error_chain(&err), "reaping dead instances' runs failed")
                 }
             }
             tokio::select! {

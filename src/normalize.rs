@@ -6,7 +6,7 @@
 use chrono::{DateTime, NaiveDate, NaiveDateTime, TimeZone, Utc};
 use serde_json::Value;
 
-use crate::connector::{ColumnSpec, ColumnType, StreamSpec, TimeFormat};
+use crate::schema::connector::{ColumnSpec, ColumnType, StreamSpec, TimeFormat};
 use crate::values;
 
 /// A record ready to upsert. Typed values are text that Postgres casts without error

@@ -1,12 +1,12 @@
 //! The pagination kinds: given one response, the token of the next page (or none).
 //!
-//! A token is a string the [`crate::http::HttpSource`] knows how to turn back into a
+//! A token is a string the HTTP source (`http::HttpSource`) knows how to turn back into a
 //! request: a cursor value, a next-page URL, a page number or an offset. Tokens are also
 //! what a checkpoint stores to resume mid-run, so they must be plain strings.
 
 use serde_json::Value;
 
-use crate::connector::PaginationSpec;
+use crate::schema::connector::PaginationSpec;
 
 /// What one response says about the next page.
 pub struct ResponseView<'a> {

@@ -1,7 +1,7 @@
 //! The one redaction point: every string idem stores, logs or prints that a vendor or a
 //! provider could have written passes through [`redact`] (or [`vendor_text`]).
 //!
-//! The redactor knows every secret value of the configuration: each [`crate::secret::Secret`]
+//! The redactor knows every secret value of the configuration: each `Secret` (see `secret`)
 //! registers itself when created, with the forms a vendor may echo it in (URL-encoded,
 //! JSON-escaped, and the base64 `user:password` of basic auth, registered by the connector
 //! loader). Besides those values it hides the password of any `scheme://user:password@`

@@ -241,7 +241,7 @@ impl Worker {
             Ok(report) => {
                 Counters::bump(&instance::counters().runs_started);
                 self.ran.notify_one();
-                info!("{}", crate::cli::summary(&report));
+                info!("{}", crate::run::summary(&report));
             }
             Err(RunError::Locked {
                 source_system,

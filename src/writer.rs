@@ -13,7 +13,6 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::time::Duration;
 
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
@@ -22,39 +21,14 @@ use tokio::time::Instant;
 use tracing::{Instrument, warn};
 use uuid::Uuid;
 
-use crate::connector::StreamSpec;
 use crate::failpoint::crash_point;
 use crate::ledger;
 use crate::normalize::{RecordFailure, Row};
+use crate::schema::connector::StreamSpec;
+pub use crate::schema::settings::Batching;
 use crate::store::state::{self, Checkpoint, Counters};
 use crate::store::table::{Compare, DestinationTable, WriteCounts};
 use crate::store::{Context, StoreError};
-
-/// How pages are grouped into transactions and how many connections write them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Batching {
-    /// A transaction is committed once it holds at least this many records (1: one page
-    /// per transaction).
-    pub max_records: usize,
-    /// ...or once its first page is this old, so a slow vendor does not hold work
-    /// uncommitted for long.
-    pub max_wait: Duration,
-    /// Transactions written at the same time (each on its own connection); commits stay
-    /// in page order whatever this is.
-    pub connections: usize,
-}
-
-impl Default for Batching {
-    /// Chosen by measurement (BENCHMARKS.md): 5,000 records make the per-transaction
-    /// bookkeeping and WAL flush negligible; two connections use both of Postgres' cores.
-    fn default() -> Self {
-        Self {
-            max_records: 5_000,
-            max_wait: Duration::from_secs(1),
-            connections: 2,
-        }
-    }
-}
 
 /// What one page brings to its transaction, prepared by the walk.
 pub(crate) struct PageWork {
@@ -385,7 +359,8 @@ async fn write_transaction(
         .await?;
     }
     if !owed.is_empty() {
-        crate::child::enqueue(&mut tx, &t.source_system, t.run_id, &t.children, &owed).await?;
+        crate::store::child_queue::enqueue(&mut tx, &t.source_system, t.run_id, &t.children, &owed)
+            .await?;
     }
     state::save_checkpoint(
         &mut tx,
@@ -430,7 +405,7 @@ async fn write_one_by_one(
     failures: &mut Vec<RecordFailure>,
     page_error: &StoreError,
 ) -> Result<WriteCounts, StoreError> {
-    warn!(error = %crate::run::error_chain(page_error), rows = rows.len(), "Postgres refused the page; writing its rows one by one to find the records it refuses");
+    warn!(error = %crate::errors::error_chain(page_error), rows = rows.len(), "Postgres refused the page; writing its rows one by one to find the records it refuses");
     let mut total = WriteCounts::default();
     let mut kept = Vec::with_capacity(rows.len());
     for row in rows.drain(..) {

@@ -4,8 +4,8 @@
 //! (pointers, names, combinations of kinds), collecting every problem with the file,
 //! stream and field it is about, so `idem check` can list them all at once.
 
+mod http_error;
 pub mod partition;
-pub mod spec;
 pub mod template;
 
 use std::collections::BTreeMap;
@@ -16,8 +16,10 @@ use std::path::{Path, PathBuf};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
+pub use crate::schema::connector as spec;
+pub use crate::schema::connector::*;
 use crate::secret::{self, Secret};
-pub use spec::*;
+pub use http_error::HttpError;
 
 /// One problem in a configuration or connector file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -582,7 +584,7 @@ fn validate_stream(
             push(s, &format!("notifications[{index}]"), message);
         }
     }
-    for message in crate::ledger::rules::stream_rule_problems(&stream.notifications) {
+    for message in crate::schema::notify::stream_rule_problems(&stream.notifications) {
         push(s, "notifications", message);
     }
 }
@@ -921,7 +923,7 @@ pub struct PageRequest {
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     #[error(transparent)]
-    Http(#[from] crate::http::HttpError),
+    Http(#[from] HttpError),
     #[error("malformed response from {url}: {reason}")]
     Malformed { url: String, reason: String },
     #[error(
@@ -934,8 +936,8 @@ pub enum SourceError {
     TieBeyondCap { at: String, cap: u64 },
 }
 
-/// Something that yields pages of raw records. The declarative HTTP connector
-/// ([`crate::http::HttpSource`]) is the main implementation; a vendor that needs code
+/// Something that yields pages of raw records. The declarative HTTP connector (`HttpSource`
+/// in the `http` module) is the main implementation; a vendor that needs code
 /// implements this trait instead of writing a connector file.
 pub trait Source: Send {
     /// Fetches one page.

@@ -858,9 +858,9 @@ impl Console {
                 .await
             {
                 Ok(report) if report.status == RunStatus::Failed => {
-                    error!("console-started {}", crate::cli::summary(&report))
+                    error!("console-started {}", crate::run::summary(&report))
                 }
-                Ok(report) => info!("console-started {}", crate::cli::summary(&report)),
+                Ok(report) => info!("console-started {}", crate::run::summary(&report)),
                 Err(err) => {
                     warn!(stream = %name, error = %crate::run::error_chain(&err), "console-started run did not start")
                 }

@@ -17,8 +17,8 @@ use tracing::{Instrument, info, info_span, warn};
 
 use super::rules::Check;
 use super::transport::{Message, Outcome, Transport};
-use crate::config::LEASE_MARGIN;
 use crate::failpoint::crash_point;
+use crate::schema::settings::LEASE_MARGIN;
 use crate::store::{Context, StoreError};
 
 /// The most sends a dispatcher has in flight, whatever `[notify] concurrency` says: each
@@ -44,7 +44,7 @@ pub struct DispatchSettings {
 }
 
 impl DispatchSettings {
-    pub fn from_config(notify: &crate::config::NotifySettings) -> Self {
+    pub fn from_config(notify: &crate::schema::settings::NotifySettings) -> Self {
         Self {
             // A lease shorter than a send would let a second dispatcher claim a row whose
             // send is still in flight.
@@ -158,7 +158,7 @@ impl<'a, T: Transport> Dispatcher<'a, T> {
         // uuid tells this pass from the instance's other passes.
         let owner = format!(
             "{}:{}",
-            crate::instance::id(),
+            crate::identity::id(),
             uuid::Uuid::new_v4().simple()
         );
         Self {

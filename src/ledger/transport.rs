@@ -15,7 +15,9 @@ use lettre::transport::smtp::extension::{ClientId, MailBodyParameter, MailParame
 use lettre::transport::smtp::response::Response;
 use serde_json::json;
 
-use crate::config::{HttpEmailSettings, NotifySettings, SmtpSettings, SmtpTls, TransportKind};
+use crate::schema::settings::{
+    HttpEmailSettings, NotifySettings, SmtpSettings, SmtpTls, TransportKind,
+};
 use crate::secret::{self, Secret};
 
 /// One message, rendered once when its ledger row was inserted.
@@ -440,7 +442,7 @@ async fn transmit(
 fn classify_failure(err: &SmtpFailure, stage: SmtpStage) -> Outcome {
     let outcome = match err {
         SmtpFailure::Connect { .. } => Outcome::NotSent {
-            error: crate::run::error_chain(err),
+            error: crate::errors::error_chain(err),
             retry_after: None,
         },
         SmtpFailure::Smtp(err) => classify_smtp(err),
@@ -455,7 +457,7 @@ fn classify_failure(err: &SmtpFailure, stage: SmtpStage) -> Outcome {
 }
 
 fn classify_smtp(err: &lettre::transport::smtp::Error) -> Outcome {
-    let error = crate::run::error_chain(err);
+    let error = crate::errors::error_chain(err);
     if err.is_permanent() {
         return Outcome::Permanent { error };
     }

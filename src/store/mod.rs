@@ -2,6 +2,7 @@
 //! tables, checkpoints, runs and record failures.
 
 pub mod bootstrap;
+pub mod child_queue;
 pub mod grants;
 pub mod session;
 pub mod state;

@@ -3,48 +3,12 @@
 //! said once, with what to try.
 
 use std::net::IpAddr;
-use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgSslMode};
 use sqlx::{Connection as _, PgConnection, PgPool};
 
 use super::StoreError;
-
-/// Names and limits every idem session carries.
-#[derive(Debug, Clone)]
-pub struct SessionSettings {
-    /// `application_name`, shown in `pg_stat_activity` (Postgres keeps 63 bytes).
-    pub application_name: String,
-    /// `statement_timeout`: the longest one statement may run (a page's upsert takes
-    /// milliseconds; this only stops a statement stuck behind someone else's lock).
-    pub statement_timeout: Duration,
-    /// `idle_in_transaction_session_timeout`: idem never waits on the network inside a
-    /// transaction, so an idle open transaction means something is wrong.
-    pub idle_in_transaction_timeout: Duration,
-    /// The longest a new connection may take, TLS handshake included.
-    pub connect_timeout: Duration,
-}
-
-impl Default for SessionSettings {
-    fn default() -> Self {
-        Self {
-            application_name: "idem".into(),
-            statement_timeout: Duration::from_secs(60),
-            idle_in_transaction_timeout: Duration::from_secs(60),
-            connect_timeout: Duration::from_secs(10),
-        }
-    }
-}
-
-impl SessionSettings {
-    /// The same limits under another session name.
-    pub fn named(&self, application_name: impl Into<String>) -> Self {
-        Self {
-            application_name: application_name.into(),
-            ..self.clone()
-        }
-    }
-}
+pub use crate::schema::settings::SessionSettings;
 
 /// A parsed database URL (plus the `PG*` environment), with idem's TLS default applied.
 #[derive(Debug, Clone)]

@@ -218,7 +218,7 @@ pub async fn start_run(
     .bind(mode)
     .bind(window.0)
     .bind(window.1)
-    .bind(crate::instance::id())
+    .bind(crate::identity::id())
     .bind(partition)
     .execute(pool)
     .await

@@ -8,8 +8,9 @@ use sqlx::{PgConnection, PgPool, Row as _};
 use uuid::Uuid;
 
 use super::{Context, StoreError};
-use crate::connector::ColumnSpec;
 use crate::normalize::Row;
+use crate::schema::connector::ColumnSpec;
+pub use crate::schema::settings::DdlPolicy;
 
 /// How a page decides that a stored row is unchanged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,27 +40,6 @@ pub struct DestinationTable {
     classify_content_sql: String,
     upsert_sql: String,
     ddl: DdlPolicy,
-}
-
-/// Whether and how idem changes a destination table's schema.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DdlPolicy {
-    /// `false` (`ddl = "never"`): a missing table or column is an error naming the DDL.
-    pub allow: bool,
-    /// The longest one attempt waits for the table's lock.
-    pub lock_timeout: Duration,
-    /// Attempts before giving up, with backoff between them.
-    pub attempts: u32,
-}
-
-impl Default for DdlPolicy {
-    fn default() -> Self {
-        Self {
-            allow: true,
-            lock_timeout: Duration::from_secs(3),
-            attempts: 3,
-        }
-    }
 }
 
 /// A session holding a lock on a table that a schema change needs.

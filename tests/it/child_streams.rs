@@ -6,8 +6,8 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 
 use idem::connector::Connector;
-use idem::fake_vendor::Fault;
 use idem::run::{Mode, RunOptions, RunReport, RunStatus, StreamRunner};
+use idem_fakes::Fault;
 
 use crate::helpers::{TestApp, spawn_app, stderr};
 

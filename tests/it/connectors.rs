@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use idem::connector::Connector;
-use idem::fake_vendor::{ApiKeyPlace, Fault, FaultKind};
 use idem::http::{HttpSource, VendorClient};
 use idem::run::{self, Mode, RunOptions, RunReport, RunStatus};
+use idem_fakes::{ApiKeyPlace, Fault, FaultKind};
 use serde_json::json;
 
 use crate::helpers::{TestApp, spawn_app, stderr, stdout};

@@ -5,7 +5,7 @@
 use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
 
-use idem::fake_vendor::SmtpSink;
+use idem_fakes::SmtpSink;
 use reqwest::StatusCode;
 use reqwest::redirect::Policy;
 use serde_json::json;

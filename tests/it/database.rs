@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use idem::fake_vendor::{Fault, FaultKind};
 use idem::store::SessionSettings;
+use idem_fakes::{Fault, FaultKind};
 use sqlx::{Connection, PgConnection};
 
 use crate::helpers::{TestApp, spawn_app, stderr, stdout};

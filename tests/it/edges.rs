@@ -615,10 +615,10 @@ async fn an_invalid_time_format_is_refused_when_the_connector_is_loaded() {
 async fn a_vendor_error_holding_a_nul_is_still_recorded_as_the_runs_error() {
     let app = spawn_app(3).await;
     let connector = edge_connector(&app, &["invoices"]);
-    app.vendor.inject(idem::fake_vendor::Fault::new(
+    app.vendor.inject(idem_fakes::Fault::new(
         "/v1/invoices",
         1,
-        idem::fake_vendor::FaultKind::Status {
+        idem_fakes::FaultKind::Status {
             code: 400,
             retry_after: None,
             body: Some("{\"error\": \"no such param\u{0}\"}".into()),

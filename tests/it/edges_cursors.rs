@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use idem::connector::Connector;
-use idem::fake_vendor::{Fault, FaultKind};
 use idem::run::{Mode, RunStatus};
+use idem_fakes::{Fault, FaultKind};
 use serde_json::json;
 
 use crate::helpers::{TestApp, spawn_app, stderr};

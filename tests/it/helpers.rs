@@ -6,9 +6,9 @@ use std::process::Output;
 use std::time::Duration;
 
 use idem::connector::Connector;
-use idem::fake_vendor::{FakeVendor, Fault, FaultKind};
 use idem::http::{HttpSource, VendorClient};
 use idem::run::{self, Mode, RunOptions, RunReport};
+use idem_fakes::{FakeVendor, Fault, FaultKind};
 use sqlx::{Connection, PgConnection, PgPool};
 
 /// The server tests create their databases on: `DATABASE_URL`, or the local default.

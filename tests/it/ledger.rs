@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use idem::config::{NotifySettings, SmtpSettings, SmtpTls, TransportKind};
 use idem::duration::HumanDuration;
-use idem::fake_vendor::SmtpSink;
 use idem::ledger::dispatch::{DispatchSettings, Dispatcher};
 use idem::ledger::transport::AnyTransport;
+use idem_fakes::SmtpSink;
 
 use crate::helpers::{TestApp, spawn_app_with, stderr, stdout};
 
@@ -362,15 +362,11 @@ async fn provider_answers_decide_retry_failure_or_success() {
     );
 
     // Throttled: definitely not sent, retried no earlier than Retry-After.
-    app.vendor.inject(idem::fake_vendor::Fault::status(
-        "/email",
-        1,
-        429,
-        Some("30"),
-    ));
+    app.vendor
+        .inject(idem_fakes::Fault::status("/email", 1, 429, Some("30")));
     // Refused for good.
     app.vendor
-        .inject(idem::fake_vendor::Fault::status("/email", 1, 400, None));
+        .inject(idem_fakes::Fault::status("/email", 1, 400, None));
     let report = dispatcher.run_once().await.unwrap();
     assert_eq!(
         (report.sent, report.retry_later, report.failed),

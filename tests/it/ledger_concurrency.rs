@@ -5,9 +5,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::process::ExitStatusExt;
 
-use idem::fake_vendor::SmtpSink;
 use idem::ledger::dispatch::{DispatchSettings, Dispatcher};
 use idem::ledger::transport::AnyTransport;
+use idem_fakes::SmtpSink;
 
 use crate::helpers::{TestApp, spawn_app_with, stderr};
 use crate::ledger::{insert_pending_rows, smtp_notify, smtp_settings};

@@ -9,10 +9,10 @@ use std::time::Duration;
 use idem::config::{HttpEmailSettings, NotifySettings, SmtpSettings, SmtpTls, TransportKind};
 use idem::connector::Connector;
 use idem::duration::HumanDuration;
-use idem::fake_vendor::SmtpSink;
 use idem::ledger::dispatch::{DispatchReport, DispatchSettings, Dispatcher};
 use idem::ledger::transport::AnyTransport;
 use idem::run::{Mode, RunStatus};
+use idem_fakes::SmtpSink;
 use serde_json::json;
 
 use crate::helpers::{TestApp, spawn_app_with, stderr, stdout};

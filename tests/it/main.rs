@@ -1,6 +1,7 @@
 //! idem's integration tests: one binary, each test with its own Postgres database, a real
 //! fake vendor over HTTP, and the real `idem` binary where a process must die or race.
 
+mod architecture;
 mod child_streams;
 mod connectors;
 mod console;

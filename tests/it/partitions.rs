@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use idem::connector::Connector;
-use idem::fake_vendor::DEFAULT_CLOCK;
 use idem::run::{Mode, RunError, RunOptions, RunReport, StreamRunner};
+use idem_fakes::DEFAULT_CLOCK;
 
 use crate::helpers::{TestApp, spawn_app, stderr, stdout};
 

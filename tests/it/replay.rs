@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
 
 use chrono::Utc;
-use idem::fake_vendor::SmtpSink;
+use idem_fakes::SmtpSink;
 use serde_json::json;
 
 use crate::helpers::{TestApp, spawn_app_with, stderr, stdout};

@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use idem::fake_vendor::{Fault, FaultKind};
+use idem_fakes::{Fault, FaultKind};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Child;
 

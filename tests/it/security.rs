@@ -9,10 +9,10 @@ use std::time::Duration;
 use idem::config::{HttpEmailSettings, NotifySettings, TransportKind};
 use idem::connector::Connector;
 use idem::duration::HumanDuration;
-use idem::fake_vendor::{ApiKeyPlace, FakeVendor, Fault, FaultKind, SmtpSink};
 use idem::ledger::dispatch::{DispatchSettings, Dispatcher};
 use idem::ledger::transport::AnyTransport;
 use idem::run::{Mode, RunStatus};
+use idem_fakes::{ApiKeyPlace, FakeVendor, Fault, FaultKind, SmtpSink};
 
 use crate::helpers::{TestApp, spawn_app, spawn_app_with, stderr, stdout};
 
@@ -415,7 +415,7 @@ async fn credentials_never_leave_the_base_url_host() {
                 let ours = &app.vendor.requests()[ours_before..];
                 let theirs = &other.requests()[theirs_before..];
                 // Our host got the credentials (the runs are real, authenticated walks).
-                let carried = |r: &idem::fake_vendor::RecordedRequest| {
+                let carried = |r: &idem_fakes::RecordedRequest| {
                     let text = format!("{:?} {:?}", r.query, r.headers);
                     secrets[..4].iter().any(|s| text.contains(s))
                 };

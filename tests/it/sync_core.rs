@@ -4,8 +4,8 @@
 use std::os::unix::process::ExitStatusExt;
 
 use chrono::{DateTime, Utc};
-use idem::fake_vendor::Fault;
 use idem::run::{Mode, RunStatus};
+use idem_fakes::Fault;
 use serde_json::json;
 
 use crate::helpers::{spawn_app, stderr, stdout};

@@ -13,7 +13,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use idem::fake_vendor::{Fault, FaultKind};
+use idem_fakes::{Fault, FaultKind};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use world::{Cfg, Shape, World, sigkill, sigterm, tail};

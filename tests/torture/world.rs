@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use idem::fake_vendor::{FakeVendor, SmtpSink};
+use idem_fakes::{FakeVendor, SmtpSink};
 use rand::Rng;
 use rand::rngs::StdRng;
 use serde_json::{Value, json};

@@ -223,7 +223,7 @@ pub struct StreamSpec {
     pub columns: Vec<ColumnSpec>,
     /// Reminder rules evaluated over this stream's table (see the notification ledger).
     #[serde(default)]
-    pub notifications: Vec<crate::ledger::rules::RuleSpec>,
+    pub notifications: Vec<crate::schema::notify::RuleSpec>,
     /// Extra request headers for this stream, sent only to `base_url`'s origin like the
     /// connector's `headers`; a value may use `{partition}`, e.g.
     /// `headers = { "Stripe-Account" = "{partition}" }`.

@@ -1,13 +1,9 @@
-//! Invoice line items beyond the inline ten: `GET /v1/invoices/{id}/lines` (Stripe's
-//! shape, `starting_after`/`has_more`), long invoices and the helpers that edit lines.
+//! Invoice line items beyond the inline ten: long invoices and the helpers that edit an
+//! invoice's lines (served by `server::lines`).
 
-use axum::extract::{Path, Query, State as AxState};
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use super::data::VendorData;
-use super::server::{Shared, lock};
+use super::VendorData;
 
 /// Stripe embeds at most this many lines in an invoice; the rest are behind `/lines`.
 pub const INLINE_LINES: usize = 10;
@@ -112,46 +108,4 @@ fn line(id: &str, j: usize) -> Value {
         "quantity": 1,
         "unit_amount": unit,
     })
-}
-
-/// `GET /v1/invoices/{id}/lines`: ascending line order, `limit` (default 10, at most 100),
-/// `starting_after`; 404 for an unknown invoice.
-pub(crate) async fn invoice_lines(
-    AxState(st): AxState<Shared>,
-    Path(id): Path<String>,
-    Query(q): Query<std::collections::HashMap<String, String>>,
-) -> Response {
-    let limit = q
-        .get("limit")
-        .and_then(|l| l.parse::<usize>().ok())
-        .unwrap_or(10)
-        .clamp(1, 100);
-    let state = lock(&st);
-    let Some(all) = state.data.invoice_lines(&id) else {
-        return (
-            StatusCode::NOT_FOUND,
-            axum::Json(json!({"error": {
-                "type": "invalid_request_error",
-                "code": "resource_missing",
-                "message": format!("No such invoice: '{id}'"),
-            }})),
-        )
-            .into_response();
-    };
-    let start = match q.get("starting_after") {
-        Some(after) => match all.iter().position(|l| l["id"] == after.as_str()) {
-            Some(index) => index + 1,
-            None => all.len(),
-        },
-        None => 0,
-    };
-    let end = (start + limit).min(all.len());
-    let data = all[start.min(end)..end].to_vec();
-    axum::Json(json!({
-        "object": "list",
-        "url": format!("/v1/invoices/{id}/lines"),
-        "has_more": end < all.len(),
-        "data": data,
-    }))
-    .into_response()
 }

@@ -1,6 +1,8 @@
 //! One stream run, regular or replay: fetch pages (overlapped with writing), and commit
 //! each page's rows, failures, counters and checkpoint in one transaction.
 
+pub mod children;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
@@ -15,6 +17,7 @@ use uuid::Uuid;
 use crate::connector::{
     Connector, IncrementalSpec, Page, PageRequest, PaginationSpec, Source, SourceError, StreamSpec,
 };
+pub use crate::errors::error_chain;
 use crate::failpoint::crash_point;
 use crate::http::{HttpSource, VendorClient};
 use crate::ledger;
@@ -249,10 +252,9 @@ impl StreamRunner {
         // A child stream is walked through its parents: on its own, a run walks the
         // children still owed (by an interrupted run, or a parent run that was locked out).
         if spec.parent.is_some() {
-            return crate::child::drain(pool, database_url, client, connector, stream, options)
-                .await;
+            return children::drain(pool, database_url, client, connector, stream, options).await;
         }
-        let children = crate::child::children_of(connector, stream);
+        let children = children::children_of(connector, stream);
         // Children an interrupted run left owed come first: they were owed before anything
         // this run finds.
         let mut earlier = Vec::new();
@@ -304,7 +306,7 @@ impl StreamRunner {
         options: &RunOptions,
     ) -> Option<RunReport> {
         let client = self.client(connector);
-        match crate::child::drain(pool, database_url, client, connector, child, options).await {
+        match children::drain(pool, database_url, client, connector, child, options).await {
             Ok(report) => report.run_id.is_some().then_some(report),
             Err(RunError::Locked { .. }) => {
                 info!(source_system = %connector.spec.source_system, stream = %child, "another run is walking this child stream; it walks the children owed");
@@ -394,7 +396,7 @@ pub async fn run_partition<S: Source + 'static>(
                 }
                 match walk.sharing_table_with(same_table).await {
                     Ok(mut walk) => {
-                        walk.children = crate::child::children_of(connector, stream_name);
+                        walk.children = children::children_of(connector, stream_name);
                         walk.execute(source).await
                     }
                     Err(err) => Err(err),
@@ -453,7 +455,7 @@ struct Walk<'a> {
     /// The owner id this run claimed the stream with (none for dry runs): every
     /// transaction of the walk checks it first.
     owner: Option<Uuid>,
-    /// This stream's child streams and their conditions (see [`crate::child`]).
+    /// This stream's child streams and their conditions (see [`children`]).
     children: Vec<(String, Vec<crate::connector::ParentCondition>)>,
 }
 
@@ -988,7 +990,7 @@ impl<'a> Walk<'a> {
                 .filter(|r| changed.contains(r.source_id.as_str()))
                 .map(|r| (r.source_id.clone(), r.data.clone()))
                 .collect();
-            crate::child::enqueue(
+            crate::store::child_queue::enqueue(
                 &mut tx,
                 self.source_system,
                 self.run_id,
@@ -1470,20 +1472,6 @@ struct Fetched {
     results_in_query: u64,
 }
 
-/// An error and its sources, on one line.
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(inner) = source {
-        let inner_text = inner.to_string();
-        if !text.contains(&inner_text) {
-            text = format!("{text}: {inner_text}");
-        }
-        source = inner.source();
-    }
-    text
-}
-
 /// When a walk starts, by the database's clock: the host's may run ahead of everyone's.
 /// The first page's `Date` header lowers it further if the vendor's clock is behind.
 async fn walk_start_clock(pool: &PgPool) -> Result<DateTime<Utc>, StoreError> {
@@ -1491,4 +1479,52 @@ async fn walk_start_clock(pool: &PgPool) -> Result<DateTime<Utc>, StoreError> {
         .fetch_one(pool)
         .await
         .context(|| "reading the database's clock".into())
+}
+
+/// The one-line report of a run.
+pub fn summary(report: &RunReport) -> String {
+    let c = &report.counters;
+    let seconds = report.duration_ms as f64 / 1000.0;
+    let status = match (report.status, report.dry_run) {
+        (_, true) => "dry run (nothing written)",
+        (RunStatus::Succeeded, _) => "succeeded",
+        (RunStatus::Partial, _) => "finished with failed records",
+        (RunStatus::Failed, _) => "FAILED",
+        (RunStatus::Interrupted, _) => "interrupted by shutdown (resumes next run)",
+    };
+    let mut line = format!(
+        "{}.{} {}: {status}: {} fetched, {} inserted, {} updated, {} unchanged, {} failed",
+        report.source_system,
+        crate::connector::partition::qualified(
+            &report.stream,
+            report.partition.as_deref().unwrap_or("")
+        ),
+        report.mode,
+        c.fetched,
+        c.inserted,
+        c.updated,
+        c.unchanged,
+        c.failed
+    );
+    if c.deleted > 0 {
+        line.push_str(&format!(", {} marked deleted", c.deleted));
+    }
+    if report.skipped_outside_window > 0 {
+        line.push_str(&format!(
+            ", {} outside the window skipped",
+            report.skipped_outside_window
+        ));
+    }
+    line.push_str(&format!(
+        " in {} pages, {seconds:.1}s ({:.0} records/s)",
+        c.pages,
+        c.fetched as f64 / seconds.max(0.001)
+    ));
+    if let Some(error) = &report.error {
+        line.push_str(&format!(
+            "\n  error: {}",
+            crate::redact::for_terminal(&crate::redact::redact(error))
+        ));
+    }
+    line
 }

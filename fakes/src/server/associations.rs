@@ -6,7 +6,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use super::server::{Shared, lock};
+use super::{Shared, lock};
 
 /// The company ids contact `contact` is associated with: the one its `company` property
 /// names ("Company 007" is company 9007), none when it names none.

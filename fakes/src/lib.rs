@@ -27,10 +27,7 @@
 //!
 //! Faults ([`FakeVendor::inject`]) are applied before auth; auth applies to `/v1` and `/crm`.
 
-mod accounts;
-mod associations;
 mod data;
-mod lines;
 mod server;
 mod smtp;
 #[cfg(test)]
@@ -44,7 +41,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde_json::Value;
 
-pub use accounts::Accounts;
+pub use data::accounts::Accounts;
 pub use data::{DEFAULT_CLOCK, VendorData};
 pub use smtp::{ReceivedMail, SmtpSink};
 

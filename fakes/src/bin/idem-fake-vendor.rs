@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 
 use anyhow::Context;
 use clap::Parser;
-use idem::fake_vendor::{FakeVendor, SmtpSink};
+use idem_fakes::{FakeVendor, SmtpSink};
 
 /// Serve the fake billing/CRM vendor API until SIGTERM or ctrl-c.
 #[derive(Debug, Parser)]

@@ -1,14 +1,9 @@
-//! The fake vendor's multi-account endpoint: `GET /v1/charges` answers a different record
-//! set per `Stripe-Account` header (Stripe Connect), for partitioned streams.
+//! The connected accounts' charges (Stripe Connect), a record set per account, served by
+//! `server::accounts` for partitioned streams.
 
 use std::collections::BTreeMap;
-use std::ops::Bound;
 
-use axum::extract::{Query, State as AxState};
-use axum::http::HeaderMap;
 use serde_json::{Value, json};
-
-use super::server::{Res, Shared, bad_request, int, lock, num, stripe_list};
 
 /// Charges per connected account. Ids are unique across accounts, as Stripe's are.
 #[derive(Debug, Default)]
@@ -58,43 +53,9 @@ impl Accounts {
     }
 }
 
-/// `GET /v1/charges` for the account in `Stripe-Account`: ascending id, `limit`,
-/// `starting_after`, `updated[gte]`. Without the header it answers 400 (the fake has no
-/// platform account of its own), and 404 for an account it does not know.
-pub(super) async fn charges(
-    AxState(st): AxState<Shared>,
-    headers: HeaderMap,
-    Query(q): Query<std::collections::HashMap<String, String>>,
-) -> Res {
-    let limit = num(&q, "limit", 10)?.clamp(1, 100);
-    let gte = int(&q, "updated[gte]")?;
-    let account = headers
-        .get("stripe-account")
-        .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| bad_request("/v1/charges needs a Stripe-Account header"))?
-        .to_string();
-    let state = lock(&st);
-    let Some(charges) = state.data.accounts.charges.get(&account) else {
-        return Err(super::server::not_found_error(format!(
-            "no such account: '{account}'"
-        )));
-    };
-    let lower = match q.get("starting_after") {
-        Some(id) => Bound::Excluded(id.clone()),
-        None => Bound::Unbounded,
-    };
-    let mut it = charges
-        .range((lower, Bound::Unbounded))
-        .map(|(_, v)| v)
-        .filter(|v| gte.is_none_or(|b| v["updated"].as_i64().unwrap_or(0) >= b));
-    let data: Vec<Value> = it.by_ref().take(limit).cloned().collect();
-    let has_more = it.next().is_some();
-    Ok(stripe_list("/v1/charges", data, has_more))
-}
-
 #[cfg(test)]
 mod tests {
-    use crate::fake_vendor::FakeVendor;
+    use crate::FakeVendor;
     use serde_json::Value;
 
     async fn charges(v: &FakeVendor, account: Option<&str>, query: &str) -> (u16, Value) {
@@ -133,10 +94,10 @@ mod tests {
         assert_eq!(ids(&b), ["ch_000004", "ch_000005"]);
 
         // A change is stamped with the clock and found by `updated[gte]`.
-        v.set_clock(crate::fake_vendor::DEFAULT_CLOCK + 100);
+        v.set_clock(crate::DEFAULT_CLOCK + 100);
         assert!(v.update_charge("acct_b", "ch_000005", |c| c["status"] = "refunded".into()));
         assert!(!v.update_charge("acct_a", "ch_000005", |_| {}));
-        let since = crate::fake_vendor::DEFAULT_CLOCK + 100;
+        let since = crate::DEFAULT_CLOCK + 100;
         let (_, changed) = charges(&v, Some("acct_b"), &format!("updated[gte]={since}")).await;
         assert_eq!(ids(&changed), ["ch_000005"]);
 

@@ -1,6 +1,10 @@
 //! The fake vendor's HTTP side: request recording, hooks, faults and auth in one middleware,
 //! then the endpoint handlers (Stripe-, HubSpot- and generic-pagination-shaped).
 
+mod accounts;
+mod associations;
+mod lines;
+
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
@@ -16,8 +20,8 @@ use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use serde_json::{Map, Value, json};
 
-use super::data::{VendorData, parse_ms};
-use super::{ApiKeyPlace, DeliveredEmail, Fault, FaultKind, ReceivedMail, RecordedRequest};
+use crate::data::{VendorData, parse_ms};
+use crate::{ApiKeyPlace, DeliveredEmail, Fault, FaultKind, ReceivedMail, RecordedRequest};
 
 /// A test mutation run before the nth request.
 pub(crate) type Hook = Box<dyn FnOnce(&mut VendorData) + Send>;
@@ -195,15 +199,15 @@ type DupExt = Option<Extension<Dup>>;
 pub(crate) fn router(st: Shared) -> Router {
     Router::new()
         .route("/v1/invoices", get(invoices))
-        .route("/v1/invoices/{id}/lines", get(super::lines::invoice_lines))
+        .route("/v1/invoices/{id}/lines", get(lines::invoice_lines))
         .route("/v1/customers", get(customers))
-        .route("/v1/charges", get(super::accounts::charges))
+        .route("/v1/charges", get(accounts::charges))
         .route("/v1/events", get(events))
         .route("/crm/v3/objects/contacts/search", post(contacts_search))
         .route("/crm/v3/objects/contacts", get(contacts_list))
         .route(
             "/crm/v4/objects/contacts/{id}/associations/companies",
-            get(super::associations::contact_companies),
+            get(associations::contact_companies),
         )
         .route("/paged/next_url", get(paged_next_url))
         .route("/paged/link", get(paged_link))

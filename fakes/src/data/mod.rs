@@ -1,5 +1,8 @@
 //! The fake vendor's truth: invoices, contacts and the events feed, with deterministic seeding.
 
+pub mod accounts;
+mod lines;
+
 use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, SecondsFormat};
@@ -10,7 +13,7 @@ pub const DEFAULT_CLOCK: i64 = 1_795_132_800;
 
 const DAY: i64 = 86_400;
 
-/// The vendor's records, mutable from tests through [`super::FakeVendor::on_request`].
+/// The vendor's records, mutable from tests through [`crate::FakeVendor::on_request`].
 ///
 /// Mutating the maps directly is allowed: changed or new invoices still get an event in
 /// the `/v1/events` feed when the change is made inside an `on_request` hook. The helper
@@ -21,7 +24,7 @@ pub struct VendorData {
     /// HubSpot-shaped contacts by id ("1001", ...).
     pub contacts: BTreeMap<String, Value>,
     /// Charges of connected accounts, served by `GET /v1/charges` per `Stripe-Account`.
-    pub accounts: super::accounts::Accounts,
+    pub accounts: accounts::Accounts,
     /// The full line list of invoices with more lines than they carry inline, by
     /// invoice id (see `lines.rs`); other invoices' lines are their inline ones.
     pub lines: BTreeMap<String, Vec<Value>>,
@@ -69,12 +72,12 @@ impl Default for VendorData {
 }
 
 impl VendorData {
-    /// The vendor's "now" in unix seconds (see [`super::FakeVendor::set_clock`]).
+    /// The vendor's "now" in unix seconds (see [`crate::FakeVendor::set_clock`]).
     pub fn now(&self) -> i64 {
         self.clock
     }
 
-    /// Sets the vendor's "now" from inside a hook (see [`super::FakeVendor::set_clock`]).
+    /// Sets the vendor's "now" from inside a hook (see [`crate::FakeVendor::set_clock`]).
     pub fn set_clock(&mut self, unix_secs: i64) {
         self.clock = unix_secs;
     }
