@@ -1,5 +1,6 @@
-//! Child streams: the queue of parents whose children are owed, and the walk that drains
-//! it, one transaction per child page, a parent's entry cleared with its last page.
+//! Child streams: the walk that drains the queue of parents whose children are owed, one
+//! transaction per child page, a parent's entry cleared with its last page (the queue is
+//! filled by `store::child_queue`, in the parent page's own transaction).
 //!
 //! Why this is crash safe across the two levels: a parent page's transaction inserts the
 //! owed parents into `idem_child_queue` together with the parent rows (`enqueue`, called
