@@ -216,10 +216,29 @@ pub async fn enqueue(
             sql.push_str(" AND ");
             sql.push_str(&check.clause("t", 3, &mut binds));
         }
+        // At a walk's end: only the records that can have started to match since the last
+        // pass, unless this rule's conditions changed or its last full pass is old.
+        let since = match only {
+            Some(_) => None,
+            None => {
+                last_pass_and_record_this_one(
+                    &mut *connection,
+                    source_system,
+                    stream_name,
+                    &rule.name,
+                    &stream.table,
+                    &checks,
+                )
+                .await?
+            }
+        };
         let mut bind = |value: String| {
             binds.push(value);
             format!("${}", binds.len() + 3)
         };
+        if let Some(since) = since {
+            sql.push_str(&since_clause(&checks, &bind(since)));
+        }
         let only_param = only.map(|_| bind(String::new()));
         if let Some(param) = &only_param {
             sql.push_str(&format!(" AND t.source_id = ANY({param}::text[])"));
@@ -348,6 +367,102 @@ pub async fn enqueue(
         }
     }
     Ok(inserted)
+}
+
+/// How far back a walk's end looks when it cannot see when the other sessions' open
+/// transactions started (a role without `pg_read_all_stats` sees NULL there).
+const BLIND_OVERLAP: &str = "1 day";
+/// A walk's end evaluates a rule over its whole table at least this often, so what the
+/// narrower passes cannot see (a ledger row deleted by hand, a record skipped for a
+/// missing recipient) is picked up within a day, as every pass did before.
+const FULL_PASS_EVERY: &str = "1 day";
+
+/// The rule's form as far as matching goes: a change of its conditions (or of its table)
+/// needs a full pass, since records that did not match before may match now.
+fn conditions_fingerprint(table: &str, checks: &[Check]) -> String {
+    let text = format!(
+        "{table}\n{}",
+        serde_json::to_string(checks).unwrap_or_default()
+    );
+    format!("{:032x}", xxhash_rust::xxh3::xxh3_128(text.as_bytes()))
+}
+
+/// Reads (and locks) rule `rule`'s last walk-end pass and records this one, in the walk's
+/// final transaction, so a rolled back pass records nothing. Returns the instant from which
+/// records must be looked at (`None`: all of them, a full pass).
+///
+/// What a pass records is not its own time but the start of the oldest transaction then
+/// open in this database (or its own, if older), read before the pass's query takes its
+/// snapshot: a page transaction the pass could not see was open then, or started later,
+/// and stamps its rows with its start (`last_changed_at = now()`), so the next pass, looking
+/// from the recorded instant on, sees them.
+async fn last_pass_and_record_this_one(
+    connection: &mut PgConnection,
+    source_system: &str,
+    stream_name: &str,
+    rule: &str,
+    table: &str,
+    checks: &[Check],
+) -> Result<Option<String>, StoreError> {
+    let fingerprint = conditions_fingerprint(table, checks);
+    let last: Option<(String, String, bool)> = sqlx::query_as(&format!(
+        "SELECT fingerprint, covers_from::text, full_at > now() - interval '{FULL_PASS_EVERY}'
+         FROM idem_rule_passes WHERE source_system = $1 AND stream = $2 AND rule = $3
+         FOR UPDATE"
+    ))
+    .bind(source_system)
+    .bind(stream_name)
+    .bind(rule)
+    .fetch_optional(&mut *connection)
+    .await
+    .context(|| format!("reading the last pass of rule '{rule}'"))?;
+    let since = match last {
+        Some((stored, since, full_is_recent)) if stored == fingerprint && full_is_recent => {
+            Some(since)
+        }
+        _ => None,
+    };
+    sqlx::query(&format!(
+        "INSERT INTO idem_rule_passes (source_system, stream, rule, fingerprint, covers_from, full_at)
+         SELECT $1, $2, $3, $4,
+                CASE WHEN bool_or(a.state IS NULL) THEN now() - interval '{BLIND_OVERLAP}'
+                     ELSE LEAST(now(), min(a.xact_start)) END,
+                now()
+         FROM pg_stat_activity a
+         WHERE a.datname = current_database() AND a.backend_type = 'client backend'
+           AND a.pid <> pg_backend_pid()
+         ON CONFLICT (source_system, stream, rule) DO UPDATE SET
+           fingerprint = EXCLUDED.fingerprint, covers_from = EXCLUDED.covers_from,
+           full_at = CASE WHEN $5 THEN idem_rule_passes.full_at ELSE now() END"
+    ))
+    .bind(source_system)
+    .bind(stream_name)
+    .bind(rule)
+    .bind(&fingerprint)
+    .bind(since.is_some())
+    .execute(&mut *connection)
+    .await
+    .context(|| format!("recording the pass of rule '{rule}'"))?;
+    Ok(since)
+}
+
+/// The records that can have started to match since `since_param` (a timestamptz as
+/// text): those written since (by any stream: a stream sharing the table writes without
+/// this rule), and those whose `older_than` column crossed its threshold since. Nothing
+/// else changes whether a record matches: the other tests read only the record's columns.
+fn since_clause(checks: &[Check], since_param: &str) -> String {
+    let mut crossed = vec![format!(
+        "t.last_changed_at >= CAST({since_param} AS timestamptz)"
+    )];
+    for check in checks {
+        if let Test::OlderThan { ms } = check.test {
+            crossed.push(format!(
+                "t.{} >= CAST({since_param} AS timestamptz) - interval '{ms} milliseconds'",
+                quote(&check.column)
+            ));
+        }
+    }
+    format!(" AND ({})", crossed.join(" OR "))
 }
 
 /// Rows whose key was already taken. If the key's row is about this very record and rule

@@ -17,6 +17,7 @@ mod ledger_edges;
 mod partitions;
 mod replay;
 mod replicas;
+mod rule_passes;
 mod security;
 mod serve;
 mod sync_core;

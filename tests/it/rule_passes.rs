@@ -1,0 +1,221 @@
+//! A walk's end looks only at the records that can have started to match a reminder rule
+//! since its last pass (written since, or crossed an `older_than` threshold since), and at
+//! the whole table when the rule's conditions change or its last full pass is a day old.
+//! These tests try the records such a narrower pass could miss.
+
+use crate::helpers::{TestApp, spawn_app_with, stderr};
+
+async fn run(app: &TestApp) {
+    let out = app.idem(&["run", "--no-notify"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}
+
+async fn has_reminder(app: &TestApp, source_id: &str) -> bool {
+    app.count(&format!(
+        "SELECT count(*) FROM idem_ledger WHERE rule = 'overdue_reminder' AND source_id = '{source_id}'"
+    ))
+    .await
+        == 1
+}
+
+/// (last full pass, what the last pass covers from) of the demo's reminder rule.
+async fn passes(app: &TestApp) -> (String, String) {
+    sqlx::query_as(
+        "SELECT full_at::text, covers_from::text FROM idem_rule_passes WHERE rule = 'overdue_reminder'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap()
+}
+
+/// An open invoice of the import that has no reminder yet (not overdue).
+async fn open_without_reminder(app: &TestApp) -> String {
+    sqlx::query_scalar(
+        "SELECT source_id FROM demo_invoices t WHERE status = 'open'
+           AND NOT EXISTS (SELECT 1 FROM idem_ledger l WHERE l.source_id = t.source_id)
+         ORDER BY source_id LIMIT 1",
+    )
+    .fetch_optional(&app.pool)
+    .await
+    .unwrap()
+    .expect("the seed should have open invoices that are not overdue yet")
+}
+
+#[tokio::test]
+async fn an_invoice_that_falls_overdue_without_changing_still_gets_its_reminder() {
+    let app = spawn_app_with(60, "").await;
+    run(&app).await;
+    let invoice = open_without_reminder(&app).await;
+
+    // Three hours pass: the import and its pass move three hours back. The invoice fell
+    // due 3 days and an hour ago, so it crossed the rule's 3 days an hour ago, after the
+    // pass; nothing about it changed at the vendor.
+    sqlx::query(
+        "UPDATE idem_rule_passes SET covers_from = covers_from - interval '3 hours',
+                                     full_at = full_at - interval '3 hours'",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    sqlx::query("UPDATE demo_invoices SET last_changed_at = last_changed_at - interval '3 hours'")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "UPDATE demo_invoices SET due_date = now() - interval '3 days 1 hour' WHERE source_id = $1",
+    )
+    .bind(&invoice)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let (first_full, _) = passes(&app).await;
+    run(&app).await;
+
+    assert!(
+        has_reminder(&app, &invoice).await,
+        "the invoice that crossed its threshold since the last pass got no reminder"
+    );
+    let (full, last) = passes(&app).await;
+    assert_eq!(
+        full, first_full,
+        "the second walk's end was not the narrower pass"
+    );
+    assert!(
+        last > full,
+        "the second pass was not recorded: {last} <= {full}"
+    );
+}
+
+#[tokio::test]
+async fn a_record_the_narrow_pass_cannot_see_is_reminded_by_the_daily_full_pass() {
+    let app = spawn_app_with(60, "").await;
+    run(&app).await;
+    let invoice = open_without_reminder(&app).await;
+
+    // A record that matches without having crossed anything since the last pass (here its
+    // due date was moved far back by hand; in life, a ledger row deleted by hand).
+    sqlx::query(
+        "UPDATE demo_invoices SET due_date = now() - interval '30 days' WHERE source_id = $1",
+    )
+    .bind(&invoice)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    run(&app).await;
+    assert!(
+        !has_reminder(&app, &invoice).await,
+        "the narrow pass looked at a record it had no reason to look at (is it a full pass?)"
+    );
+
+    // A day after the last full pass, a walk's end looks at the whole table again.
+    sqlx::query("UPDATE idem_rule_passes SET full_at = full_at - interval '25 hours'")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    run(&app).await;
+    assert!(
+        has_reminder(&app, &invoice).await,
+        "the daily full pass did not remind the record"
+    );
+}
+
+#[tokio::test]
+async fn changing_a_rules_conditions_looks_at_the_whole_table_again() {
+    let app = spawn_app_with(60, "").await;
+    run(&app).await;
+    let overdue_paid = app
+        .count(
+            "SELECT count(*) FROM demo_invoices WHERE status = 'paid' AND due_date < now() - interval '3 days'",
+        )
+        .await;
+    assert!(
+        overdue_paid > 0,
+        "the seed should have paid invoices past their due date"
+    );
+    assert_eq!(
+        app.count("SELECT count(*) FROM idem_ledger l JOIN demo_invoices t USING (source_id) WHERE t.status = 'paid'")
+            .await,
+        0
+    );
+
+    // The same rule now reminds paid invoices instead of open ones; no invoice changed.
+    let shipped = std::fs::read_to_string(
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("connectors/demo_billing.toml"),
+    )
+    .unwrap();
+    let changed = shipped.replace(
+        r#"{ column = "status", eq = "open" },"#,
+        r#"{ column = "status", eq = "paid" },"#,
+    );
+    assert_ne!(changed, shipped, "the demo rule's condition was not found");
+    let connector = app.dir.path().join("demo_billing.toml");
+    std::fs::write(&connector, changed).unwrap();
+    std::fs::write(
+        &app.config_path,
+        format!("connectors = [{:?}]\n", connector.display().to_string()),
+    )
+    .unwrap();
+    run(&app).await;
+
+    assert_eq!(
+        app.count("SELECT count(*) FROM idem_ledger l JOIN demo_invoices t USING (source_id) WHERE t.status = 'paid'")
+            .await,
+        overdue_paid,
+        "records that match only the changed conditions got no reminder"
+    );
+}
+
+#[tokio::test]
+async fn an_invoice_written_by_another_stream_is_looked_at_by_the_rules_stream() {
+    // Another stream writes the rule's table without the rule (an events stream beside
+    // its backfill): its page transaction stamps the row it changes with its start.
+    let app = spawn_app_with(60, "").await;
+    run(&app).await;
+    let invoice = open_without_reminder(&app).await;
+    sqlx::query(
+        "UPDATE demo_invoices SET due_date = now() - interval '30 days', last_changed_at = now()
+         WHERE source_id = $1",
+    )
+    .bind(&invoice)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    run(&app).await;
+    assert!(
+        has_reminder(&app, &invoice).await,
+        "a record written since the last pass was not looked at"
+    );
+}
+
+#[tokio::test]
+async fn a_write_committed_after_the_pass_that_could_not_see_it_is_looked_at_next_time() {
+    let app = spawn_app_with(60, "").await;
+    run(&app).await;
+    let invoice = open_without_reminder(&app).await;
+
+    // Another writer's page transaction is open across the next walk's end: the pass
+    // cannot see its row, which is stamped with the transaction's start, before the pass.
+    let mut other = app.pool.acquire().await.unwrap();
+    sqlx::query("BEGIN").execute(&mut *other).await.unwrap();
+    sqlx::query(
+        "UPDATE demo_invoices SET due_date = now() - interval '30 days', last_changed_at = now()
+         WHERE source_id = $1",
+    )
+    .bind(&invoice)
+    .execute(&mut *other)
+    .await
+    .unwrap();
+    run(&app).await;
+    assert!(
+        !has_reminder(&app, &invoice).await,
+        "the pass saw an uncommitted write"
+    );
+    sqlx::query("COMMIT").execute(&mut *other).await.unwrap();
+    drop(other);
+
+    run(&app).await;
+    assert!(
+        has_reminder(&app, &invoice).await,
+        "a write committed after the pass that could not see it was never looked at"
+    );
+}
