@@ -10,6 +10,20 @@ async fn run(app: &TestApp) {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 }
 
+/// Runs `statement` as the test's own session (time passing, another writer, an operator).
+async fn sql(app: &TestApp, statement: &str) {
+    sqlx::query(statement).execute(&app.pool).await.unwrap();
+}
+
+/// [`sql`] with the invoice's id as `$1`.
+async fn sql_for(app: &TestApp, statement: &str, invoice: &str) {
+    sqlx::query(statement)
+        .bind(invoice)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+}
+
 async fn has_reminder(app: &TestApp, source_id: &str) -> bool {
     app.count(&format!(
         "SELECT count(*) FROM idem_ledger WHERE rule = 'overdue_reminder' AND source_id = '{source_id}'"
@@ -41,33 +55,39 @@ async fn open_without_reminder(app: &TestApp) -> String {
     .expect("the seed should have open invoices that are not overdue yet")
 }
 
-#[tokio::test]
-async fn an_invoice_that_falls_overdue_without_changing_still_gets_its_reminder() {
+/// The demo imported once (its walk's end recorded the rule's first, full pass), and an
+/// open invoice without a reminder.
+async fn imported_with_an_invoice_not_yet_due() -> (TestApp, String) {
     let app = spawn_app_with(60, "").await;
     run(&app).await;
     let invoice = open_without_reminder(&app).await;
+    (app, invoice)
+}
+
+#[tokio::test]
+async fn an_invoice_that_falls_overdue_without_changing_still_gets_its_reminder() {
+    let (app, invoice) = imported_with_an_invoice_not_yet_due().await;
 
     // Three hours pass: the import and its pass move three hours back. The invoice fell
     // due 3 days and an hour ago, so it crossed the rule's 3 days an hour ago, after the
     // pass; nothing about it changed at the vendor.
-    sqlx::query(
+    sql(
+        &app,
         "UPDATE idem_rule_passes SET covers_from = covers_from - interval '3 hours',
                                      full_at = full_at - interval '3 hours'",
     )
-    .execute(&app.pool)
-    .await
-    .unwrap();
-    sqlx::query("UPDATE demo_invoices SET last_changed_at = last_changed_at - interval '3 hours'")
-        .execute(&app.pool)
-        .await
-        .unwrap();
-    sqlx::query(
-        "UPDATE demo_invoices SET due_date = now() - interval '3 days 1 hour' WHERE source_id = $1",
+    .await;
+    sql(
+        &app,
+        "UPDATE demo_invoices SET last_changed_at = last_changed_at - interval '3 hours'",
     )
-    .bind(&invoice)
-    .execute(&app.pool)
-    .await
-    .unwrap();
+    .await;
+    sql_for(
+        &app,
+        "UPDATE demo_invoices SET due_date = now() - interval '3 days 1 hour' WHERE source_id = $1",
+        &invoice,
+    )
+    .await;
     let (first_full, _) = passes(&app).await;
     run(&app).await;
 
@@ -88,19 +108,16 @@ async fn an_invoice_that_falls_overdue_without_changing_still_gets_its_reminder(
 
 #[tokio::test]
 async fn a_record_the_narrow_pass_cannot_see_is_reminded_by_the_daily_full_pass() {
-    let app = spawn_app_with(60, "").await;
-    run(&app).await;
-    let invoice = open_without_reminder(&app).await;
+    let (app, invoice) = imported_with_an_invoice_not_yet_due().await;
 
     // A record that matches without having crossed anything since the last pass (here its
     // due date was moved far back by hand; in life, a ledger row deleted by hand).
-    sqlx::query(
+    sql_for(
+        &app,
         "UPDATE demo_invoices SET due_date = now() - interval '30 days' WHERE source_id = $1",
+        &invoice,
     )
-    .bind(&invoice)
-    .execute(&app.pool)
-    .await
-    .unwrap();
+    .await;
     run(&app).await;
     assert!(
         !has_reminder(&app, &invoice).await,
@@ -108,10 +125,11 @@ async fn a_record_the_narrow_pass_cannot_see_is_reminded_by_the_daily_full_pass(
     );
 
     // A day after the last full pass, a walk's end looks at the whole table again.
-    sqlx::query("UPDATE idem_rule_passes SET full_at = full_at - interval '25 hours'")
-        .execute(&app.pool)
-        .await
-        .unwrap();
+    sql(
+        &app,
+        "UPDATE idem_rule_passes SET full_at = full_at - interval '25 hours'",
+    )
+    .await;
     run(&app).await;
     assert!(
         has_reminder(&app, &invoice).await,
@@ -167,19 +185,16 @@ async fn changing_a_rules_conditions_looks_at_the_whole_table_again() {
 
 #[tokio::test]
 async fn an_invoice_written_by_another_stream_is_looked_at_by_the_rules_stream() {
+    let (app, invoice) = imported_with_an_invoice_not_yet_due().await;
     // Another stream writes the rule's table without the rule (an events stream beside
     // its backfill): its page transaction stamps the row it changes with its start.
-    let app = spawn_app_with(60, "").await;
-    run(&app).await;
-    let invoice = open_without_reminder(&app).await;
-    sqlx::query(
+    sql_for(
+        &app,
         "UPDATE demo_invoices SET due_date = now() - interval '30 days', last_changed_at = now()
          WHERE source_id = $1",
+        &invoice,
     )
-    .bind(&invoice)
-    .execute(&app.pool)
-    .await
-    .unwrap();
+    .await;
     run(&app).await;
     assert!(
         has_reminder(&app, &invoice).await,
@@ -189,9 +204,7 @@ async fn an_invoice_written_by_another_stream_is_looked_at_by_the_rules_stream()
 
 #[tokio::test]
 async fn a_write_committed_after_the_pass_that_could_not_see_it_is_looked_at_next_time() {
-    let app = spawn_app_with(60, "").await;
-    run(&app).await;
-    let invoice = open_without_reminder(&app).await;
+    let (app, invoice) = imported_with_an_invoice_not_yet_due().await;
 
     // Another writer's page transaction is open across the next walk's end: the pass
     // cannot see its row, which is stamped with the transaction's start, before the pass.
