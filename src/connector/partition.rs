@@ -6,15 +6,7 @@ use super::StreamSpec;
 /// The placeholder a partitioned stream's path, parameter values and headers use.
 pub const PLACEHOLDER: &str = "{partition}";
 
-/// `stream` as idem names one partition of it in logs, errors and lock keys:
-/// `charges#acct_1`, or just `charges` when unpartitioned (`""`).
-pub fn qualified(stream: &str, partition: &str) -> String {
-    if partition.is_empty() {
-        stream.to_string()
-    } else {
-        format!("{stream}#{partition}")
-    }
-}
+pub use crate::schema::connector::qualified;
 
 /// Why a partition value is refused, or `None`. Values go into advisory lock keys, URL
 /// paths and headers unescaped, so only characters that mean nothing in any of them pass.

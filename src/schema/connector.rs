@@ -569,3 +569,13 @@ impl ColumnType {
         }
     }
 }
+
+/// `stream` as idem names one partition of it in logs, errors and lock keys:
+/// `charges#acct_1`, or just `charges` when unpartitioned (`""`).
+pub fn qualified(stream: &str, partition: &str) -> String {
+    if partition.is_empty() {
+        stream.to_string()
+    } else {
+        format!("{stream}#{partition}")
+    }
+}

@@ -16,6 +16,8 @@ use uuid::Uuid;
 
 pub use session::{SessionSettings, Target};
 
+use crate::schema::connector::qualified;
+
 /// A storage failure, with what was being done.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -287,16 +289,5 @@ pub async fn verify_owner(
             source_system: source_system.to_string(),
             stream: qualified(stream, partition),
         })
-    }
-}
-
-/// One partition of a stream as locks, session names and errors show it: `charges#acct_1`,
-/// or just `charges` when unpartitioned (`""`). The same text as
-/// `connector::partition::qualified`, kept here so the store names no connector module.
-fn qualified(stream: &str, partition: &str) -> String {
-    if partition.is_empty() {
-        stream.to_string()
-    } else {
-        format!("{stream}#{partition}")
     }
 }
