@@ -395,7 +395,9 @@ fn conditions_fingerprint(table: &str, checks: &[Check]) -> String {
 /// open in this database (or its own, if older), read before the pass's query takes its
 /// snapshot: a page transaction the pass could not see was open then, or started later,
 /// and stamps its rows with its start (`last_changed_at = now()`), so the next pass, looking
-/// from the recorded instant on, sees them.
+/// from the recorded instant on, sees them. Another role's session shows NULL for its
+/// type, state and start to a role without `pg_read_all_stats`: then the pass records a
+/// day before its own start instead.
 async fn last_pass_and_record_this_one(
     connection: &mut PgConnection,
     source_system: &str,
@@ -429,7 +431,8 @@ async fn last_pass_and_record_this_one(
                      ELSE LEAST(now(), min(a.xact_start)) END,
                 now()
          FROM pg_stat_activity a
-         WHERE a.datname = current_database() AND a.backend_type = 'client backend'
+         WHERE a.datname = current_database()
+           AND (a.backend_type = 'client backend' OR a.backend_type IS NULL)
            AND a.pid <> pg_backend_pid()
          ON CONFLICT (source_system, stream, rule) DO UPDATE SET
            fingerprint = EXCLUDED.fingerprint, covers_from = EXCLUDED.covers_from,

@@ -145,9 +145,40 @@ async fn warn_if_clear_text(target: &Target, connection: &mut PgConnection) {
 }
 
 /// Applies idem's embedded migrations (idempotent).
+///
+/// When every one is already applied, nothing is run: sqlx's migrator starts with
+/// `CREATE TABLE IF NOT EXISTS _sqlx_migrations`, which Postgres refuses to a role without
+/// `CREATE` on the schema even when the table exists, and a least-privilege role (README,
+/// "Grants") only reads that table.
 pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
-    sqlx::migrate!("./migrations").run(pool).await?;
+    let migrator = sqlx::migrate!("./migrations");
+    if all_applied(pool, &migrator).await {
+        return Ok(());
+    }
+    migrator.run(pool).await?;
     Ok(())
+}
+
+/// Whether `_sqlx_migrations` records every migration of `migrator` as applied, with the
+/// same checksum. Anything else (no table, a failed or changed migration) is left to the
+/// migrator, which applies it or says what is wrong.
+async fn all_applied(pool: &PgPool, migrator: &sqlx::migrate::Migrator) -> bool {
+    let applied: Vec<(i64, Vec<u8>)> =
+        match sqlx::query_as("SELECT version, checksum FROM _sqlx_migrations WHERE success")
+            .fetch_all(pool)
+            .await
+        {
+            Ok(applied) => applied,
+            Err(_) => return false,
+        };
+    migrator
+        .iter()
+        .filter(|m| !m.migration_type.is_down_migration())
+        .all(|m| {
+            applied
+                .iter()
+                .any(|(version, checksum)| *version == m.version && checksum[..] == m.checksum[..])
+        })
 }
 
 /// The class half of idem's two-key advisory locks (`pg_try_advisory_lock(int4, int4)`):

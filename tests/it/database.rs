@@ -283,6 +283,56 @@ async fn check_names_the_missing_grants() {
 }
 
 #[tokio::test]
+async fn a_role_with_only_the_documented_grants_runs_the_nightly_import() {
+    // README, "Grants": after `idem migrate` by the schema's owner, a role with no CREATE
+    // anywhere, DML on idem's tables and the destination table, and SELECT on
+    // `_sqlx_migrations` runs the import.
+    let app = spawn_app(30).await;
+    let first = app.idem(&["migrate", "--tables"]).await;
+    assert_eq!(first.status.code(), Some(0), "{}", stderr(&first));
+    let role = format!("idem_runner_{}", uuid::Uuid::new_v4().simple());
+    let bookkeeping: Vec<String> = sqlx::query_scalar(
+        "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' AND tablename LIKE 'idem\\_%'",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    let grants = [
+        format!("CREATE ROLE {role} LOGIN"),
+        format!("REVOKE CREATE ON SCHEMA public FROM {role}"),
+        format!(
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO {role}",
+            bookkeeping.join(", ")
+        ),
+        format!("GRANT SELECT ON _sqlx_migrations TO {role}"),
+        format!("GRANT SELECT, INSERT, UPDATE ON demo_invoices TO {role}"),
+        format!("GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}"),
+    ];
+    for sql in &grants {
+        sqlx::query(sql).execute(&app.pool).await.unwrap();
+    }
+    let url = app
+        .database_url
+        .replacen("postgres@", &format!("{role}@"), 1);
+    let run = app
+        .command(&["run", "--no-notify"])
+        .env("DATABASE_URL", &url)
+        .output()
+        .await
+        .unwrap();
+    let rows = app.count("SELECT count(*) FROM demo_invoices").await;
+    for sql in [
+        format!("REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {role}"),
+        format!("REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM {role}"),
+        format!("DROP ROLE {role}"),
+    ] {
+        sqlx::query(&sql).execute(&app.pool).await.unwrap();
+    }
+    assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
+    assert_eq!(rows, 30);
+}
+
+#[tokio::test]
 async fn idem_sessions_are_named_in_pg_stat_activity() {
     let app = spawn_app(500).await;
     let run = app.spawn_slow_nightly_run().await;

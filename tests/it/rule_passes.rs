@@ -232,3 +232,62 @@ async fn a_write_committed_after_the_pass_that_could_not_see_it_is_looked_at_nex
         "a write committed after the pass that could not see it was never looked at"
     );
 }
+
+#[tokio::test]
+async fn a_role_that_cannot_see_other_sessions_looks_a_day_back() {
+    // idem running as a role without `pg_read_all_stats` sees NULL for other roles'
+    // transaction starts, so it cannot know how old their open transactions are.
+    let (app, _) = imported_with_an_invoice_not_yet_due().await;
+    let role = format!("idem_limited_{}", uuid::Uuid::new_v4().simple());
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public'
+           AND (tablename LIKE 'idem\\_%' OR tablename = 'demo_invoices')",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    for statement in [
+        format!("CREATE ROLE {role} LOGIN"),
+        format!(
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO {role}",
+            tables.join(", ")
+        ),
+        format!("GRANT SELECT ON _sqlx_migrations TO {role}"),
+        format!("GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}"),
+    ] {
+        sql(&app, &statement).await;
+    }
+    // Another role's session is in a transaction while the limited role's walk ends.
+    let mut other = app.pool.acquire().await.unwrap();
+    sqlx::query("BEGIN").execute(&mut *other).await.unwrap();
+    sqlx::query("SELECT 1").execute(&mut *other).await.unwrap();
+    let url = app
+        .database_url
+        .replacen("postgres@", &format!("{role}@"), 1);
+    let out = app
+        .command(&["run", "--no-notify"])
+        .env("DATABASE_URL", &url)
+        .output()
+        .await
+        .unwrap();
+    sqlx::query("COMMIT").execute(&mut *other).await.unwrap();
+    drop(other);
+    let looks_back_hours: f64 = sqlx::query_scalar(
+        "SELECT extract(epoch FROM now() - covers_from)::float8 / 3600 FROM idem_rule_passes",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    for statement in [
+        format!("REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {role}"),
+        format!("REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM {role}"),
+        format!("DROP ROLE {role}"),
+    ] {
+        sql(&app, &statement).await;
+    }
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        looks_back_hours > 23.0,
+        "the next pass looks only {looks_back_hours:.2} h back, though this role could not see when the other session's transaction started"
+    );
+}
