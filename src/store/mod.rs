@@ -43,6 +43,10 @@ pub enum StoreError {
     #[error("applying migrations failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error(
+        "idem's tables need migrations this role may not apply ({source}): run `idem migrate` once as a role with CREATE on the schema (the schema's owner), then run again"
+    )]
+    MigrateNeedsOwner { source: sqlx::migrate::MigrateError },
+    #[error(
         "table {table} does not match its connector, so no page was written: {changes} (or change the connector back)"
     )]
     SchemaDrift { table: String, changes: String },
@@ -155,8 +159,17 @@ pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
     if all_applied(pool, &migrator).await {
         return Ok(());
     }
-    migrator.run(pool).await?;
-    Ok(())
+    match migrator.run(pool).await {
+        Ok(()) => Ok(()),
+        // SQLSTATE 42501: insufficient privilege.
+        Err(source)
+            if matches!(&source, sqlx::migrate::MigrateError::Execute(sqlx::Error::Database(e))
+                if e.code().as_deref() == Some("42501")) =>
+        {
+            Err(StoreError::MigrateNeedsOwner { source })
+        }
+        Err(source) => Err(source.into()),
+    }
 }
 
 /// Whether `_sqlx_migrations` records every migration of `migrator` as applied, with the

@@ -314,12 +314,21 @@ async fn a_role_with_only_the_documented_grants_runs_the_nightly_import() {
     let url = app
         .database_url
         .replacen("postgres@", &format!("{role}@"), 1);
-    let run = app
-        .command(&["run", "--no-notify"])
-        .env("DATABASE_URL", &url)
-        .output()
-        .await
-        .unwrap();
+    let run_as_role = || {
+        let mut command = app.command(&["run", "--no-notify"]);
+        command.env("DATABASE_URL", &url);
+        command
+    };
+    // An upgrade brought a migration this role may not apply: it says who must.
+    sqlx::query(
+        "DELETE FROM _sqlx_migrations WHERE version = (SELECT max(version) FROM _sqlx_migrations)",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let refused = run_as_role().output().await.unwrap();
+    let migrate = app.idem(&["migrate"]).await;
+    let run = run_as_role().output().await.unwrap();
     let rows = app.count("SELECT count(*) FROM demo_invoices").await;
     for sql in [
         format!("REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {role}"),
@@ -328,6 +337,13 @@ async fn a_role_with_only_the_documented_grants_runs_the_nightly_import() {
     ] {
         sqlx::query(&sql).execute(&app.pool).await.unwrap();
     }
+    assert_eq!(refused.status.code(), Some(1), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("run `idem migrate` once as a role with CREATE on the schema"),
+        "{}",
+        stderr(&refused)
+    );
+    assert_eq!(migrate.status.code(), Some(0), "{}", stderr(&migrate));
     assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
     assert_eq!(rows, 30);
 }
