@@ -358,7 +358,7 @@ impl FakeVendor {
     pub fn contacts(&self) -> Vec<Value> {
         let st = self.lock();
         let mut v: Vec<&Value> = st.data.contacts.values().collect();
-        v.sort_by(|a, b| server::contact_order(a, b));
+        v.sort_by(|a, b| server::hubspot::contact_order(a, b));
         v.into_iter().cloned().collect()
     }
 
