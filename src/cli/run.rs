@@ -24,23 +24,8 @@ pub(super) async fn run(
     let connectors = settings.load_connectors()?;
     let selected = select(&connectors, &targets)?;
     let walks = plan_walks(&selected, partition.as_deref())?;
-    let pool = connect_creating(settings, true).await?;
-    let url = settings.database_url()?;
-    let transport =
-        AnyTransport::from_settings(&settings.notify).map_err(|e| usage(e.to_string()))?;
-    let options = RunOptions {
-        batching: settings.import.batching(),
-        ddl: settings.database.ddl_policy(),
-        ..RunOptions::new(Mode::Regular, dry_run)
-    };
-    let code = run_all(&pool, &url, walks, &options, json).await?;
-    if !no_notify && !dry_run {
-        let report = notify(&pool, settings, &transport).await?;
-        if !json {
-            println!("{}", notify_summary(&report));
-        }
-    }
-    Ok(code)
+    let notify_after = !no_notify && !dry_run;
+    run_walks_then_notify(settings, walks, Mode::Regular, dry_run, notify_after, json).await
 }
 
 /// `idem replay`'s arguments.
@@ -92,6 +77,25 @@ pub(super) async fn replay(settings: &Settings, args: ReplayArgs) -> anyhow::Res
             ));
         }
     };
+    let mode = Mode::Replay {
+        from,
+        to,
+        label,
+        restart,
+    };
+    run_walks_then_notify(settings, walks, mode, false, !no_notify, json).await
+}
+
+/// Connects (creating the database on a first run), runs `walks` one after another, then,
+/// with `notify_after`, sends the reminders they made due.
+async fn run_walks_then_notify(
+    settings: &Settings,
+    walks: Vec<Walk<'_>>,
+    mode: Mode,
+    dry_run: bool,
+    notify_after: bool,
+    json: bool,
+) -> anyhow::Result<u8> {
     let pool = connect_creating(settings, true).await?;
     let url = settings.database_url()?;
     let transport =
@@ -99,18 +103,10 @@ pub(super) async fn replay(settings: &Settings, args: ReplayArgs) -> anyhow::Res
     let options = RunOptions {
         batching: settings.import.batching(),
         ddl: settings.database.ddl_policy(),
-        ..RunOptions::new(
-            Mode::Replay {
-                from,
-                to,
-                label,
-                restart,
-            },
-            false,
-        )
+        ..RunOptions::new(mode, dry_run)
     };
     let code = run_all(&pool, &url, walks, &options, json).await?;
-    if !no_notify {
+    if notify_after {
         let report = notify(&pool, settings, &transport).await?;
         if !json {
             println!("{}", notify_summary(&report));
