@@ -41,26 +41,17 @@ pub(super) struct ReplayArgs {
 }
 
 pub(super) async fn replay(settings: &Settings, args: ReplayArgs) -> anyhow::Result<u8> {
-    let ReplayArgs {
-        target,
-        since,
-        from,
-        to,
-        restart,
-        partition,
-        no_notify,
-        json,
-    } = args;
     let connectors = settings.load_connectors()?;
-    let selected = select(&connectors, std::slice::from_ref(&target))?;
+    let selected = select(&connectors, std::slice::from_ref(&args.target))?;
     if selected.len() != 1 {
         return Err(usage(format!(
-            "replay needs one SOURCE.STREAM, '{target}' names {} streams",
+            "replay needs one SOURCE.STREAM, '{}' names {} streams",
+            args.target,
             selected.len()
         )));
     }
-    let walks = plan_walks(&selected, partition.as_deref())?;
-    let (from, to, label) = match (since, from, to) {
+    let walks = plan_walks(&selected, args.partition.as_deref())?;
+    let (from, to, label) = match (args.since, args.from, args.to) {
         (Some(since), None, None) => {
             let now = Utc::now();
             (now - since.as_chrono(), now, format!("since:{since}"))
@@ -81,9 +72,9 @@ pub(super) async fn replay(settings: &Settings, args: ReplayArgs) -> anyhow::Res
         from,
         to,
         label,
-        restart,
+        restart: args.restart,
     };
-    run_walks_then_notify(settings, walks, mode, false, !no_notify, json).await
+    run_walks_then_notify(settings, walks, mode, false, !args.no_notify, args.json).await
 }
 
 /// Connects (creating the database on a first run), runs `walks` one after another, then,
@@ -183,26 +174,10 @@ pub(super) async fn run_all(
         }
         match result {
             Ok(report) => {
-                let stream_code = match report.status {
-                    RunStatus::Succeeded => EXIT_OK,
-                    RunStatus::Partial => EXIT_PARTIAL,
-                    RunStatus::Failed | RunStatus::Interrupted => EXIT_FAILED,
-                };
-                code = worst(code, stream_code);
-                if !json {
-                    println!("{}", summary(&report));
-                }
-                for child in &report.children {
-                    code = worst(
-                        code,
-                        match child.status {
-                            RunStatus::Succeeded => EXIT_OK,
-                            RunStatus::Partial => EXIT_PARTIAL,
-                            RunStatus::Failed | RunStatus::Interrupted => EXIT_FAILED,
-                        },
-                    );
+                for report in std::iter::once(&report).chain(&report.children) {
+                    code = worst(code, exit_code(report.status));
                     if !json {
-                        println!("{}", summary(child));
+                        println!("{}", summary(report));
                     }
                 }
                 reports.push(report);
@@ -225,6 +200,15 @@ pub(super) async fn run_all(
         println!("{}", serde_json::to_string_pretty(&reports)?);
     }
     Ok(code)
+}
+
+/// The exit code of one stream's outcome.
+fn exit_code(status: RunStatus) -> u8 {
+    match status {
+        RunStatus::Succeeded => EXIT_OK,
+        RunStatus::Partial => EXIT_PARTIAL,
+        RunStatus::Failed | RunStatus::Interrupted => EXIT_FAILED,
+    }
 }
 
 /// The most severe of two exit codes: failed, then locked, then partial.

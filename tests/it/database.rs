@@ -226,36 +226,22 @@ async fn check_names_the_missing_grants() {
     let app = spawn_app(10).await;
     let first = app.idem(&["run", "--no-notify"]).await;
     assert_eq!(first.status.code(), Some(0), "{}", stderr(&first));
-    let role = format!("idem_reader_{}", uuid::Uuid::new_v4().simple());
-    for sql in [
-        format!("CREATE ROLE {role} LOGIN"),
-        format!("GRANT SELECT ON demo_invoices, _sqlx_migrations TO {role}"),
-    ] {
-        sqlx::query(&sql).execute(&app.pool).await.unwrap();
-    }
     // Every bookkeeping table but the ledger, whichever tables later migrations add.
-    let bookkeeping: Vec<String> = sqlx::query_scalar(
-        "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' AND tablename LIKE 'idem\\_%' AND tablename <> 'idem_ledger'",
-    )
-    .fetch_all(&app.pool)
-    .await
-    .unwrap();
-    sqlx::query(&format!(
-        "GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO {role}",
-        bookkeeping.join(", ")
-    ))
-    .execute(&app.pool)
-    .await
-    .unwrap();
-    sqlx::query(&format!(
-        "GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}"
-    ))
-    .execute(&app.pool)
-    .await
-    .unwrap();
-    let url = app
-        .database_url
-        .replacen("postgres@", &format!("{role}@"), 1);
+    let bookkeeping = app.idem_tables(&["idem_ledger"]).await;
+    let role = app
+        .role_with(
+            "idem_reader",
+            &[
+                "GRANT SELECT ON demo_invoices, _sqlx_migrations TO {role}".into(),
+                format!(
+                    "GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO {{role}}",
+                    bookkeeping.join(", ")
+                ),
+                "GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}".into(),
+            ],
+        )
+        .await;
+    let url = role.url.clone();
     let check = app
         .command(&["check"])
         .env("DATABASE_URL", &url)
@@ -263,13 +249,7 @@ async fn check_names_the_missing_grants() {
         .await
         .unwrap();
     let text = stdout(&check);
-    for sql in [
-        format!("REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {role}"),
-        format!("REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM {role}"),
-        format!("DROP ROLE {role}"),
-    ] {
-        sqlx::query(&sql).execute(&app.pool).await.unwrap();
-    }
+    role.drop_role(&app).await;
     assert_eq!(check.status.code(), Some(1), "{text}{}", stderr(&check));
     assert!(text.contains("grants: 2 missing"), "{text}");
     assert!(
@@ -290,30 +270,22 @@ async fn a_role_with_only_the_documented_grants_runs_the_nightly_import() {
     let app = spawn_app(30).await;
     let first = app.idem(&["migrate", "--tables"]).await;
     assert_eq!(first.status.code(), Some(0), "{}", stderr(&first));
-    let role = format!("idem_runner_{}", uuid::Uuid::new_v4().simple());
-    let bookkeeping: Vec<String> = sqlx::query_scalar(
-        "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' AND tablename LIKE 'idem\\_%'",
-    )
-    .fetch_all(&app.pool)
-    .await
-    .unwrap();
-    let grants = [
-        format!("CREATE ROLE {role} LOGIN"),
-        format!("REVOKE CREATE ON SCHEMA public FROM {role}"),
-        format!(
-            "GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO {role}",
-            bookkeeping.join(", ")
-        ),
-        format!("GRANT SELECT ON _sqlx_migrations TO {role}"),
-        format!("GRANT SELECT, INSERT, UPDATE ON demo_invoices TO {role}"),
-        format!("GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}"),
-    ];
-    for sql in &grants {
-        sqlx::query(sql).execute(&app.pool).await.unwrap();
-    }
-    let url = app
-        .database_url
-        .replacen("postgres@", &format!("{role}@"), 1);
+    let bookkeeping = app.idem_tables(&[]).await;
+    let role = app
+        .role_with(
+            "idem_runner",
+            &[
+                format!(
+                    "GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO {{role}}",
+                    bookkeeping.join(", ")
+                ),
+                "GRANT SELECT ON _sqlx_migrations TO {role}".into(),
+                "GRANT SELECT, INSERT, UPDATE ON demo_invoices TO {role}".into(),
+                "GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}".into(),
+            ],
+        )
+        .await;
+    let url = role.url.clone();
     let run_as_role = || {
         let mut command = app.command(&["run", "--no-notify"]);
         command.env("DATABASE_URL", &url);
@@ -330,13 +302,7 @@ async fn a_role_with_only_the_documented_grants_runs_the_nightly_import() {
     let migrate = app.idem(&["migrate"]).await;
     let run = run_as_role().output().await.unwrap();
     let rows = app.count("SELECT count(*) FROM demo_invoices").await;
-    for sql in [
-        format!("REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {role}"),
-        format!("REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM {role}"),
-        format!("DROP ROLE {role}"),
-    ] {
-        sqlx::query(&sql).execute(&app.pool).await.unwrap();
-    }
+    role.drop_role(&app).await;
     assert_eq!(refused.status.code(), Some(1), "{}", stderr(&refused));
     assert!(
         stderr(&refused).contains("run `idem migrate` once as a role with CREATE on the schema"),

@@ -223,6 +223,38 @@ impl TestApp {
         child
     }
 
+    /// The bookkeeping tables `idem migrate` made here (`idem_*`), but `except`.
+    pub async fn idem_tables(&self, except: &[&str]) -> Vec<String> {
+        let all: Vec<String> = sqlx::query_scalar(
+            "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' AND tablename LIKE 'idem\\_%'",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .unwrap();
+        all.into_iter()
+            .filter(|t| !except.contains(&t.as_str()))
+            .collect()
+    }
+
+    /// A login role without superuser, CREATEDB or CREATE on the schema, given `grants`
+    /// (statements where `{role}` stands for its name). Roles outlive the test's database:
+    /// [`TestRole::drop_role`] revokes and drops it.
+    pub async fn role_with(&self, prefix: &str, grants: &[String]) -> TestRole {
+        let name = format!("{prefix}_{}", uuid::Uuid::new_v4().simple());
+        let mut statements = vec![
+            format!("CREATE ROLE {name} LOGIN"),
+            format!("REVOKE CREATE ON SCHEMA public FROM {name}"),
+        ];
+        statements.extend(grants.iter().map(|g| g.replace("{role}", &name)));
+        for statement in statements {
+            sqlx::query(&statement).execute(&self.pool).await.unwrap();
+        }
+        let url = self
+            .database_url
+            .replacen("postgres@", &format!("{name}@"), 1);
+        TestRole { name, url }
+    }
+
     pub async fn count(&self, sql: &str) -> i64 {
         sqlx::query_scalar(sql)
             .fetch_one(&self.pool)
@@ -282,4 +314,23 @@ pub fn stdout(output: &Output) -> String {
 
 pub fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// A role made by [`TestApp::role_with`], and the `DATABASE_URL` that logs in as it.
+pub struct TestRole {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestRole {
+    pub async fn drop_role(self, app: &TestApp) {
+        let role = self.name;
+        for statement in [
+            format!("REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {role}"),
+            format!("REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM {role}"),
+            format!("DROP ROLE {role}"),
+        ] {
+            sqlx::query(&statement).execute(&app.pool).await.unwrap();
+        }
+    }
 }

@@ -128,6 +128,17 @@ fn accounts_command_with(app: &TestApp, extra: &str, args: &[&str]) -> tokio::pr
     command
 }
 
+/// `idem run demo_accounts.charges --partition <partition> --no-notify`.
+fn run_partition_args(partition: &str) -> [&str; 5] {
+    [
+        "run",
+        "demo_accounts.charges",
+        "--partition",
+        partition,
+        "--no-notify",
+    ]
+}
+
 async fn accounts_idem(app: &TestApp, args: &[&str]) -> Output {
     tokio::time::timeout(
         Duration::from_secs(120),
@@ -221,17 +232,7 @@ async fn a_partition_runs_while_another_partition_of_the_stream_holds_its_lock()
         other => panic!("the locked account must not run: {other:?}"),
     }
     // The binary says so with its "locked" exit code, and writes nothing for it.
-    let locked = accounts_idem(
-        &app,
-        &[
-            "run",
-            "demo_accounts.charges",
-            "--partition",
-            "acct_eu",
-            "--no-notify",
-        ],
-    )
-    .await;
+    let locked = accounts_idem(&app, &run_partition_args("acct_eu")).await;
     assert_eq!(locked.status.code(), Some(75), "{}", stderr(&locked));
     assert!(
         stderr(&locked).contains("charges#acct_eu"),
@@ -275,13 +276,7 @@ async fn an_unknown_partition_is_refused_with_the_known_ones() {
     let app = spawn_app(0).await;
     seed(&app, [1, 1, 1]);
     for args in [
-        &[
-            "run",
-            "demo_accounts.charges",
-            "--partition",
-            "acct_xx",
-            "--no-notify",
-        ][..],
+        &run_partition_args("acct_xx")[..],
         &[
             "checkpoint",
             "reset",
@@ -313,35 +308,16 @@ async fn a_kill_inside_one_partition_resumes_that_partition_without_duplicates()
     let app = spawn_app(0).await;
     // 350 charges in acct_us: four pages of 100.
     seed(&app, [150, 350, 20]);
-    let done = accounts_idem(
-        &app,
-        &[
-            "run",
-            "demo_accounts.charges",
-            "--partition",
-            "acct_eu",
-            "--no-notify",
-        ],
-    )
-    .await;
+    let done = accounts_idem(&app, &run_partition_args("acct_eu")).await;
     assert_eq!(done.status.code(), Some(0), "{}", stderr(&done));
     let eu_mark = marks(&app).await["acct_eu"];
 
-    let crashed = accounts_command(
-        &app,
-        &[
-            "run",
-            "demo_accounts.charges",
-            "--partition",
-            "acct_us",
-            "--no-notify",
-        ],
-    )
-    .env("IDEM__IMPORT__TRANSACTION_RECORDS", "1")
-    .env("IDEM_CRASH_AT", "page_after_commit:2")
-    .output()
-    .await
-    .unwrap();
+    let crashed = accounts_command(&app, &run_partition_args("acct_us"))
+        .env("IDEM__IMPORT__TRANSACTION_RECORDS", "1")
+        .env("IDEM_CRASH_AT", "page_after_commit:2")
+        .output()
+        .await
+        .unwrap();
     assert_eq!(crashed.status.signal(), Some(9), "{}", stderr(&crashed));
     assert_eq!(
         app.count("SELECT count(*) FROM demo_charges").await,
@@ -622,17 +598,7 @@ async fn a_bad_record_is_a_failure_of_its_own_partition() {
         app.vendor
             .update_charge("acct_uk", &bad, |c| c["amount"] = 5.into())
     );
-    let again = accounts_idem(
-        &app,
-        &[
-            "run",
-            "demo_accounts.charges",
-            "--partition",
-            "acct_uk",
-            "--no-notify",
-        ],
-    )
-    .await;
+    let again = accounts_idem(&app, &run_partition_args("acct_uk")).await;
     assert_eq!(again.status.code(), Some(0), "{}", stderr(&again));
     assert_eq!(app.count("SELECT count(*) FROM idem_failures").await, 0);
     assert_rows_match_vendor(&app).await;

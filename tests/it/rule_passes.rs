@@ -157,20 +157,18 @@ async fn changing_a_rules_conditions_looks_at_the_whole_table_again() {
     );
 
     // The same rule now reminds paid invoices instead of open ones; no invoice changed.
-    let shipped = std::fs::read_to_string(
-        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("connectors/demo_billing.toml"),
-    )
-    .unwrap();
-    let changed = shipped.replace(
-        r#"{ column = "status", eq = "open" },"#,
-        r#"{ column = "status", eq = "paid" },"#,
-    );
-    assert_ne!(changed, shipped, "the demo rule's condition was not found");
-    let connector = app.dir.path().join("demo_billing.toml");
-    std::fs::write(&connector, changed).unwrap();
+    let connector = app.demo_connector_variant("demo_billing", |text| {
+        text.replace(
+            r#"{ column = "status", eq = "open" },"#,
+            r#"{ column = "status", eq = "paid" },"#,
+        )
+    });
     std::fs::write(
         &app.config_path,
-        format!("connectors = [{:?}]\n", connector.display().to_string()),
+        format!(
+            "connectors = [{:?}]\n",
+            connector.file.display().to_string()
+        ),
     )
     .unwrap();
     run(&app).await;
@@ -238,35 +236,28 @@ async fn a_role_that_cannot_see_other_sessions_looks_a_day_back() {
     // idem running as a role without `pg_read_all_stats` sees NULL for other roles'
     // transaction starts, so it cannot know how old their open transactions are.
     let (app, _) = imported_with_an_invoice_not_yet_due().await;
-    let role = format!("idem_limited_{}", uuid::Uuid::new_v4().simple());
-    let tables: Vec<String> = sqlx::query_scalar(
-        "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public'
-           AND (tablename LIKE 'idem\\_%' OR tablename = 'demo_invoices')",
-    )
-    .fetch_all(&app.pool)
-    .await
-    .unwrap();
-    for statement in [
-        format!("CREATE ROLE {role} LOGIN"),
-        format!(
-            "GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO {role}",
-            tables.join(", ")
-        ),
-        format!("GRANT SELECT ON _sqlx_migrations TO {role}"),
-        format!("GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}"),
-    ] {
-        sql(&app, &statement).await;
-    }
+    let mut tables = app.idem_tables(&[]).await;
+    tables.push("demo_invoices".into());
+    let role = app
+        .role_with(
+            "idem_limited",
+            &[
+                format!(
+                    "GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO {{role}}",
+                    tables.join(", ")
+                ),
+                "GRANT SELECT ON _sqlx_migrations TO {role}".into(),
+                "GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}".into(),
+            ],
+        )
+        .await;
     // Another role's session is in a transaction while the limited role's walk ends.
     let mut other = app.pool.acquire().await.unwrap();
     sqlx::query("BEGIN").execute(&mut *other).await.unwrap();
     sqlx::query("SELECT 1").execute(&mut *other).await.unwrap();
-    let url = app
-        .database_url
-        .replacen("postgres@", &format!("{role}@"), 1);
     let out = app
         .command(&["run", "--no-notify"])
-        .env("DATABASE_URL", &url)
+        .env("DATABASE_URL", &role.url)
         .output()
         .await
         .unwrap();
@@ -278,16 +269,33 @@ async fn a_role_that_cannot_see_other_sessions_looks_a_day_back() {
     .fetch_one(&app.pool)
     .await
     .unwrap();
-    for statement in [
-        format!("REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {role}"),
-        format!("REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM {role}"),
-        format!("DROP ROLE {role}"),
-    ] {
-        sql(&app, &statement).await;
-    }
+    role.drop_role(&app).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(
         looks_back_hours > 23.0,
         "the next pass looks only {looks_back_hours:.2} h back, though this role could not see when the other session's transaction started"
+    );
+}
+
+#[tokio::test]
+async fn a_record_idem_rewrites_is_stamped_after_the_pass_before_it() {
+    // What the narrow pass relies on: every write of a destination row by any stream sets
+    // `last_changed_at` to its transaction's start, after the previous pass's instant.
+    let (app, invoice) = imported_with_an_invoice_not_yet_due().await;
+    let (_, covers_from) = passes(&app).await;
+    app.vendor
+        .update_invoice(&invoice, |inv| inv["amount_due"] = serde_json::json!(4242));
+    run(&app).await;
+    let stamped_after: bool = sqlx::query_scalar(
+        "SELECT last_changed_at >= CAST($1 AS timestamptz) FROM demo_invoices WHERE source_id = $2",
+    )
+    .bind(&covers_from)
+    .bind(&invoice)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert!(
+        stamped_after,
+        "the rewritten row's last_changed_at is before the pass it follows"
     );
 }
