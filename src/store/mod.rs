@@ -172,9 +172,10 @@ pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
     }
 }
 
-/// Whether `_sqlx_migrations` records every migration of `migrator` as applied, with the
-/// same checksum. Anything else (no table, a failed or changed migration) is left to the
-/// migrator, which applies it or says what is wrong.
+/// Whether `_sqlx_migrations` records exactly the migrations of `migrator` as applied, with
+/// the same checksums. Anything else (no table, a failed or changed migration, one this
+/// binary does not know because a newer idem applied it) is left to the migrator, which
+/// applies it or says what is wrong.
 async fn all_applied(pool: &PgPool, migrator: &sqlx::migrate::Migrator) -> bool {
     let applied: Vec<(i64, Vec<u8>)> =
         match sqlx::query_as("SELECT version, checksum FROM _sqlx_migrations WHERE success")
@@ -184,10 +185,12 @@ async fn all_applied(pool: &PgPool, migrator: &sqlx::migrate::Migrator) -> bool 
             Ok(applied) => applied,
             Err(_) => return false,
         };
-    migrator
+    let known: Vec<_> = migrator
         .iter()
         .filter(|m| !m.migration_type.is_down_migration())
-        .all(|m| {
+        .collect();
+    applied.len() == known.len()
+        && known.iter().all(|m| {
             applied
                 .iter()
                 .any(|(version, checksum)| *version == m.version && checksum[..] == m.checksum[..])

@@ -315,6 +315,31 @@ async fn a_role_with_only_the_documented_grants_runs_the_nightly_import() {
 }
 
 #[tokio::test]
+async fn an_older_idem_refuses_a_database_a_newer_one_migrated() {
+    let app = spawn_app(5).await;
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+         VALUES (99991231000000, 'from a newer idem', true, '\\x00', 0)",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let run = app.idem(&["run", "--no-notify"]).await;
+    assert_eq!(run.status.code(), Some(1), "{}", stderr(&run));
+    assert!(
+        stderr(&run).contains("99991231000000"),
+        "the error should name the unknown migration: {}",
+        stderr(&run)
+    );
+    // Nothing was written: not even the destination table was created.
+    assert_eq!(
+        app.count("SELECT count(*) FROM pg_tables WHERE tablename = 'demo_invoices'")
+            .await,
+        0
+    );
+}
+
+#[tokio::test]
 async fn idem_sessions_are_named_in_pg_stat_activity() {
     let app = spawn_app(500).await;
     let run = app.spawn_slow_nightly_run().await;
