@@ -43,8 +43,10 @@ pub(super) async fn migrate_tables(
                 &stream.table,
                 &crate::run::children::table_columns(stream),
             )
+            .with_indexes(stream.rule_threshold_columns())
             .with_ddl(policy.clone());
-            let statements = table.missing_ddl(pool).await?;
+            let mut statements = table.missing_ddl(pool).await?;
+            statements.extend(table.missing_indexes(pool).await?);
             table.ensure(pool).await?;
             if statements.is_empty() {
                 println!("table {}: up to date", stream.table);

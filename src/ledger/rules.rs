@@ -459,9 +459,12 @@ fn since_clause(checks: &[Check], since_param: &str) -> String {
     )];
     for check in checks {
         if let Test::OlderThan { ms } = check.test {
+            // Both bounds, so an index on the column answers it: the rows that crossed
+            // the threshold between the last pass and now.
+            let column = quote(&check.column);
             crossed.push(format!(
-                "t.{} >= CAST({since_param} AS timestamptz) - interval '{ms} milliseconds'",
-                quote(&check.column)
+                "(t.{column} >= CAST({since_param} AS timestamptz) - interval '{ms} milliseconds' \
+                 AND t.{column} < now() - interval '{ms} milliseconds')"
             ));
         }
     }

@@ -168,8 +168,9 @@ impl Drain<'_> {
     async fn run(&mut self, options: &RunOptions) -> Result<RunReport, RunError> {
         let started = Instant::now();
         let columns = table_columns(self.stream);
-        let table =
-            DestinationTable::new(&self.stream.table, &columns).with_ddl(options.ddl.clone());
+        let table = DestinationTable::new(&self.stream.table, &columns)
+            .with_indexes(self.stream.rule_threshold_columns())
+            .with_ddl(options.ddl.clone());
         table.ensure(self.pool).await?;
         if options.ddl.allow {
             // Only the table's owner may add it; without it deletions are slower, not wrong.

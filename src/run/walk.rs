@@ -65,8 +65,9 @@ impl<'a> Walk<'a> {
         options: &'a RunOptions,
         owner: Option<Uuid>,
     ) -> Result<Walk<'a>, RunError> {
-        let table =
-            DestinationTable::new(&stream.table, &stream.columns).with_ddl(options.ddl.clone());
+        let table = DestinationTable::new(&stream.table, &stream.columns)
+            .with_indexes(stream.rule_threshold_columns())
+            .with_ddl(options.ddl.clone());
         let table_exists = if options.dry_run {
             sqlx::query_scalar::<_, bool>("SELECT to_regclass($1) IS NOT NULL")
                 .bind(format!("\"{}\"", stream.table))

@@ -291,6 +291,21 @@ pub struct ParentCondition {
     pub eq: toml::Value,
 }
 
+impl StreamSpec {
+    /// The columns a reminder rule of this stream tests with `older_than`: a walk's end
+    /// looks for records whose value crossed the threshold since its last pass, which an
+    /// index on the column answers without reading the table.
+    pub fn rule_threshold_columns(&self) -> Vec<String> {
+        let mut columns: Vec<String> = Vec::new();
+        for condition in self.notifications.iter().flat_map(|rule| &rule.when) {
+            if condition.older_than.is_some() && !columns.contains(&condition.column) {
+                columns.push(condition.column.clone());
+            }
+        }
+        columns
+    }
+}
+
 impl ParentCondition {
     /// Whether `record` satisfies the condition.
     pub fn holds(&self, record: &serde_json::Value) -> bool {

@@ -40,6 +40,11 @@ pub struct DestinationTable {
     classify_content_sql: String,
     upsert_sql: String,
     ddl: DdlPolicy,
+    /// Columns kept under a btree index besides the key: `last_changed_at` (a walk's end
+    /// looks only at rows written since its last pass) and the columns reminder rules test
+    /// with `older_than` (rows that crossed the threshold since). Without them everything
+    /// still works, by reading the whole table at every walk's end.
+    indexed: Vec<String>,
 }
 
 /// A session holding a lock on a table that a schema change needs.
@@ -113,6 +118,23 @@ fn sqlstate(err: &sqlx::Error) -> Option<String> {
     }
 }
 
+/// `{table}_{column}_idx`, shortened with a hash of the whole when longer than the 63
+/// bytes Postgres keeps of a name: two long names cut to one prefix would otherwise be the
+/// same index to `IF NOT EXISTS`.
+fn index_name(table: &str, column: &str) -> String {
+    const MAX: usize = 63;
+    let full = format!("{table}_{column}_idx");
+    if full.len() <= MAX {
+        return full;
+    }
+    let hash = xxhash_rust::xxh3::xxh3_64(full.as_bytes()) as u32;
+    let mut cut = MAX - 9;
+    while !full.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}_{hash:08x}", &full[..cut])
+}
+
 fn quote(identifier: &str) -> String {
     format!("\"{}\"", identifier.replace('"', "\"\""))
 }
@@ -180,7 +202,19 @@ impl DestinationTable {
             classify_content_sql,
             upsert_sql,
             ddl: DdlPolicy::default(),
+            indexed: vec!["last_changed_at".to_string()],
         }
+    }
+
+    /// Also keeps an index on each of these typed columns (see `indexed`); names that are
+    /// not typed columns of the table are ignored.
+    pub fn with_indexes(mut self, columns: impl IntoIterator<Item = String>) -> Self {
+        for column in columns {
+            if self.columns.iter().any(|c| c.name == column) && !self.indexed.contains(&column) {
+                self.indexed.push(column);
+            }
+        }
+        self
     }
 
     /// How this table's schema changes are made (default: allowed, short lock timeout).
@@ -206,7 +240,59 @@ impl DestinationTable {
                 self.execute_ddl(pool, statement).await?;
             }
         }
-        self.check_column_types(pool).await
+        self.check_column_types(pool).await?;
+        self.ensure_indexes(pool).await
+    }
+
+    /// Builds the missing indexes, if schema changes are allowed. An index only saves
+    /// reading, so one that cannot be built (its lock is taken, the role does not own the
+    /// table, `ddl = "never"`) is a warning naming the statement, never a failed run.
+    async fn ensure_indexes(&self, pool: &PgPool) -> Result<(), StoreError> {
+        let statements = self.missing_indexes(pool).await?;
+        for statement in &statements {
+            if !self.ddl.allow {
+                tracing::warn!(
+                    table = %self.name,
+                    "the table lacks an index that lets each walk's end skip unchanged rows, and ddl = \"never\" leaves it to the table's owner; until it is built every walk reads the whole table at its end: {statement}"
+                );
+                continue;
+            }
+            if let Err(err) = self.execute_ddl(pool, statement).await {
+                tracing::warn!(
+                    table = %self.name,
+                    "could not build an index (the next run tries again; until then each walk's end reads the whole table): {statement}: {}",
+                    crate::errors::error_chain(&err)
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// `CREATE INDEX` statements for the indexed columns that lead no valid index of the
+    /// table yet (an index the owner made on such a column counts).
+    pub async fn missing_indexes(&self, pool: &PgPool) -> Result<Vec<String>, StoreError> {
+        let leading: Vec<String> = sqlx::query_scalar(
+            "SELECT a.attname::text FROM pg_index i
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+             WHERE i.indrelid = to_regclass($1) AND i.indisvalid",
+        )
+        .bind(quote(&self.name))
+        .fetch_all(pool)
+        .await
+        .context(|| format!("reading the indexes of table {}", self.name))?;
+        Ok(self
+            .indexed
+            .iter()
+            .filter(|column| !leading.contains(column))
+            .map(|column| {
+                format!(
+                    "CREATE INDEX IF NOT EXISTS {} ON {} ({})",
+                    quote(&index_name(&self.name, column)),
+                    quote(&self.name),
+                    quote(column)
+                )
+            })
+            .collect())
     }
 
     /// The typed columns the table has now, by name, with their SQL types; `None` when
@@ -563,5 +649,26 @@ impl DestinationTable {
             .await
             .context(|| format!("marking deleted rows of {}", self.name))?;
         Ok(done.rows_affected())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::index_name;
+
+    #[test]
+    fn index_names_fit_postgres_and_stay_apart_when_cut() {
+        assert_eq!(
+            index_name("demo_invoices", "due_date"),
+            "demo_invoices_due_date_idx"
+        );
+        let long = "a_destination_table_whose_name_is_as_long_as_postgres_allows_it_";
+        let first = index_name(long, "last_changed_at");
+        let second = index_name(long, "due_date");
+        assert!(first.len() <= 63 && second.len() <= 63, "{first} {second}");
+        assert_ne!(first, second);
+        // A cut never splits a character.
+        let accented = index_name(&"é".repeat(40), "due_date");
+        assert!(accented.len() <= 63, "{accented}");
     }
 }

@@ -717,3 +717,77 @@ async fn a_vendor_ca_file_is_read_when_the_connector_loads() {
         stderr(&check)
     );
 }
+
+/// The columns of `demo_invoices` that lead an index, other than the key's.
+async fn indexed_columns(app: &TestApp) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT a.attname::text FROM pg_index i
+         JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+         WHERE i.indrelid = 'demo_invoices'::regclass AND NOT i.indisunique
+         ORDER BY 1",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_walks_end_reads_new_and_overdue_rows_through_indexes_the_run_builds() {
+    let app = spawn_app(40).await;
+    let first = app.idem(&["run", "--no-notify"]).await;
+    assert_eq!(first.status.code(), Some(0), "{}", stderr(&first));
+    // last_changed_at: rows written since the last pass; due_date: the demo rule's
+    // `older_than` column, rows that crossed the threshold since.
+    assert_eq!(indexed_columns(&app).await, ["due_date", "last_changed_at"]);
+}
+
+#[tokio::test]
+async fn ddl_never_runs_without_the_indexes_and_names_them_for_the_owner() {
+    let app = spawn_app(40).await;
+    let first = app.idem(&["run", "--no-notify"]).await;
+    assert_eq!(first.status.code(), Some(0), "{}", stderr(&first));
+    for name in [
+        "demo_invoices_due_date_idx",
+        "demo_invoices_last_changed_at_idx",
+    ] {
+        sqlx::query(&format!("DROP INDEX \"{name}\""))
+            .execute(&app.pool)
+            .await
+            .unwrap();
+    }
+    let shipped = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("connectors/demo_billing.toml");
+    write_config(&app, &shipped, "ddl = \"never\"\n");
+    app.vendor
+        .update_invoice("in_000002", |inv| inv["amount_due"] = 4242.into());
+
+    let run = app.idem(&["run", "--no-notify"]).await;
+    let text = stderr(&run);
+    assert_eq!(run.status.code(), Some(0), "{text}");
+    // The log line is JSON, its quotes escaped.
+    for statement in [
+        r#"CREATE INDEX IF NOT EXISTS \"demo_invoices_last_changed_at_idx\" ON \"demo_invoices\" (\"last_changed_at\")"#,
+        r#"CREATE INDEX IF NOT EXISTS \"demo_invoices_due_date_idx\" ON \"demo_invoices\" (\"due_date\")"#,
+    ] {
+        assert!(text.contains(statement), "{text}");
+    }
+    assert!(text.contains(r#"ddl = \"never\""#), "{text}");
+    assert!(indexed_columns(&app).await.is_empty());
+    app.assert_matches_vendor().await;
+
+    // `idem migrate --tables` is the owner's way to apply them; it prints what it did.
+    let migrate = app.idem(&["migrate", "--tables"]).await;
+    assert_eq!(migrate.status.code(), Some(0), "{}", stderr(&migrate));
+    assert!(
+        stdout(&migrate).contains("CREATE INDEX IF NOT EXISTS \"demo_invoices_due_date_idx\""),
+        "{}",
+        stdout(&migrate)
+    );
+    assert_eq!(indexed_columns(&app).await, ["due_date", "last_changed_at"]);
+    let again = app.idem(&["run", "--no-notify"]).await;
+    assert_eq!(again.status.code(), Some(0), "{}", stderr(&again));
+    assert!(
+        !stderr(&again).contains("CREATE INDEX"),
+        "{}",
+        stderr(&again)
+    );
+}
