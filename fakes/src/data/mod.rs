@@ -1,12 +1,17 @@
 //! The fake vendor's truth: invoices, contacts and the events feed, with deterministic seeding.
 
 pub mod accounts;
+pub(crate) mod bulk;
 mod lines;
+pub(crate) mod list;
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, SecondsFormat};
 use serde_json::{Map, Value, json};
+
+use list::InvRef;
 
 /// The default vendor clock: 2026-11-20T00:00:00Z, in unix seconds.
 pub const DEFAULT_CLOCK: i64 = 1_795_132_800;
@@ -18,8 +23,14 @@ const DAY: i64 = 86_400;
 /// Mutating the maps directly is allowed: changed or new invoices still get an event in
 /// the `/v1/events` feed when the change is made inside an `on_request` hook. The helper
 /// methods ([`VendorData::update_invoice`], ...) also bump the "updated" timestamps.
+///
+/// Bulk-seeded invoices ([`crate::FakeVendor::seed_bulk_invoices`]) are not in
+/// `invoices` until they change: the helpers move them there first, and an invoice a hook
+/// inserts under a bulk id replaces the bulk one; but a hook reading or removing from the
+/// map directly sees only the bulk invoices already moved.
 pub struct VendorData {
-    /// Invoices by id ("in_000001", ...); the map order is the API list order.
+    /// Invoices by id ("in_000001", ...); the map order is the API list order. Bulk
+    /// invoices merge into that order from `bulk` (see `list.rs`).
     pub invoices: BTreeMap<String, Value>,
     /// HubSpot-shaped contacts by id ("1001", ...).
     pub contacts: BTreeMap<String, Value>,
@@ -30,6 +41,7 @@ pub struct VendorData {
     pub lines: BTreeMap<String, Vec<Value>>,
     pub(crate) events: Vec<Event>,
     pub(crate) clock: i64,
+    pub(crate) bulk: Option<bulk::BulkInvoices>,
     next_invoice: usize,
     next_contact: usize,
 }
@@ -65,6 +77,7 @@ impl Default for VendorData {
             lines: BTreeMap::new(),
             events: Vec::new(),
             clock: DEFAULT_CLOCK,
+            bulk: None,
             next_invoice: 1,
             next_contact: 1,
         }
@@ -86,6 +99,7 @@ impl VendorData {
     /// appends an `invoice.updated` event. Returns false when the id is unknown.
     pub fn update_invoice(&mut self, id: &str, f: impl FnOnce(&mut Value)) -> bool {
         let now = self.clock;
+        self.materialize(id);
         let Some(inv) = self.invoices.get_mut(id) else {
             return false;
         };
@@ -123,7 +137,8 @@ impl VendorData {
                 inv[k] = json!(now);
             }
         }
-        let kind = if self.invoices.contains_key(&id) {
+        let was_bulk = self.bulk.as_mut().and_then(|b| b.take(&id)).is_some();
+        let kind = if was_bulk || self.invoices.contains_key(&id) {
             "invoice.updated"
         } else {
             "invoice.created"
@@ -178,6 +193,25 @@ impl VendorData {
         }
     }
 
+    /// Seeds `n` invoices after the existing ones as [`VendorData::seed_invoices`] does,
+    /// into the compact bulk store (see `bulk.rs`); existing invoices under the seeded ids
+    /// are replaced, as there.
+    ///
+    /// # Panics
+    /// When called twice on one vendor: there is one bulk store.
+    pub(crate) fn seed_bulk_invoices(&mut self, n: usize) {
+        assert!(self.bulk.is_none(), "bulk invoices can be seeded once");
+        let bulk = bulk::BulkInvoices::new(self.next_invoice, n, self.clock);
+        self.invoices.retain(|id, _| bulk.pos_of(id).is_none());
+        self.events.extend((0..n).map(|pos| Event {
+            kind: "invoice.created",
+            created: bulk.times(pos).0,
+            snapshot: Snapshot::Seeded(bulk.seed_pos(pos)),
+        }));
+        self.next_invoice += n;
+        self.bulk = Some(bulk);
+    }
+
     /// Seeds `n` HubSpot contacts after the existing ones.
     pub(crate) fn seed_contacts(&mut self, n: usize) {
         for pos in 0..n {
@@ -191,9 +225,20 @@ impl VendorData {
     /// Runs a test hook, then records events for invoices the hook changed directly in the
     /// map (changes made through the helpers already recorded theirs).
     pub(crate) fn run_hook(&mut self, hook: impl FnOnce(&mut VendorData)) {
-        let before = self.invoices.clone();
+        let mut before = self.invoices.clone();
         let events_before = self.events.len();
         hook(self);
+        // A bulk invoice the hook wrote into the map was there before, from the seed.
+        if let Some(bulk) = &mut self.bulk {
+            for id in self.invoices.keys() {
+                if before.contains_key(id) {
+                    continue;
+                }
+                if let Some(seeded) = bulk.take(id) {
+                    before.insert(id.clone(), seeded);
+                }
+            }
+        }
         let evented: BTreeSet<String> = self.events[events_before..]
             .iter()
             .filter_map(|e| match &e.snapshot {
@@ -237,22 +282,46 @@ impl VendorData {
     /// Customers derived from the invoices: one per distinct "customer".
     pub(crate) fn customers(&self) -> Vec<Value> {
         let mut by_id: BTreeMap<String, Value> = BTreeMap::new();
-        for inv in self.invoices.values() {
-            let Some(cid) = inv.get("customer").and_then(Value::as_str) else {
-                continue;
+        for inv in self.all_invoices() {
+            // Bulk invoices give their customer without rendering the whole invoice.
+            let (cid, created, updated) = match inv {
+                InvRef::Stored(inv) => {
+                    let Some(cid) = inv.get("customer").and_then(Value::as_str) else {
+                        continue;
+                    };
+                    let created = inv["created"].as_i64().unwrap_or_default();
+                    let updated = inv["updated"].as_i64().unwrap_or_default();
+                    (Cow::Borrowed(cid), created, updated)
+                }
+                InvRef::Bulk(sp) => {
+                    let (created, updated) = seed_times(sp.pos, sp.n, sp.clock);
+                    let [cid, _, _] = seed_customer(sp.num);
+                    (Cow::Owned(cid), created, updated)
+                }
             };
-            let created = inv["created"].as_i64().unwrap_or_default();
-            let updated = inv["updated"].as_i64().unwrap_or_default();
-            let c = by_id.entry(cid.to_owned()).or_insert_with(|| {
-                json!({
+            if !by_id.contains_key(cid.as_ref()) {
+                let (email, name) = match inv {
+                    InvRef::Stored(inv) => {
+                        (inv["customer_email"].clone(), inv["customer_name"].clone())
+                    }
+                    InvRef::Bulk(sp) => {
+                        let [_, email, name] = seed_customer(sp.num);
+                        (json!(email), json!(name))
+                    }
+                };
+                let c = json!({
                     "id": cid,
                     "object": "customer",
-                    "email": inv["customer_email"],
-                    "name": inv["customer_name"],
+                    "email": email,
+                    "name": name,
                     "created": created,
                     "updated": updated,
-                })
-            });
+                });
+                by_id.insert(cid.clone().into_owned(), c);
+            }
+            let Some(c) = by_id.get_mut(cid.as_ref()) else {
+                continue;
+            };
             if created < c["created"].as_i64().unwrap_or(i64::MAX) {
                 c["created"] = json!(created);
             }
@@ -296,11 +365,21 @@ const PRODUCTS: [&str; 6] = [
     "Professional services: onboarding workshop",
 ];
 
+/// The customer of seeded invoice `num`: its id, email and name.
+fn seed_customer(num: usize) -> [String; 3] {
+    let cust = (num - 1) / 4 % 1000 + 1;
+    [
+        format!("cus_{cust:04}"),
+        format!("customer{cust:04}@example.com"),
+        format!("Customer {cust:04}"),
+    ]
+}
+
 /// The seeded invoice number `num` (id "in_{num:06}"); about 2.4 KB as JSON.
 fn seed_invoice(sp: SeedPos) -> Value {
     let SeedPos { num, pos, n, clock } = sp;
     let (created, updated) = seed_times(pos, n, clock);
-    let cust = (num - 1) / 4 % 1000 + 1;
+    let [customer, customer_email, customer_name] = seed_customer(num);
     let paid = num % 3 == 0;
     let status = if paid { "paid" } else { "open" };
     let due_date = if paid {
@@ -343,12 +422,9 @@ fn seed_invoice(sp: SeedPos) -> Value {
     m.insert("id".into(), json!(format!("in_{num:06}")));
     m.insert("object".into(), json!("invoice"));
     m.insert("number".into(), json!(format!("INV-{}", 10_000 + num)));
-    m.insert("customer".into(), json!(format!("cus_{cust:04}")));
-    m.insert(
-        "customer_email".into(),
-        json!(format!("customer{cust:04}@example.com")),
-    );
-    m.insert("customer_name".into(), json!(format!("Customer {cust:04}")));
+    m.insert("customer".into(), json!(customer));
+    m.insert("customer_email".into(), json!(customer_email));
+    m.insert("customer_name".into(), json!(customer_name));
     m.insert("status".into(), json!(status));
     m.insert("amount_due".into(), json!(total));
     m.insert("amount_paid".into(), json!(if paid { total } else { 0 }));
@@ -359,7 +435,7 @@ fn seed_invoice(sp: SeedPos) -> Value {
     m.insert(
         "description".into(),
         json!(format!(
-            "Invoice {} for services rendered to Customer {cust:04}",
+            "Invoice {} for services rendered to {customer_name}",
             10_000 + num
         )),
     );
