@@ -6,10 +6,12 @@ use std::collections::btree_map;
 use std::iter::Peekable;
 use std::ops::{Bound, Range};
 
+use serde::{Serialize, Serializer};
 use serde_json::Value;
 
 use super::VendorData;
 use super::bulk::{BulkInvoices, InvoiceFilter};
+use super::seeded::SeedInvoice;
 use super::{SeedPos, seed_invoice};
 
 /// One invoice of the list: stored, or a bulk seed position rendered on demand.
@@ -24,6 +26,17 @@ impl<'a> InvRef<'a> {
         match self {
             InvRef::Stored(v) => Cow::Borrowed(v),
             InvRef::Bulk(sp) => Cow::Owned(seed_invoice(sp)),
+        }
+    }
+}
+
+/// Bulk invoices serialize without a `Value` in between: building one costs several
+/// times what printing it does, and the list must outpace idem by far.
+impl Serialize for InvRef<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            InvRef::Stored(v) => v.serialize(s),
+            InvRef::Bulk(sp) => SeedInvoice::new(*sp).serialize(s),
         }
     }
 }

@@ -4,14 +4,16 @@ pub mod accounts;
 pub(crate) mod bulk;
 mod lines;
 pub(crate) mod list;
+mod seeded;
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, SecondsFormat};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 use list::InvRef;
+use seeded::{seed_customer, seed_invoice};
 
 /// The default vendor clock: 2026-11-20T00:00:00Z, in unix seconds.
 pub const DEFAULT_CLOCK: i64 = 1_795_132_800;
@@ -354,102 +356,6 @@ fn seed_times(pos: usize, n: usize, clock: i64) -> (i64, i64) {
     let created = base + 10 * pos as i64;
     let updated = base + 30 * (pos / 3) as i64 + 25;
     (created, updated)
-}
-
-const PRODUCTS: [&str; 6] = [
-    "Platform subscription (annual seat license)",
-    "API request volume above the included quota",
-    "Premium support plan with 4h response time",
-    "Data retention add-on: 24 months of events",
-    "Single sign-on (SAML/OIDC) and SCIM add-on",
-    "Professional services: onboarding workshop",
-];
-
-/// The customer of seeded invoice `num`: its id, email and name.
-fn seed_customer(num: usize) -> [String; 3] {
-    let cust = (num - 1) / 4 % 1000 + 1;
-    [
-        format!("cus_{cust:04}"),
-        format!("customer{cust:04}@example.com"),
-        format!("Customer {cust:04}"),
-    ]
-}
-
-/// The seeded invoice number `num` (id "in_{num:06}"); about 2.4 KB as JSON.
-fn seed_invoice(sp: SeedPos) -> Value {
-    let SeedPos { num, pos, n, clock } = sp;
-    let (created, updated) = seed_times(pos, n, clock);
-    let [customer, customer_email, customer_name] = seed_customer(num);
-    let paid = num % 3 == 0;
-    let status = if paid { "paid" } else { "open" };
-    let due_date = if paid {
-        if num % 9 == 0 {
-            Value::Null
-        } else {
-            json!(created + 14 * DAY)
-        }
-    } else if num % 2 == 0 {
-        // More than 3 days overdue.
-        json!(clock - (4 + (num % 26) as i64) * DAY)
-    } else {
-        json!(clock + (1 + (num % 14) as i64) * DAY)
-    };
-    let mut total = 0i64;
-    let lines: Vec<Value> = (0..6)
-        .map(|j| {
-            let unit = 500 + ((num * 31 + j * 17) % 100) as i64 * 25;
-            let qty = 1 + ((num + j) % 3) as i64;
-            total += unit * qty;
-            json!({
-                "id": format!("il_{num:06}_{j}"),
-                "object": "line_item",
-                "description": PRODUCTS[j],
-                "amount": unit * qty,
-                "currency": "usd",
-                "quantity": qty,
-                "unit_amount": unit,
-                "period": {"start": created, "end": created + 30 * DAY},
-                "price": {
-                    "id": format!("price_{:04}", j + 1),
-                    "product": format!("prod_{:04}", j + 1),
-                    "unit_amount": unit,
-                    "recurring": {"interval": "month"},
-                },
-            })
-        })
-        .collect();
-    let mut m = Map::new();
-    m.insert("id".into(), json!(format!("in_{num:06}")));
-    m.insert("object".into(), json!("invoice"));
-    m.insert("number".into(), json!(format!("INV-{}", 10_000 + num)));
-    m.insert("customer".into(), json!(customer));
-    m.insert("customer_email".into(), json!(customer_email));
-    m.insert("customer_name".into(), json!(customer_name));
-    m.insert("status".into(), json!(status));
-    m.insert("amount_due".into(), json!(total));
-    m.insert("amount_paid".into(), json!(if paid { total } else { 0 }));
-    m.insert("currency".into(), json!("usd"));
-    m.insert("created".into(), json!(created));
-    m.insert("updated".into(), json!(updated));
-    m.insert("due_date".into(), due_date);
-    m.insert(
-        "description".into(),
-        json!(format!(
-            "Invoice {} for services rendered to {customer_name}",
-            10_000 + num
-        )),
-    );
-    m.insert(
-        "hosted_invoice_url".into(),
-        json!(format!("https://invoice.example.com/i/in_{num:06}")),
-    );
-    m.insert("livemode".into(), json!(false));
-    m.insert("metadata".into(), json!({"source": "fake_vendor"}));
-    m.insert(
-        "lines".into(),
-        json!({"object": "list", "has_more": false, "data": lines}),
-    );
-    Value::Object(m)
 }
 
 const FIRST: [&str; 8] = [
