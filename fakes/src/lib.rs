@@ -253,10 +253,11 @@ impl FakeVendor {
 
     /// Seeds the same `n` invoices as [`FakeVendor::seed_invoices`], identical over HTTP,
     /// into a compact store: each is kept as its list position only and rendered when
-    /// served (about 80 bytes per invoice, with its event, instead of ~24 KB), for
+    /// served (about 70 bytes per invoice, with its event, instead of ~24 KB), for
     /// benchmarks with a million. One bulk seeding per vendor (it panics on a second).
-    /// A bulk invoice moves into [`VendorData::invoices`] when it changes; until then an
-    /// [`FakeVendor::on_request`] hook does not find it in that map.
+    /// A bulk invoice moves into [`VendorData::invoices`] when it changes, in full (~24 KB
+    /// there and as much in its event); until then an [`FakeVendor::on_request`] hook does
+    /// not find it in that map.
     pub fn seed_bulk_invoices(&self, n: usize) {
         self.lock().data.seed_bulk_invoices(n);
     }

@@ -20,8 +20,8 @@ struct Args {
     invoices: usize,
     /// Seed the `--invoices` compactly (benchmarks): the same invoices over every
     /// endpoint, byte for byte, but kept as their list position and rendered when served
-    /// (~100 MB for a million instead of ~24 GB). An invoice changed through
-    /// `/_fake/update_invoice` is stored in full from then on.
+    /// (under 100 MB for a million instead of ~24 GB). An invoice changed through
+    /// `/_fake/update_invoice` is stored in full from then on (~50 KB with its event).
     #[arg(long)]
     bulk: bool,
     /// How many invoices with more than 10 line items (25 each) to seed after the others.
