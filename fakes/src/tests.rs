@@ -560,3 +560,204 @@ fn base64_matches_rfc4648_vectors() {
         assert_eq!(server::base64(i.as_bytes()), o);
     }
 }
+
+/// The raw bodies of every page of `path?query`, following `starting_after` from the
+/// last record of each page while `has_more`.
+async fn raw_walk(c: &reqwest::Client, base: &str, path: &str, query: &str) -> Vec<String> {
+    let mut pages = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let mut url = format!("{base}{path}?{query}");
+        if let Some(a) = &after {
+            url.push_str(&format!("&starting_after={a}"));
+        }
+        let resp = c.get(&url).send().await.expect("request");
+        assert_eq!(resp.status().as_u16(), 200, "{url}");
+        let text = resp.text().await.expect("body");
+        let body: Value = serde_json::from_str(&text).expect("json");
+        pages.push(text);
+        let last = body["data"].as_array().and_then(|d| d.last()).cloned();
+        match last {
+            Some(last) if body["has_more"] == true => {
+                after = Some(last["id"].as_str().expect("id").to_owned());
+            }
+            _ => return pages,
+        }
+    }
+}
+
+async fn raw_get(c: &reqwest::Client, url: &str) -> (u16, String) {
+    let resp = c.get(url).send().await.expect("request");
+    (resp.status().as_u16(), resp.text().await.expect("body"))
+}
+
+/// Asserts that every invoice-reading endpoint answers `a` and `b` byte for byte.
+async fn assert_same_invoices(a: &FakeVendor, b: &FakeVendor, limits: &[usize]) {
+    let c = reqwest::Client::new();
+    let (ua, ub) = (a.base_url(), b.base_url());
+    let invs = a.invoices();
+    assert_eq!(invs, b.invoices());
+    let mut updated: Vec<i64> = invs.iter().filter_map(|i| i["updated"].as_i64()).collect();
+    let mut created: Vec<i64> = invs.iter().filter_map(|i| i["created"].as_i64()).collect();
+    updated.sort_unstable();
+    created.sort_unstable();
+    let (u_mid, u_late) = (updated[updated.len() / 2], updated[updated.len() * 9 / 10]);
+    let c_mid = created[created.len() / 2];
+    let filters = [
+        String::new(),
+        format!("&updated[gte]={u_mid}"),
+        format!("&updated[gte]={u_late}"),
+        format!("&updated[gt]={u_mid}"),
+        format!("&updated[lt]={u_mid}"),
+        format!("&updated[lte]={u_mid}"),
+        format!("&updated[gte]={u_mid}&updated[lt]={u_late}"),
+        format!("&created[gte]={c_mid}"),
+        format!("&created[lt]={c_mid}"),
+        format!("&created[gte]={c_mid}&updated[lte]={u_late}"),
+        format!("&updated[gt]={}", updated[updated.len() - 1]),
+    ];
+    for limit in limits {
+        for f in &filters {
+            let q = format!("limit={limit}{f}");
+            let pa = raw_walk(&c, &ua, "/v1/invoices", &q).await;
+            assert_eq!(pa, raw_walk(&c, &ub, "/v1/invoices", &q).await, "{q}");
+        }
+        let q = format!("limit={limit}");
+        let ea = raw_walk(&c, &ua, "/v1/events", &q).await;
+        assert_eq!(ea, raw_walk(&c, &ub, "/v1/events", &q).await, "events {q}");
+    }
+    // starting_after ids that exist and that fall between ids.
+    for after in [
+        "in_",
+        "in_1",
+        "in_100000",
+        "in_1000000",
+        "in_1000005x",
+        "in_100001",
+        "in_5",
+        "in_999995",
+        "in_999999",
+        "in_9999999",
+        "zz",
+    ] {
+        let q = format!("limit=5&starting_after={after}");
+        let (sa, ba) = raw_get(&c, &format!("{ua}/v1/invoices?{q}")).await;
+        let (sb, bb) = raw_get(&c, &format!("{ub}/v1/invoices?{q}")).await;
+        assert_eq!((sa, ba), (sb, bb), "{q}");
+    }
+    for path in [
+        "/v1/customers?limit=100",
+        "/paged/next_url?per_page=7&after=in_1000003",
+        "/paged/link?per_page=7&page=2",
+        "/paged/page?per_page=7&page=3",
+        "/paged/offset?offset=5&limit=9",
+        "/paged/stuck?per_page=4",
+        "/v1/invoices/in_1000002/lines?limit=3",
+        "/v1/invoices/in_999993/lines",
+        "/v1/invoices/in_1000099/lines",
+        "/_fake/state",
+    ] {
+        let (sa, ba) = raw_get(&c, &format!("{ua}{path}")).await;
+        let (sb, bb) = raw_get(&c, &format!("{ub}{path}")).await;
+        let ba = ba.replace(&ua, "BASE");
+        let bb = bb.replace(&ub, "BASE");
+        assert_eq!((sa, ba), (sb, bb), "{path}");
+    }
+    // The duplicated-records fault repeats the same predecessor.
+    for v in [a, b] {
+        v.inject(Fault::new("/v1/invoices", 1, FaultKind::DuplicateRecords));
+    }
+    let q = format!("/v1/invoices?limit=4&starting_after=in_1000004&updated[gte]={u_mid}");
+    let (sa, ba) = raw_get(&c, &format!("{ua}{q}")).await;
+    let (sb, bb) = raw_get(&c, &format!("{ub}{q}")).await;
+    assert_eq!((sa, ba), (sb, bb), "{q}");
+}
+
+/// The same invoices in `seeded` (stored) and `bulk`: a few stored ones whose ids
+/// interleave with the seeded ones ("in_100000" < "in_1000000" < ... < "in_100001"),
+/// then `n` seeded from number 999,991 on, crossing to seven-digit ids.
+async fn seed_pair(n: usize) -> (FakeVendor, FakeVendor) {
+    let seeded = FakeVendor::start().await;
+    let bulk = FakeVendor::start().await;
+    for v in [&seeded, &bulk] {
+        for id in ["in_100000", "in_100001", "in_999990"] {
+            v.insert_invoice(json!({"id": id, "customer": "cus_0002", "amount_due": 7}));
+        }
+        v.set_clock(DEFAULT_CLOCK + 1000);
+    }
+    seeded.seed_invoices(n);
+    bulk.seed_bulk_invoices(n);
+    (seeded, bulk)
+}
+
+#[tokio::test]
+async fn bulk_invoices_serve_the_same_bytes_as_stored_ones() {
+    let (seeded, bulk) = seed_pair(40).await;
+    assert_same_invoices(&seeded, &bulk, &[1, 3, 10, 100]).await;
+
+    // Changes: through the control endpoint (also on a stored one), the API, a hook
+    // writing the map directly, a removal and new invoices after the seeded ones.
+    let c = reqwest::Client::new();
+    for v in [&seeded, &bulk] {
+        v.set_clock(DEFAULT_CLOCK + 2000);
+        for id in ["in_1000000", "in_999995", "in_100001", "in_1000030"] {
+            let r = c
+                .post(format!("{}/_fake/update_invoice/{id}", v.base_url()))
+                .json(&json!({"amount_due": 4242}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 200, "{id}");
+        }
+        let r = c
+            .post(format!("{}/_fake/update_invoice/in_1000031", v.base_url()))
+            .json(&json!({"amount_due": 1}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 404);
+        v.update_invoice("in_1000007", |inv| inv["status"] = json!("void"));
+        v.update_invoice("in_1000007", |inv| inv["status"] = json!("paid"));
+        assert!(v.remove_invoice("in_999997"));
+        assert!(!v.remove_invoice("in_999997"));
+        assert!(v.set_invoice_lines("in_1000010", vec![json!({"id": "il_x", "amount": 5})]));
+        v.on_request(v.requests().len() + 1, |d| {
+            d.invoices.insert(
+                "in_1000020".into(),
+                json!({"id": "in_1000020", "created": 1, "updated": DEFAULT_CLOCK + 2000}),
+            );
+        });
+        v.insert_invoice(json!({"id": "in_999992", "created": 5, "updated": 6}));
+        v.seed_long_invoices(2, 12);
+        v.seed_invoices(3);
+    }
+    assert_same_invoices(&seeded, &bulk, &[1, 7, 100]).await;
+}
+
+#[tokio::test]
+async fn bulk_invoices_match_at_a_larger_size() {
+    let (seeded, bulk) = seed_pair(2000).await;
+    assert_same_invoices(&seeded, &bulk, &[100]).await;
+}
+
+#[test]
+fn bulk_order_is_the_lexical_id_order() {
+    let b = crate::data::bulk::BulkInvoices::new(99_990, 1_000_100 - 99_990, DEFAULT_CLOCK);
+    let ids: Vec<String> = (0..b.len())
+        .map(|i| b.id(b.at(i)).as_str().to_owned())
+        .collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]));
+    let at = |id: &str| ids.iter().position(|x| x == id).unwrap();
+    assert_eq!(at("in_100000") + 1, at("in_1000000"));
+    assert_eq!(at("in_1000009") + 1, at("in_100001"));
+    assert_eq!(ids[0], "in_099990");
+    assert_eq!(ids.last().map(String::as_str), Some("in_999999"));
+    // The bench names its changes with Python's {:06}, the seeder with Rust's.
+    assert_eq!(
+        crate::data::bulk::IdBuf::new(1_000_000).as_str(),
+        "in_1000000"
+    );
+    assert_eq!(b.pos_of("in_1000000"), Some(1_000_000 - 99_990));
+    assert_eq!(b.pos_of("in_01000000"), None);
+    assert_eq!(b.pos_of("in_+1000000"), None);
+}

@@ -12,7 +12,7 @@ impl VendorData {
     /// Every line of invoice `id`: the full list kept for long invoices, else the inline
     /// lines. `None` when the invoice does not exist.
     pub fn invoice_lines(&self, id: &str) -> Option<Vec<Value>> {
-        let invoice = self.invoices.get(id)?;
+        let invoice = self.invoice(id)?;
         Some(match self.lines.get(id) {
             Some(all) => all.clone(),
             None => invoice["lines"]["data"]
@@ -26,7 +26,10 @@ impl VendorData {
     /// `lines.has_more` true), after the existing invoices.
     pub fn seed_long_invoices(&mut self, n: usize, lines: usize) {
         for _ in 0..n {
-            let number = self.invoices.len() + 1;
+            let number = self.invoice_count() + 1;
+            // The id `insert_invoice` gives; the map's last key is not it once ids reach
+            // seven digits ("in_1000001" sorts before "in_999999") or live in the bulk store.
+            let id = format!("in_{:06}", self.next_invoice);
             self.insert_invoice(json!({
                 "object": "invoice",
                 "number": format!("INV-L{number:05}"),
@@ -37,12 +40,6 @@ impl VendorData {
                 "currency": "usd",
                 "due_date": null,
             }));
-            let id = self
-                .invoices
-                .keys()
-                .next_back()
-                .cloned()
-                .unwrap_or_default();
             let all = (0..lines).map(|j| line(&id, j)).collect();
             self.set_lines(&id, all);
         }

@@ -1,12 +1,19 @@
 //! The fake vendor's truth: invoices, contacts and the events feed, with deterministic seeding.
 
 pub mod accounts;
+pub(crate) mod bulk;
 mod lines;
+pub(crate) mod list;
+mod seeded;
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, SecondsFormat};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
+
+use list::InvRef;
+use seeded::{seed_customer, seed_invoice};
 
 /// The default vendor clock: 2026-11-20T00:00:00Z, in unix seconds.
 pub const DEFAULT_CLOCK: i64 = 1_795_132_800;
@@ -18,8 +25,14 @@ const DAY: i64 = 86_400;
 /// Mutating the maps directly is allowed: changed or new invoices still get an event in
 /// the `/v1/events` feed when the change is made inside an `on_request` hook. The helper
 /// methods ([`VendorData::update_invoice`], ...) also bump the "updated" timestamps.
+///
+/// Bulk-seeded invoices ([`crate::FakeVendor::seed_bulk_invoices`]) are not in
+/// `invoices` until they change: the helpers move them there first, and an invoice a hook
+/// inserts under a bulk id replaces the bulk one; but a hook reading or removing from the
+/// map directly sees only the bulk invoices already moved.
 pub struct VendorData {
-    /// Invoices by id ("in_000001", ...); the map order is the API list order.
+    /// Invoices by id ("in_000001", ...); the map order is the API list order. Bulk
+    /// invoices merge into that order from `bulk` (see `list.rs`).
     pub invoices: BTreeMap<String, Value>,
     /// HubSpot-shaped contacts by id ("1001", ...).
     pub contacts: BTreeMap<String, Value>,
@@ -30,6 +43,7 @@ pub struct VendorData {
     pub lines: BTreeMap<String, Vec<Value>>,
     pub(crate) events: Vec<Event>,
     pub(crate) clock: i64,
+    pub(crate) bulk: Option<bulk::BulkInvoices>,
     next_invoice: usize,
     next_contact: usize,
 }
@@ -65,6 +79,7 @@ impl Default for VendorData {
             lines: BTreeMap::new(),
             events: Vec::new(),
             clock: DEFAULT_CLOCK,
+            bulk: None,
             next_invoice: 1,
             next_contact: 1,
         }
@@ -86,6 +101,7 @@ impl VendorData {
     /// appends an `invoice.updated` event. Returns false when the id is unknown.
     pub fn update_invoice(&mut self, id: &str, f: impl FnOnce(&mut Value)) -> bool {
         let now = self.clock;
+        self.materialize(id);
         let Some(inv) = self.invoices.get_mut(id) else {
             return false;
         };
@@ -123,7 +139,8 @@ impl VendorData {
                 inv[k] = json!(now);
             }
         }
-        let kind = if self.invoices.contains_key(&id) {
+        let was_bulk = self.bulk.as_mut().and_then(|b| b.take(&id)).is_some();
+        let kind = if was_bulk || self.invoices.contains_key(&id) {
             "invoice.updated"
         } else {
             "invoice.created"
@@ -178,6 +195,25 @@ impl VendorData {
         }
     }
 
+    /// Seeds `n` invoices after the existing ones as [`VendorData::seed_invoices`] does,
+    /// into the compact bulk store (see `bulk.rs`); existing invoices under the seeded ids
+    /// are replaced, as there.
+    ///
+    /// # Panics
+    /// When called twice on one vendor: there is one bulk store.
+    pub(crate) fn seed_bulk_invoices(&mut self, n: usize) {
+        assert!(self.bulk.is_none(), "bulk invoices can be seeded once");
+        let bulk = bulk::BulkInvoices::new(self.next_invoice, n, self.clock);
+        self.invoices.retain(|id, _| bulk.pos_of(id).is_none());
+        self.events.extend((0..n).map(|pos| Event {
+            kind: "invoice.created",
+            created: bulk.times(pos).0,
+            snapshot: Snapshot::Seeded(bulk.seed_pos(pos)),
+        }));
+        self.next_invoice += n;
+        self.bulk = Some(bulk);
+    }
+
     /// Seeds `n` HubSpot contacts after the existing ones.
     pub(crate) fn seed_contacts(&mut self, n: usize) {
         for pos in 0..n {
@@ -191,9 +227,20 @@ impl VendorData {
     /// Runs a test hook, then records events for invoices the hook changed directly in the
     /// map (changes made through the helpers already recorded theirs).
     pub(crate) fn run_hook(&mut self, hook: impl FnOnce(&mut VendorData)) {
-        let before = self.invoices.clone();
+        let mut before = self.invoices.clone();
         let events_before = self.events.len();
         hook(self);
+        // A bulk invoice the hook wrote into the map was there before, from the seed.
+        if let Some(bulk) = &mut self.bulk {
+            for id in self.invoices.keys() {
+                if before.contains_key(id) {
+                    continue;
+                }
+                if let Some(seeded) = bulk.take(id) {
+                    before.insert(id.clone(), seeded);
+                }
+            }
+        }
         let evented: BTreeSet<String> = self.events[events_before..]
             .iter()
             .filter_map(|e| match &e.snapshot {
@@ -237,22 +284,46 @@ impl VendorData {
     /// Customers derived from the invoices: one per distinct "customer".
     pub(crate) fn customers(&self) -> Vec<Value> {
         let mut by_id: BTreeMap<String, Value> = BTreeMap::new();
-        for inv in self.invoices.values() {
-            let Some(cid) = inv.get("customer").and_then(Value::as_str) else {
-                continue;
+        for inv in self.all_invoices() {
+            // Bulk invoices give their customer without rendering the whole invoice.
+            let (cid, created, updated) = match inv {
+                InvRef::Stored(inv) => {
+                    let Some(cid) = inv.get("customer").and_then(Value::as_str) else {
+                        continue;
+                    };
+                    let created = inv["created"].as_i64().unwrap_or_default();
+                    let updated = inv["updated"].as_i64().unwrap_or_default();
+                    (Cow::Borrowed(cid), created, updated)
+                }
+                InvRef::Bulk(sp) => {
+                    let (created, updated) = seed_times(sp.pos, sp.n, sp.clock);
+                    let [cid, _, _] = seed_customer(sp.num);
+                    (Cow::Owned(cid), created, updated)
+                }
             };
-            let created = inv["created"].as_i64().unwrap_or_default();
-            let updated = inv["updated"].as_i64().unwrap_or_default();
-            let c = by_id.entry(cid.to_owned()).or_insert_with(|| {
-                json!({
+            if !by_id.contains_key(cid.as_ref()) {
+                let (email, name) = match inv {
+                    InvRef::Stored(inv) => {
+                        (inv["customer_email"].clone(), inv["customer_name"].clone())
+                    }
+                    InvRef::Bulk(sp) => {
+                        let [_, email, name] = seed_customer(sp.num);
+                        (json!(email), json!(name))
+                    }
+                };
+                let c = json!({
                     "id": cid,
                     "object": "customer",
-                    "email": inv["customer_email"],
-                    "name": inv["customer_name"],
+                    "email": email,
+                    "name": name,
                     "created": created,
                     "updated": updated,
-                })
-            });
+                });
+                by_id.insert(cid.clone().into_owned(), c);
+            }
+            let Some(c) = by_id.get_mut(cid.as_ref()) else {
+                continue;
+            };
             if created < c["created"].as_i64().unwrap_or(i64::MAX) {
                 c["created"] = json!(created);
             }
@@ -285,95 +356,6 @@ fn seed_times(pos: usize, n: usize, clock: i64) -> (i64, i64) {
     let created = base + 10 * pos as i64;
     let updated = base + 30 * (pos / 3) as i64 + 25;
     (created, updated)
-}
-
-const PRODUCTS: [&str; 6] = [
-    "Platform subscription (annual seat license)",
-    "API request volume above the included quota",
-    "Premium support plan with 4h response time",
-    "Data retention add-on: 24 months of events",
-    "Single sign-on (SAML/OIDC) and SCIM add-on",
-    "Professional services: onboarding workshop",
-];
-
-/// The seeded invoice number `num` (id "in_{num:06}"); about 2.4 KB as JSON.
-fn seed_invoice(sp: SeedPos) -> Value {
-    let SeedPos { num, pos, n, clock } = sp;
-    let (created, updated) = seed_times(pos, n, clock);
-    let cust = (num - 1) / 4 % 1000 + 1;
-    let paid = num % 3 == 0;
-    let status = if paid { "paid" } else { "open" };
-    let due_date = if paid {
-        if num % 9 == 0 {
-            Value::Null
-        } else {
-            json!(created + 14 * DAY)
-        }
-    } else if num % 2 == 0 {
-        // More than 3 days overdue.
-        json!(clock - (4 + (num % 26) as i64) * DAY)
-    } else {
-        json!(clock + (1 + (num % 14) as i64) * DAY)
-    };
-    let mut total = 0i64;
-    let lines: Vec<Value> = (0..6)
-        .map(|j| {
-            let unit = 500 + ((num * 31 + j * 17) % 100) as i64 * 25;
-            let qty = 1 + ((num + j) % 3) as i64;
-            total += unit * qty;
-            json!({
-                "id": format!("il_{num:06}_{j}"),
-                "object": "line_item",
-                "description": PRODUCTS[j],
-                "amount": unit * qty,
-                "currency": "usd",
-                "quantity": qty,
-                "unit_amount": unit,
-                "period": {"start": created, "end": created + 30 * DAY},
-                "price": {
-                    "id": format!("price_{:04}", j + 1),
-                    "product": format!("prod_{:04}", j + 1),
-                    "unit_amount": unit,
-                    "recurring": {"interval": "month"},
-                },
-            })
-        })
-        .collect();
-    let mut m = Map::new();
-    m.insert("id".into(), json!(format!("in_{num:06}")));
-    m.insert("object".into(), json!("invoice"));
-    m.insert("number".into(), json!(format!("INV-{}", 10_000 + num)));
-    m.insert("customer".into(), json!(format!("cus_{cust:04}")));
-    m.insert(
-        "customer_email".into(),
-        json!(format!("customer{cust:04}@example.com")),
-    );
-    m.insert("customer_name".into(), json!(format!("Customer {cust:04}")));
-    m.insert("status".into(), json!(status));
-    m.insert("amount_due".into(), json!(total));
-    m.insert("amount_paid".into(), json!(if paid { total } else { 0 }));
-    m.insert("currency".into(), json!("usd"));
-    m.insert("created".into(), json!(created));
-    m.insert("updated".into(), json!(updated));
-    m.insert("due_date".into(), due_date);
-    m.insert(
-        "description".into(),
-        json!(format!(
-            "Invoice {} for services rendered to Customer {cust:04}",
-            10_000 + num
-        )),
-    );
-    m.insert(
-        "hosted_invoice_url".into(),
-        json!(format!("https://invoice.example.com/i/in_{num:06}")),
-    );
-    m.insert("livemode".into(), json!(false));
-    m.insert("metadata".into(), json!({"source": "fake_vendor"}));
-    m.insert(
-        "lines".into(),
-        json!({"object": "list", "has_more": false, "data": lines}),
-    );
-    Value::Object(m)
 }
 
 const FIRST: [&str; 8] = [

@@ -17,7 +17,7 @@ pub(super) async fn fake_state(AxState(st): AxState<Shared>) -> Json<Value> {
     Json(json!({
         "base_url": s.base_url,
         "clock": s.data.clock,
-        "invoices": s.data.invoices.len(),
+        "invoices": s.data.invoice_count(),
         "contacts": s.data.contacts.len(),
         "events": s.data.events.len(),
         "requests": s.requests.len(),

@@ -195,7 +195,7 @@ pub(super) async fn contacts_search(AxState(st): AxState<Shared>, dup: DupExt, b
         by_key.then_with(|| contact_order(a, b))
     });
     let refs: Vec<&Value> = hits.into_iter().map(|(_, c)| c).collect();
-    let (results, has_more) = page_of(&refs, after, limit, dup.is_some());
+    let (results, has_more) = page_of(&refs, after, limit, dup.is_some(), Value::clone);
     let mut out = json!({"total": refs.len(), "results": results});
     if has_more {
         out["paging"] = json!({"next": {"after": (after + limit).to_string()}});
@@ -212,7 +212,7 @@ pub(super) async fn contacts_list(AxState(st): AxState<Shared>, Query(q): Q, dup
     all.sort_by(|a, b| contact_order(a, b));
     let id_num = |c: &Value| c["id"].as_str().and_then(|s| s.parse::<usize>().ok());
     let start = all.partition_point(|c| id_num(c).is_some_and(|n| n <= after));
-    let (results, has_more) = page_of(&all, start, limit, dup.is_some());
+    let (results, has_more) = page_of(&all, start, limit, dup.is_some(), Value::clone);
     let mut out = json!({"results": results});
     if let Some(last) = all.get(start + limit - 1).filter(|_| has_more) {
         let last = last["id"].as_str().unwrap_or_default();

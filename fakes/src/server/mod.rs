@@ -285,16 +285,22 @@ pub(super) fn int(q: &HashMap<String, String>, key: &str) -> Res<Option<i64>> {
         .transpose()
 }
 
-/// `all[start..start + limit]`, plus the record before `start` when duplicating;
-/// returns the page and whether records remain after it.
-fn page_of(all: &[&Value], start: usize, limit: usize, dup: bool) -> (Vec<Value>, bool) {
+/// `all[start..start + limit]`, plus the record before `start` when duplicating, each
+/// through `render`; returns the page and whether records remain after it.
+fn page_of<T: Copy>(
+    all: &[T],
+    start: usize,
+    limit: usize,
+    dup: bool,
+    render: impl Fn(T) -> Value,
+) -> (Vec<Value>, bool) {
     let start = start.min(all.len());
     let end = start.saturating_add(limit).min(all.len());
     let mut out: Vec<Value> = Vec::with_capacity(end - start + 1);
     if dup && start > 0 {
-        out.push(all[start - 1].clone());
+        out.push(render(all[start - 1]));
     }
-    out.extend(all[start..end].iter().map(|v| (*v).clone()));
+    out.extend(all[start..end].iter().map(|v| render(*v)));
     (out, end < all.len())
 }
 

@@ -2,7 +2,6 @@
 //! kind over the invoices.
 
 use std::collections::HashMap;
-use std::ops::Bound;
 
 use axum::Json;
 use axum::extract::{Query, State as AxState};
@@ -10,7 +9,14 @@ use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
+use crate::data::bulk::InvoiceFilter;
+use crate::data::list::InvRef;
+
 use super::{DupExt, Q, Res, Shared, lock, num, page_of};
+
+fn owned(inv: InvRef<'_>) -> Value {
+    inv.value().into_owned()
+}
 
 pub(super) fn per_page(q: &HashMap<String, String>) -> Res<usize> {
     Ok(num(q, "per_page", 10)?.clamp(1, 1000))
@@ -20,11 +26,9 @@ pub(super) fn per_page(q: &HashMap<String, String>) -> Res<usize> {
 pub(super) async fn paged_next_url(AxState(st): AxState<Shared>, Query(q): Q, dup: DupExt) -> Res {
     let pp = per_page(&q)?;
     let s = lock(&st);
-    let map = &s.data.invoices;
-    let after = q.get("after");
-    let lower = after.map_or(Bound::Unbounded, |a| Bound::Excluded(a.clone()));
-    let mut it = map.range((lower, Bound::Unbounded)).map(|(_, v)| v);
-    let mut items: Vec<Value> = it.by_ref().take(pp).cloned().collect();
+    let after = q.get("after").map(String::as_str);
+    let mut it = s.data.invoice_list(after, InvoiceFilter::default());
+    let mut items: Vec<Value> = it.by_ref().take(pp).map(owned).collect();
     let more = it.next().is_some();
     let next = match items.last() {
         Some(last) if more => {
@@ -38,11 +42,11 @@ pub(super) async fn paged_next_url(AxState(st): AxState<Shared>, Query(q): Q, du
         _ => Value::Null,
     };
     let prev = match (dup, after) {
-        (Some(_), Some(a)) => map.range(..=a.clone()).next_back().map(|(_, v)| v),
+        (Some(_), Some(a)) => s.data.invoice_at_or_before(a, InvoiceFilter::default()),
         _ => None,
     };
     if let Some(prev) = prev {
-        items.insert(0, prev.clone());
+        items.insert(0, owned(prev));
     }
     Ok(Json(json!({"items": items, "next": next})))
 }
@@ -56,8 +60,14 @@ pub(super) async fn paged_link(
     let pp = per_page(&q)?;
     let page = num(&q, "page", 1)?.max(1);
     let s = lock(&st);
-    let all: Vec<&Value> = s.data.invoices.values().collect();
-    let (items, more) = page_of(&all, (page - 1).saturating_mul(pp), pp, dup.is_some());
+    let all: Vec<InvRef<'_>> = s.data.all_invoices().collect();
+    let (items, more) = page_of(
+        &all,
+        (page - 1).saturating_mul(pp),
+        pp,
+        dup.is_some(),
+        owned,
+    );
     let mut resp = Json(json!({"items": items})).into_response();
     if more {
         let link = format!(
@@ -78,8 +88,14 @@ pub(super) async fn paged_page(AxState(st): AxState<Shared>, Query(q): Q, dup: D
     let pp = per_page(&q)?;
     let page = num(&q, "page", 1)?.max(1);
     let s = lock(&st);
-    let all: Vec<&Value> = s.data.invoices.values().collect();
-    let (items, _) = page_of(&all, (page - 1).saturating_mul(pp), pp, dup.is_some());
+    let all: Vec<InvRef<'_>> = s.data.all_invoices().collect();
+    let (items, _) = page_of(
+        &all,
+        (page - 1).saturating_mul(pp),
+        pp,
+        dup.is_some(),
+        owned,
+    );
     Ok(Json(json!({"items": items})))
 }
 
@@ -88,8 +104,8 @@ pub(super) async fn paged_offset(AxState(st): AxState<Shared>, Query(q): Q, dup:
     let offset = num(&q, "offset", 0)?;
     let limit = num(&q, "limit", 10)?.clamp(1, 1000);
     let s = lock(&st);
-    let all: Vec<&Value> = s.data.invoices.values().collect();
-    let (items, _) = page_of(&all, offset, limit, dup.is_some());
+    let all: Vec<InvRef<'_>> = s.data.all_invoices().collect();
+    let (items, _) = page_of(&all, offset, limit, dup.is_some(), owned);
     Ok(Json(json!({"items": items, "total": all.len()})))
 }
 
@@ -97,6 +113,6 @@ pub(super) async fn paged_offset(AxState(st): AxState<Shared>, Query(q): Q, dup:
 pub(super) async fn paged_stuck(AxState(st): AxState<Shared>, Query(q): Q) -> Res {
     let pp = per_page(&q)?;
     let s = lock(&st);
-    let items: Vec<Value> = s.data.invoices.values().take(pp).cloned().collect();
+    let items: Vec<Value> = s.data.all_invoices().take(pp).map(owned).collect();
     Ok(Json(json!({"items": items, "next_cursor": "abc"})))
 }

@@ -2,12 +2,14 @@
 //! `/v1/events` feed.
 
 use std::collections::HashMap;
-use std::ops::Bound;
 
 use axum::extract::{Query, State as AxState};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use serde_json::Value;
+
+use crate::data::bulk::InvoiceFilter;
+use crate::data::list::InvRef;
 
 use super::{DupExt, Q, Res, Shared, bad_request, int, lock, num, page_of, stripe_list};
 
@@ -19,38 +21,21 @@ pub(super) async fn invoices(
     dup: DupExt,
 ) -> Res<Response> {
     let limit = num(&q, "limit", 10)?.clamp(1, 100);
-    let (gte, gt) = (int(&q, "updated[gte]")?, int(&q, "updated[gt]")?);
-    let (lt, lte) = (int(&q, "updated[lt]")?, int(&q, "updated[lte]")?);
-    let (created_gte, created_lt) = (int(&q, "created[gte]")?, int(&q, "created[lt]")?);
-    let keep = |inv: &Value| {
-        let u = inv.get("updated").and_then(Value::as_i64).unwrap_or(0);
-        let c = inv.get("created").and_then(Value::as_i64).unwrap_or(0);
-        created_gte.is_none_or(|b| c >= b)
-            && created_lt.is_none_or(|b| c < b)
-            && gte.is_none_or(|b| u >= b)
-            && gt.is_none_or(|b| u > b)
-            && lt.is_none_or(|b| u < b)
-            && lte.is_none_or(|b| u <= b)
+    let filter = InvoiceFilter {
+        created_gte: int(&q, "created[gte]")?,
+        created_lt: int(&q, "created[lt]")?,
+        updated_gte: int(&q, "updated[gte]")?,
+        updated_gt: int(&q, "updated[gt]")?,
+        updated_lt: int(&q, "updated[lt]")?,
+        updated_lte: int(&q, "updated[lte]")?,
     };
     let s = lock(&st);
-    let map = &s.data.invoices;
-    let after = q.get("starting_after");
-    let lower = match after {
-        Some(id) => Bound::Excluded(id.clone()),
-        None => Bound::Unbounded,
-    };
-    let mut it = map
-        .range((lower, Bound::Unbounded))
-        .map(|(_, v)| v)
-        .filter(|v| keep(v));
-    let mut data: Vec<&Value> = it.by_ref().take(limit).collect();
+    let after = q.get("starting_after").map(String::as_str);
+    let mut it = s.data.invoice_list(after, filter);
+    let mut data: Vec<InvRef<'_>> = it.by_ref().take(limit).collect();
     let has_more = it.next().is_some();
     let prev = match (dup, after) {
-        (Some(_), Some(id)) => map
-            .range(..=id.clone())
-            .rev()
-            .map(|(_, v)| v)
-            .find(|v| keep(v)),
+        (Some(_), Some(id)) => s.data.invoice_at_or_before(id, filter),
         _ => None,
     };
     if let Some(prev) = prev {
@@ -63,7 +48,7 @@ pub(super) async fn invoices(
         object: &'static str,
         url: &'static str,
         has_more: bool,
-        data: Vec<&'a Value>,
+        data: Vec<InvRef<'a>>,
     }
     let list = List {
         object: "list",
@@ -84,7 +69,7 @@ pub(super) async fn customers(AxState(st): AxState<Shared>, Query(q): Q, dup: Du
         Some(id) => refs.partition_point(|c| c["id"].as_str().unwrap_or("") <= id.as_str()),
         None => 0,
     };
-    let (data, has_more) = page_of(&refs, start, limit, dup.is_some());
+    let (data, has_more) = page_of(&refs, start, limit, dup.is_some(), Value::clone);
     Ok(stripe_list("/v1/customers", data, has_more))
 }
 
