@@ -14,6 +14,14 @@ impl<'a> Walk<'a> {
     /// The walk is complete: clear the resume point, advance the mark or cursor, mark
     /// deletions, and evaluate the reminder rules over the whole table.
     pub(super) async fn complete(&mut self) -> Result<(), StoreError> {
+        // Before the rule pass below plans its query; a walk that wrote nothing changed
+        // nothing the statistics describe.
+        let written = self.counters.inserted + self.counters.updated;
+        if written > 0 {
+            self.table
+                .refresh_statistics_if_stale(self.pool, written)
+                .await;
+        }
         let mut tx = self
             .pool
             .begin()

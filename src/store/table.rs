@@ -268,6 +268,44 @@ impl DestinationTable {
         Ok(())
     }
 
+    /// Runs `ANALYZE` on the table when it never had statistics and the caller just wrote
+    /// over 1,000 rows (`written`), or when more than half of it (and over 1,000 rows)
+    /// changed since they were taken (Postgres counts writes with a delay of up to 10 s,
+    /// hence the caller's own count for a first import). Autovacuum does this at a
+    /// tenth, when it runs; where it is off (or has not come round after a first import)
+    /// the planner guesses, and for a walk's end it guessed a read of every key (34 ms
+    /// instead of 0.1 ms on 200,000 invoices). Statistics only steer plans, so a failure
+    /// (a role that does not own the table gets a warning from Postgres) is logged, not
+    /// returned. Returns whether it analyzed.
+    pub async fn refresh_statistics_if_stale(&self, pool: &PgPool, written: u64) -> bool {
+        let stale: Result<Option<bool>, sqlx::Error> = sqlx::query_scalar(
+            "SELECT (last_analyze IS NULL AND last_autoanalyze IS NULL AND $2 > 1000)
+                    OR n_mod_since_analyze > GREATEST(1000, n_live_tup / 2)
+             FROM pg_stat_user_tables WHERE relid = to_regclass($1)",
+        )
+        .bind(quote(&self.name))
+        .bind(i64::try_from(written).unwrap_or(i64::MAX))
+        .fetch_optional(pool)
+        .await
+        .map(Option::flatten);
+        let outcome = match stale {
+            Ok(Some(true)) => sqlx::query(&format!("ANALYZE {}", quote(&self.name)))
+                .execute(pool)
+                .await
+                .map(|_| true),
+            Ok(_) => Ok(false),
+            Err(err) => Err(err),
+        };
+        outcome.unwrap_or_else(|err| {
+            tracing::warn!(
+                table = %self.name,
+                "could not refresh the table's statistics (plans may read more than they need): {}",
+                crate::errors::error_chain(&err)
+            );
+            false
+        })
+    }
+
     /// `CREATE INDEX` statements for the indexed columns that lead no valid index of the
     /// table yet (an index the owner made on such a column counts).
     pub async fn missing_indexes(&self, pool: &PgPool) -> Result<Vec<String>, StoreError> {
