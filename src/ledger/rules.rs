@@ -202,10 +202,15 @@ pub async fn enqueue(
         let uses_data = [&rule.key, &rule.subject, &rule.body]
             .iter()
             .any(|t| t.contains("data"));
+        // `OFFSET 0` keeps the probe a lookup by record in the ledger's index, whatever the
+        // statistics say: when the destination table had statistics and the ledger none
+        // (autovacuum off, or not round yet), the planner joined against a materialized
+        // read of the rule's whole ledger per record, quadratic (over 60 s, the statement
+        // timeout, on a 200,000-invoice import's full pass), where the lookup is linear.
         let mut sql = format!(
             "SELECT t.source_id, {}{} FROM {} t WHERE t.source_system = $1 AND t.deleted_at IS NULL
              AND NOT EXISTS (SELECT 1 FROM idem_ledger l WHERE l.source_system = $1 AND l.stream = $2
-                             AND l.rule = $3 AND l.source_id = t.source_id)",
+                             AND l.rule = $3 AND l.source_id = t.source_id OFFSET 0)",
             if uses_data { "t.data" } else { "NULL::jsonb" },
             stream.columns.iter().map(|c| format!(", t.{}::text", quote(&c.name))).collect::<String>(),
             quote(&stream.table)
