@@ -337,14 +337,26 @@ async fn connect_creating_sized(
     max_connections: u32,
 ) -> anyhow::Result<PgPool> {
     let url = settings.database_url()?;
-    if let Some(created) = store::bootstrap::ensure_database(&url, create).await? {
-        eprintln!("created database \"{created}\" (first run)");
-    }
     let name = SESSION_NAME.get().map_or("idem", String::as_str);
+    let session = settings.database.session(name);
     // Each send in flight checks and records its row on a connection of its own.
     let connections =
         max_connections.max(settings.notify.concurrency.clamp(1, MAX_CONCURRENCY) + 1);
-    let pool = store::connect_with(&url, connections, &settings.database.session(name)).await?;
+    // The database is looked for only when connecting fails: a connection of its own
+    // first would cost every run a serial round of connecting (~12 ms).
+    let pool = match store::connect_with(&url, connections, &session).await {
+        Ok(pool) => pool,
+        Err(first) => match store::bootstrap::ensure_database(&url, create).await? {
+            store::bootstrap::Prepared::Existing => return Err(first.into()),
+            store::bootstrap::Prepared::Created(created) => {
+                eprintln!("created database \"{created}\" (first run)");
+                store::connect_with(&url, connections, &session).await?
+            }
+            store::bootstrap::Prepared::CreatedByAnother => {
+                store::connect_with(&url, connections, &session).await?
+            }
+        },
+    };
     store::migrate(&pool).await?;
     Ok(pool)
 }

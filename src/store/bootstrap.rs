@@ -17,13 +17,25 @@ pub enum BootstrapError {
     MayNotCreate { database: String, role: String },
 }
 
-/// Creates the database `url` names when it does not exist and `create` is set. Returns
-/// the name of the database it created, if it did. Errors other than "does not exist"
-/// are not reported here: the pool's connect reports them with their cause.
-pub async fn ensure_database(url: &str, create: bool) -> Result<Option<String>, BootstrapError> {
+/// What [`ensure_database`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Prepared {
+    /// The database exists (or connecting failed for another reason, which the pool's
+    /// connect reports with its cause).
+    Existing,
+    /// This call created the database of this name.
+    Created(String),
+    /// Another first run created it a moment ago.
+    CreatedByAnother,
+}
+
+/// Creates the database `url` names when it does not exist and `create` is set. Errors
+/// other than "does not exist" are not reported here: the pool's connect reports them
+/// with their cause.
+pub async fn ensure_database(url: &str, create: bool) -> Result<Prepared, BootstrapError> {
     // The same TLS policy, PG* variables and sslmode defaults as every other session.
     let Ok(target) = super::session::Target::parse(url) else {
-        return Ok(None);
+        return Ok(Prepared::Existing);
     };
     let options = target
         .options("idem bootstrap")
@@ -37,7 +49,7 @@ pub async fn ensure_database(url: &str, create: bool) -> Result<Option<String>, 
         Err(_) => false,
     };
     if !missing {
-        return Ok(None);
+        return Ok(Prepared::Existing);
     }
     let database = options.get_database().unwrap_or_default().to_string();
     let role = options.get_username().to_string();
@@ -58,9 +70,10 @@ pub async fn ensure_database(url: &str, create: bool) -> Result<Option<String>, 
         .await;
         let _ = admin.close().await;
         return match created {
-            Ok(_) => Ok(Some(database)),
-            // Another first run created it a moment ago.
-            Err(sqlx::Error::Database(err)) if err.code().as_deref() == Some("42P04") => Ok(None),
+            Ok(_) => Ok(Prepared::Created(database)),
+            Err(sqlx::Error::Database(err)) if err.code().as_deref() == Some("42P04") => {
+                Ok(Prepared::CreatedByAnother)
+            }
             Err(_) => Err(BootstrapError::MayNotCreate { database, role }),
         };
     }
