@@ -139,16 +139,7 @@ impl StreamRunner {
             client,
             crate::connector::partition::for_partition(spec, partition),
         );
-        let mut report = run_partition(
-            pool,
-            database_url,
-            connector,
-            stream,
-            partition,
-            source,
-            options,
-        )
-        .await?;
+        let mut report = run_partition(pool, connector, stream, partition, source, options).await?;
         report.children = earlier;
         if options.dry_run {
             return Ok(report);
@@ -192,22 +183,12 @@ impl StreamRunner {
 /// Runs one unpartitioned stream of `connector`, reading pages from `source`.
 pub async fn run_stream<S: Source + 'static>(
     pool: &PgPool,
-    database_url: &str,
     connector: &Connector,
     stream_name: &str,
     source: S,
     options: &RunOptions,
 ) -> Result<RunReport, RunError> {
-    run_partition(
-        pool,
-        database_url,
-        connector,
-        stream_name,
-        "",
-        source,
-        options,
-    )
-    .await
+    run_partition(pool, connector, stream_name, "", source, options).await
 }
 
 /// Runs one partition of a stream (`""`: the stream is unpartitioned), reading pages from
@@ -215,7 +196,6 @@ pub async fn run_stream<S: Source + 'static>(
 /// The partition has its own lock, checkpoint, runs and failures.
 pub async fn run_partition<S: Source + 'static>(
     pool: &PgPool,
-    database_url: &str,
     connector: &Connector,
     stream_name: &str,
     partition: &str,
@@ -236,7 +216,7 @@ pub async fn run_partition<S: Source + 'static>(
             None
         } else {
             Some(
-                StreamLock::try_acquire(database_url, &source_system, stream_name, partition)
+                StreamLock::try_acquire_from(pool, &source_system, stream_name, partition)
                     .await?
                     .ok_or_else(|| RunError::Locked {
                         source_system: source_system.clone(),

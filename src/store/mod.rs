@@ -100,9 +100,10 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, StoreErr
 }
 
 /// How many sessions a pool opens at once when it is created: what one run uses (its
-/// queries, its page writers), so that they are opened side by side instead of one after
-/// another as the run first needs each (~10 ms apiece: a no-change run's largest cost).
-const WARM_SESSIONS: u32 = 3;
+/// stream lock, its queries, its page writers), so that they are opened side by side
+/// instead of one after another as the run first needs each (~10 ms apiece: a no-change
+/// run's largest cost).
+const WARM_SESSIONS: u32 = 4;
 
 /// Opens a pool whose sessions carry `settings`' name and timeouts. One session is
 /// opened on its own so that a failure is reported with its real cause (the pool would
@@ -239,9 +240,42 @@ impl StreamLock {
     ) -> Result<Option<StreamLock>, StoreError> {
         let name = qualified(stream, partition);
         // Its own session name: it stays open (idle, holding the lock) for the whole run.
-        let mut connection = Target::parse(url)?
+        let connection = Target::parse(url)?
             .open(&SessionSettings::default().named(format!("idem {source_system}.{name} lock")))
             .await?;
+        Self::try_acquire_on(connection, source_system, stream, partition).await
+    }
+
+    /// [`StreamLock::try_acquire`] on a session taken out of `pool` for good (detached:
+    /// the pool may open another in its place), renamed for the lock. A run's pool has
+    /// its first sessions open already, so the run does not wait for a connect of its own.
+    pub async fn try_acquire_from(
+        pool: &PgPool,
+        source_system: &str,
+        stream: &str,
+        partition: &str,
+    ) -> Result<Option<StreamLock>, StoreError> {
+        let name = qualified(stream, partition);
+        let mut connection = pool
+            .acquire()
+            .await
+            .context(|| format!("opening the session for the lock of {source_system}.{name}"))?
+            .detach();
+        sqlx::query("SELECT set_config('application_name', $1, false)")
+            .bind(format!("idem {source_system}.{name} lock"))
+            .execute(&mut connection)
+            .await
+            .context(|| format!("naming the session for the lock of {source_system}.{name}"))?;
+        Self::try_acquire_on(connection, source_system, stream, partition).await
+    }
+
+    async fn try_acquire_on(
+        mut connection: PgConnection,
+        source_system: &str,
+        stream: &str,
+        partition: &str,
+    ) -> Result<Option<StreamLock>, StoreError> {
+        let name = qualified(stream, partition);
         let acquired: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, hashtext($2))")
             .bind(LOCK_CLASS)
             .bind(lock_key(source_system, stream, partition))

@@ -57,7 +57,6 @@ async fn run_with_client(app: &TestApp, client: &Arc<VendorClient>, stream: &str
     );
     run::run_stream(
         &app.pool,
-        &app.database_url,
         &connector,
         stream,
         source,

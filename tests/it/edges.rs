@@ -569,7 +569,6 @@ async fn a_changed_column_type_stops_the_run_and_says_how_to_migrate() {
     );
     let err = idem::run::run_stream(
         &app.pool,
-        &app.database_url,
         &connector,
         "invoices",
         source,

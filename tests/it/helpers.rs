@@ -162,16 +162,9 @@ impl TestApp {
             VendorClient::new(connector.clone()),
             connector.stream(stream).expect("stream").clone(),
         );
-        run::run_stream(
-            &self.pool,
-            &self.database_url,
-            connector,
-            stream,
-            source,
-            options,
-        )
-        .await
-        .expect("the run starts")
+        run::run_stream(&self.pool, connector, stream, source, options)
+            .await
+            .expect("the run starts")
     }
 
     /// The real binary, with this app's config, database and vendor.
