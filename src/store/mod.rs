@@ -127,18 +127,39 @@ pub async fn connect_with(
             Box::pin(async move { session::apply_limits(connection, &limits).await })
         })
         .connect_lazy_with(target.options(&settings.application_name));
-    let warm = futures_util::future::join_all(
-        (0..WARM_SESSIONS.min(max_connections)).map(|_| pool.acquire()),
-    );
-    let (probe, warmed) = tokio::join!(target.open(settings), warm);
-    let mut probe = probe?;
+    let warming = tokio::spawn({
+        let pool = pool.clone();
+        async move {
+            let sessions = futures_util::future::join_all(
+                (0..WARM_SESSIONS.min(max_connections)).map(|_| pool.acquire()),
+            )
+            .await;
+            // Dropped here: back into the pool, idle.
+            sessions
+                .into_iter()
+                .try_for_each(|session| session.map(drop))
+        }
+    });
+    // A refused probe answers at once; the pool's own sessions would keep retrying until
+    // `acquire_timeout`, so they are not waited for then.
+    let mut probe = match target.open(settings).await {
+        Ok(probe) => probe,
+        Err(err) => {
+            warming.abort();
+            return Err(err);
+        }
+    };
     warn_if_clear_text(&target, &mut probe).await;
     let _ = probe.close().await;
-    for session in warmed {
-        // Back into the pool, idle, when dropped.
-        session.map_err(|source| target.connect_error(&source))?;
+    match warming.await {
+        Ok(Ok(())) => Ok(pool),
+        Ok(Err(source)) => Err(target.connect_error(&source)),
+        Err(join) => Err(StoreError::Connect {
+            target: target.describe(),
+            cause: format!("opening the pool's first sessions: {join}"),
+            hint: String::new(),
+        }),
     }
-    Ok(pool)
 }
 
 /// `prefer` and `allow` fall back to clear text silently; over a network that is worth
@@ -246,9 +267,11 @@ impl StreamLock {
         Self::try_acquire_on(connection, source_system, stream, partition).await
     }
 
-    /// [`StreamLock::try_acquire`] on a session taken out of `pool` for good (detached:
-    /// the pool may open another in its place), renamed for the lock. A run's pool has
-    /// its first sessions open already, so the run does not wait for a connect of its own.
+    /// [`StreamLock::try_acquire`] on an idle session taken out of `pool` for good
+    /// (detached: the pool may open another in its place), renamed for the lock. A run's
+    /// pool has its first sessions open already, so the run does not wait for a connect of
+    /// its own. With no idle session (a busy `serve`) it opens one with the pool's
+    /// options, as a connection of its own: the lock never waits for the pool.
     pub async fn try_acquire_from(
         pool: &PgPool,
         source_system: &str,
@@ -256,11 +279,14 @@ impl StreamLock {
         partition: &str,
     ) -> Result<Option<StreamLock>, StoreError> {
         let name = qualified(stream, partition);
-        let mut connection = pool
-            .acquire()
-            .await
-            .context(|| format!("opening the session for the lock of {source_system}.{name}"))?
-            .detach();
+        let mut connection = match pool.try_acquire() {
+            Some(idle) => idle.detach(),
+            None => PgConnection::connect_with(&pool.connect_options())
+                .await
+                .context(|| {
+                    format!("opening the session for the lock of {source_system}.{name}")
+                })?,
+        };
         sqlx::query("SELECT set_config('application_name', $1, false)")
             .bind(format!("idem {source_system}.{name} lock"))
             .execute(&mut connection)

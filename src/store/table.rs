@@ -289,10 +289,15 @@ impl DestinationTable {
         .await
         .map(Option::flatten);
         let outcome = match stale {
-            Ok(Some(true)) => sqlx::query(&format!("ANALYZE {}", quote(&self.name)))
-                .execute(pool)
-                .await
-                .map(|_| true),
+            // One statement, so `lock_timeout` holds for the ANALYZE alone: it waits for a
+            // VACUUM or another ANALYZE of the table, never long at a walk's end.
+            Ok(Some(true)) => sqlx::raw_sql(&format!(
+                "SET lock_timeout = '1s'; ANALYZE {}; RESET lock_timeout",
+                quote(&self.name)
+            ))
+            .execute(pool)
+            .await
+            .map(|_| true),
             Ok(_) => Ok(false),
             Err(err) => Err(err),
         };

@@ -825,3 +825,34 @@ async fn a_first_import_leaves_statistics_for_the_planner_and_a_no_op_run_does_n
     assert_eq!(again.status.code(), Some(0), "{}", stderr(&again));
     assert_eq!(analyzed_at(&app).await, taken);
 }
+
+#[tokio::test]
+async fn a_refused_connection_fails_the_run_at_once_naming_the_cause() {
+    let app = spawn_app(1).await;
+    // A port nothing listens on: the pool's own sessions would retry it until their
+    // acquire timeout (10 s); the run must not wait for them.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let started = Instant::now();
+    let out = app
+        .command(&["run", "--no-notify"])
+        .env(
+            "DATABASE_URL",
+            format!("postgresql://postgres@127.0.0.1:{port}/nowhere"),
+        )
+        .output()
+        .await
+        .unwrap();
+    let text = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("Connection refused"), "{text}");
+    assert!(text.contains(&format!("127.0.0.1:{port}")), "{text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?} to report a refused connection",
+        started.elapsed()
+    );
+}
