@@ -18,7 +18,7 @@
 //!               │
 //!  mechanisms  config · connector · http · paginate · normalize · store · writer · ledger
 //!               │
-//!  bottom      schema · errors · identity · duration · secret · redact · values · failpoint
+//!  bottom      schema · errors · identity · duration · secret · redact · values · record · failpoint
 //! ```
 //!
 //! Bottom: what everything may use.
@@ -28,6 +28,7 @@
 //! - [`duration`]: human durations (`"90s"`, `"7d"`) in config files.
 //! - [`secret`]: `${ENV}` references resolved into values that never print.
 //! - [`redact`]: the one redaction point for vendor text, URLs and log lines.
+//! - [`record`]: a record as the vendor's JSON text, read at pointers and hashed in one pass.
 //! - [`values`]: what Postgres refuses in valid JSON (NUL, lone surrogates, ranges), per record.
 //! - [`failpoint`]: named crash points for the crash tests (inert unless `IDEM_CRASH_AT` is set).
 //!
@@ -70,6 +71,7 @@ pub mod ledger;
 pub mod normalize;
 pub mod paginate;
 pub mod progress;
+pub mod record;
 pub mod redact;
 pub mod run;
 pub mod schedule;

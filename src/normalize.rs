@@ -6,6 +6,7 @@
 use chrono::{DateTime, NaiveDate, NaiveDateTime, TimeZone, Utc};
 use serde_json::Value;
 
+use crate::record::{self, Pointers, Record};
 use crate::schema::connector::{ColumnSpec, ColumnType, StreamSpec, TimeFormat};
 use crate::values;
 
@@ -17,9 +18,10 @@ pub struct Row {
     pub updated_at: Option<DateTime<Utc>>,
     /// One entry per declared column, in declaration order; `None` is SQL NULL.
     pub values: Vec<Option<String>>,
-    /// The raw record, serialized.
+    /// The record's JSON text (the vendor's own, unless idem had to parse it).
     pub data: String,
-    /// Hash of the mapping and the raw record: equal hash, nothing to write.
+    /// Hash of the mapping and the record's content (see [`crate::record`]): equal
+    /// hash, nothing to write. [`HASH_VERSION`] and 16 bytes.
     pub hash: Vec<u8>,
 }
 
@@ -43,30 +45,58 @@ pub struct Normalizer {
     updated_at: Option<(String, TimeFormat)>,
     columns: Vec<ColumnSpec>,
     mapping_fingerprint: Vec<u8>,
+    pointers: Pointers,
+}
+
+/// The first byte of every content hash idem writes now. Hashes written before it (16
+/// bytes, of the record serialized with sorted keys) are "legacy": a walk that meets one
+/// compares it the old way and, when the record is unchanged, rewrites the hash alone.
+pub const HASH_VERSION: u8 = 2;
+
+/// What a mapping contributes to every hash: a change of mapping changes every hash, so
+/// the next walk rewrites the rows with the new columns instead of calling them
+/// unchanged. Only the typed columns: two streams filling one table with the same columns
+/// (an events feed and a backfill) hash the same record the same way.
+pub fn mapping_fingerprint(columns: &[ColumnSpec]) -> Vec<u8> {
+    format!(
+        "{:?}",
+        columns
+            .iter()
+            .map(|c| (&c.name, &c.pointer, c.column_type, &c.format))
+            .collect::<Vec<_>>()
+    )
+    .into_bytes()
+}
+
+/// The hash idem wrote before [`HASH_VERSION`]: of the record parsed and serialized again
+/// (which sorted its keys). `None` when `data` is not JSON serde_json reads.
+pub fn legacy_hash(fingerprint: &[u8], data: &str) -> Option<Vec<u8>> {
+    let value: Value = serde_json::from_str(data).ok()?;
+    let canonical = serde_json::to_string(&value).ok()?;
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    hasher.update(fingerprint);
+    hasher.update(canonical.as_bytes());
+    Some(hasher.digest128().to_be_bytes().to_vec())
 }
 
 impl Normalizer {
     pub fn new(stream: &StreamSpec) -> Self {
-        // A change of mapping changes every hash, so the next walk rewrites the rows with
-        // the new columns instead of calling them unchanged.
-        // Only the typed columns: two streams filling one table with the same columns
-        // (an events feed and a backfill) hash the same record the same way.
-        let fingerprint = format!(
-            "{:?}",
-            stream
-                .columns
-                .iter()
-                .map(|c| (&c.name, &c.pointer, c.column_type, &c.format))
-                .collect::<Vec<_>>()
+        let updated_at = stream
+            .updated_at
+            .as_ref()
+            .map(|u| (u.pointer.clone(), u.format.clone()));
+        // Read in one pass over the record's text: the id, updated_at, then each column.
+        let pointers = Pointers::new(
+            std::iter::once(stream.id.as_str())
+                .chain(updated_at.iter().map(|(pointer, _)| pointer.as_str()))
+                .chain(stream.columns.iter().map(|c| c.pointer.as_str())),
         );
         Self {
             id: stream.id.clone(),
-            updated_at: stream
-                .updated_at
-                .as_ref()
-                .map(|u| (u.pointer.clone(), u.format.clone())),
+            updated_at,
             columns: stream.columns.clone(),
-            mapping_fingerprint: fingerprint.into_bytes(),
+            mapping_fingerprint: mapping_fingerprint(&stream.columns),
+            pointers,
         }
     }
 
@@ -74,7 +104,69 @@ impl Normalizer {
         &self.columns
     }
 
-    pub fn normalize(&self, record: Value) -> Result<Row, RecordFailure> {
+    fn content_hash(&self, content: u128) -> Vec<u8> {
+        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        hasher.update(&self.mapping_fingerprint);
+        hasher.update(&content.to_le_bytes());
+        let mut hash = Vec::with_capacity(17);
+        hash.push(HASH_VERSION);
+        hash.extend_from_slice(&hasher.digest128().to_be_bytes());
+        hash
+    }
+
+    pub fn normalize(&self, record: Record) -> Result<Row, RecordFailure> {
+        match self.read_in_one_pass(record) {
+            Ok(row) => Ok(row),
+            Err(record) => self.normalize_value(record.value()),
+        }
+    }
+
+    /// The common case, from the record's text without parsing it whole: the text itself
+    /// is what Postgres stores (jsonb parses it, in any key order). Anything unusual (no
+    /// id, a value that does not fit its column, a value Postgres refuses, text
+    /// serde_json cannot read) hands the record back, for [`Self::normalize_value`] to
+    /// find and name.
+    fn read_in_one_pass(&self, record: Record) -> Result<Row, Record> {
+        let Ok(scanned) = record::scan(record.json(), &self.pointers) else {
+            return Err(record);
+        };
+        let mut values = scanned.values.into_iter();
+        let source_id = match values.next().flatten() {
+            Some(Value::String(id)) if !id.is_empty() => id,
+            Some(Value::Number(id)) => id.to_string(),
+            _ => return Err(record),
+        };
+        if source_id.len() > MAX_ID_BYTES {
+            return Err(record);
+        }
+        let updated_at = match &self.updated_at {
+            None => None,
+            Some((_, format)) => match values.next().flatten() {
+                Some(value) if !value.is_null() => match parse_time(&value, format) {
+                    Ok(time) => Some(time),
+                    Err(_) => return Err(record),
+                },
+                _ => return Err(record),
+            },
+        };
+        let mut typed = Vec::with_capacity(self.columns.len());
+        for (column, value) in self.columns.iter().zip(values) {
+            match typed_value(value.as_ref(), column) {
+                Ok(value) => typed.push(value),
+                Err(_) => return Err(record),
+            }
+        }
+        Ok(Row {
+            source_id,
+            updated_at,
+            values: typed,
+            hash: self.content_hash(scanned.hash),
+            data: record.into_json(),
+        })
+    }
+
+    /// Normalizes a parsed record, naming what is wrong with it.
+    pub fn normalize_value(&self, record: Value) -> Result<Row, RecordFailure> {
         let data = serde_json::to_string(&record).expect("a JSON value serializes");
         let fail = |source_id: Option<String>, record: Value, error: String| {
             // What goes into idem_failures must itself be storable: no NUL in the key, the
@@ -147,15 +239,12 @@ impl Normalizer {
                 }
             }
         }
-        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
-        hasher.update(&self.mapping_fingerprint);
-        hasher.update(data.as_bytes());
         Ok(Row {
             source_id,
             updated_at,
             values,
+            hash: self.content_hash(record::hash_value(&record)),
             data,
-            hash: hasher.digest128().to_be_bytes().to_vec(),
         })
     }
 }
@@ -312,6 +401,14 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn rec(value: Value) -> Record {
+        Record::from_value(&value)
+    }
+
+    fn text(json: &str) -> Record {
+        Record::from_raw(serde_json::value::RawValue::from_string(json.into()).unwrap())
+    }
+
     fn stream() -> StreamSpec {
         toml::from_str(
             r#"
@@ -332,14 +429,20 @@ mod tests {
     fn a_value_that_does_not_fit_names_the_column_and_record() {
         let normalizer = Normalizer::new(&stream());
         let bad = normalizer
-            .normalize(json!({"id": "in_1", "updated": 5, "amount_due": "lots"}))
+            .normalize(rec(
+                json!({"id": "in_1", "updated": 5, "amount_due": "lots"}),
+            ))
             .unwrap_err();
         assert_eq!(bad.record_key, "in_1");
         assert!(bad.error.contains("amount_due"), "{}", bad.error);
-        let no_id = normalizer.normalize(json!({"updated": 5})).unwrap_err();
+        let no_id = normalizer
+            .normalize(rec(json!({"updated": 5})))
+            .unwrap_err();
         assert!(no_id.source_id.is_none() && no_id.record_key.starts_with("no-id:"));
         let good = normalizer
-            .normalize(json!({"id": "in_1", "updated": 5, "amount_due": 12, "due_date": null}))
+            .normalize(rec(
+                json!({"id": "in_1", "updated": 5, "amount_due": 12, "due_date": null}),
+            ))
             .unwrap();
         assert_eq!(good.values, vec![Some("12".to_string()), None]);
     }
@@ -348,15 +451,93 @@ mod tests {
     fn the_same_record_hashes_the_same_and_a_change_differs() {
         let normalizer = Normalizer::new(&stream());
         let a = normalizer
-            .normalize(json!({"id": "x", "updated": 1, "amount_due": 1}))
+            .normalize(rec(json!({"id": "x", "updated": 1, "amount_due": 1})))
             .unwrap();
         let b = normalizer
-            .normalize(json!({"updated": 1, "amount_due": 1, "id": "x"}))
+            .normalize(rec(json!({"updated": 1, "amount_due": 1, "id": "x"})))
             .unwrap();
         let c = normalizer
-            .normalize(json!({"id": "x", "updated": 1, "amount_due": 2}))
+            .normalize(rec(json!({"id": "x", "updated": 1, "amount_due": 2})))
             .unwrap();
         assert_eq!(a.hash, b.hash);
         assert_ne!(a.hash, c.hash);
+    }
+
+    #[test]
+    fn a_vendor_that_reorders_keys_or_spaces_its_json_changes_no_hash() {
+        let normalizer = Normalizer::new(&stream());
+        let compact = normalizer
+            .normalize(text(r#"{"id":"x","updated":1,"amount_due":7,"due_date":86400,"meta":{"a":1,"b":[1,2]}}"#))
+            .unwrap();
+        let reordered = normalizer
+            .normalize(text(
+                r#"{ "meta": {"b": [1, 2], "a": 1}, "due_date": 86400, "amount_due": 7, "updated": 1, "id": "x" }"#,
+            ))
+            .unwrap();
+        assert_eq!(compact.hash, reordered.hash);
+        assert_eq!(compact.values, reordered.values);
+        assert_eq!(
+            compact.values,
+            vec![Some("7".into()), Some("1970-01-02T00:00:00+00:00".into())]
+        );
+        // The one-pass reading stores the vendor's text; parsing it whole gives the same row.
+        assert!(reordered.data.starts_with(r#"{ "meta""#));
+        assert_eq!(compact.hash.len(), 17);
+        assert_eq!(compact.hash[0], HASH_VERSION);
+        let parsed = normalizer
+            .normalize_value(serde_json::from_str(&reordered.data).unwrap())
+            .unwrap();
+        assert_eq!(
+            (
+                parsed.source_id,
+                parsed.updated_at,
+                parsed.values,
+                parsed.hash
+            ),
+            (
+                compact.source_id,
+                compact.updated_at,
+                compact.values,
+                compact.hash
+            )
+        );
+    }
+
+    #[test]
+    fn records_the_one_pass_reading_hands_back_fail_as_before() {
+        let normalizer = Normalizer::new(&stream());
+        let cases = [
+            (r#"{"id":"","updated":1}"#, "no id"),
+            (r#"{"id":"x"}"#, "no updated_at"),
+            (r#"{"id":"x","updated":"soon"}"#, "updated_at at '/updated'"),
+            (r#"{"id":"x","updated":1,"amount_due":1.5}"#, "amount_due"),
+            (r#"{"id":"x","updated":1,"note":"a\u0000b"}"#, "NUL"),
+            (r#"{"id":"x","updated":1,"note":"\ud800"}"#, "surrogate"),
+        ];
+        for (json, expected) in cases {
+            let failure = normalizer.normalize(text(json)).unwrap_err();
+            assert!(
+                failure.error.contains(expected),
+                "{json}: {}",
+                failure.error
+            );
+        }
+    }
+
+    #[test]
+    fn a_hash_written_before_the_version_byte_is_recognised() {
+        let stream = stream();
+        let fingerprint = mapping_fingerprint(&stream.columns);
+        let row = Normalizer::new(&stream)
+            .normalize(text(r#"{"updated":1,"id":"x","amount_due":3}"#))
+            .unwrap();
+        let legacy = legacy_hash(&fingerprint, &row.data).unwrap();
+        // What 0.x wrote for this record: the fingerprint, then the sorted serialization.
+        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        hasher.update(&fingerprint);
+        hasher.update(br#"{"amount_due":3,"id":"x","updated":1}"#);
+        assert_eq!(legacy, hasher.digest128().to_be_bytes().to_vec());
+        assert_eq!(legacy.len(), 16);
+        assert_ne!(legacy, row.hash);
     }
 }

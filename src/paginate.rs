@@ -6,6 +6,8 @@
 
 use serde_json::Value;
 
+use crate::record::Record;
+
 use crate::schema::connector::PaginationSpec;
 
 /// What one response says about the next page.
@@ -15,7 +17,7 @@ pub struct ResponseView<'a> {
     /// The `Link` header, if any.
     pub link_header: Option<&'a str>,
     /// The records of this page (already selected).
-    pub records: &'a [Value],
+    pub records: &'a [Record],
     /// The token that fetched this page.
     pub token: Option<&'a str>,
 }
@@ -67,6 +69,7 @@ pub fn next_token(
             let first = view.records.first().expect("records is not empty");
             first
                 .pointer(pointer)
+                .as_ref()
                 .and_then(scalar)
                 .map(Some)
                 .ok_or_else(|| format!("the first record has no cursor value at '{pointer}'"))
@@ -89,6 +92,7 @@ pub fn next_token(
             let pointer = field.as_deref().unwrap_or(id_pointer);
             let last = view.records.last().expect("records is not empty");
             last.pointer(pointer)
+                .as_ref()
                 .and_then(scalar)
                 .map(Some)
                 .ok_or_else(|| format!("the last record has no cursor value at '{pointer}'"))
@@ -178,13 +182,21 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn view<'a>(body: &'a Value, records: &'a [Value], token: Option<&'a str>) -> ResponseView<'a> {
+    fn view<'a>(
+        body: &'a Value,
+        records: &'a [Record],
+        token: Option<&'a str>,
+    ) -> ResponseView<'a> {
         ResponseView {
             body,
             link_header: None,
             records,
             token,
         }
+    }
+
+    fn records(values: &[Value]) -> Vec<Record> {
+        values.iter().map(Record::from_value).collect()
     }
 
     #[test]
@@ -204,7 +216,7 @@ mod tests {
             field: None,
             has_more: Some("/has_more".into()),
         };
-        let records = vec![json!({"id": "in_1"}), json!({"id": "in_2"})];
+        let records = records(&[json!({"id": "in_1"}), json!({"id": "in_2"})]);
         let more = json!({"has_more": true});
         assert_eq!(
             next_token(&spec, "/id", &view(&more, &records, None))
@@ -229,7 +241,7 @@ mod tests {
             backward_param: None,
         };
         // Stripe events: newest first, so the first record is the newest of the page.
-        let records = vec![json!({"id": "evt_9"}), json!({"id": "evt_8"})];
+        let records = records(&[json!({"id": "evt_9"}), json!({"id": "evt_8"})]);
         let more = json!({"has_more": true});
         assert_eq!(
             next_token(&spec, "/id", &view(&more, &records, Some("evt_7")))
@@ -258,7 +270,7 @@ mod tests {
             start: 1,
             page_size: Some(2),
         };
-        let full = vec![json!({}), json!({})];
+        let full = records(&[json!({}), json!({})]);
         let body = json!({});
         assert_eq!(
             next_token(&page, "/id", &view(&body, &full, Some("3")))
@@ -299,7 +311,7 @@ mod tests {
             cursor: "/paging/next/after".into(),
             param: "after".into(),
         };
-        let records = vec![json!({})];
+        let records = records(&[json!({})]);
         let next = json!({"paging": {"next": {"after": "100"}}});
         assert_eq!(
             next_token(&spec, "/id", &view(&next, &records, None))

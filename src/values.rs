@@ -44,6 +44,12 @@ pub fn parse_body(body: &[u8]) -> Result<Value, serde_json::Error> {
     }
 }
 
+/// The body as text with what serde_json refuses replaced by markers (see
+/// [`parse_body`]), for parsers of its own shape.
+pub fn repaired(body: &[u8]) -> String {
+    repair(body)
+}
+
 /// The body as text with what serde_json refuses replaced by markers. Never panics.
 fn repair(body: &[u8]) -> String {
     // Invalid UTF-8 first: each bad sequence becomes a marker (only meaningful inside a
@@ -183,6 +189,12 @@ fn find_refused(value: &Value, path: &mut String) -> Option<String> {
         }),
         _ => None,
     }
+}
+
+/// Whether a string holds a marker (put there by idem, or sent by a vendor that means
+/// something else by it: either way the record takes the path that names it).
+pub fn holds_marker(text: &str) -> bool {
+    text.contains(MARK_PREFIX)
 }
 
 fn describe_refused(text: &str) -> Option<String> {

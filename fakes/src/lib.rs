@@ -481,8 +481,50 @@ impl FakeVendor {
             .push((from.to_owned(), to.to_owned()));
     }
 
+    /// From now on, serves every JSON body with each object's keys in reverse order and
+    /// spaced out: the same records, written another way.
+    pub fn reverse_key_order(&self) {
+        self.lock().reverse_keys = true;
+    }
+
     /// Serves `sink`'s messages at `GET /_fake/mailbox`.
     pub fn attach_mailbox(&self, sink: &SmtpSink) {
         self.lock().mailbox = Some(sink.store());
     }
+}
+
+/// `value` written as JSON another way: every object's keys in reverse order, with a
+/// space after each separator. The same JSON value to any reader that does not depend on
+/// key order.
+pub fn reversed_json(value: &Value) -> String {
+    fn write(value: &Value, out: &mut String) {
+        match value {
+            Value::Object(map) => {
+                out.push('{');
+                for (i, (key, item)) in map.iter().rev().enumerate() {
+                    if i > 0 {
+                        out.push_str(", ");
+                    }
+                    out.push_str(&Value::String(key.clone()).to_string());
+                    out.push_str(": ");
+                    write(item, out);
+                }
+                out.push('}');
+            }
+            Value::Array(items) => {
+                out.push('[');
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push_str(", ");
+                    }
+                    write(item, out);
+                }
+                out.push(']');
+            }
+            other => out.push_str(&other.to_string()),
+        }
+    }
+    let mut out = String::new();
+    write(value, &mut out);
+    out
 }

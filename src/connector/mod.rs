@@ -14,7 +14,6 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
-use serde_json::Value;
 
 pub use crate::schema::connector as spec;
 pub use crate::schema::connector::*;
@@ -900,8 +899,8 @@ pub fn select_streams<'a>(
 /// One page as the vendor returned it.
 #[derive(Debug, Clone, Default)]
 pub struct Page {
-    /// The raw records.
-    pub records: Vec<Value>,
+    /// The records, each as the vendor's JSON text.
+    pub records: Vec<crate::record::Record>,
     /// The token that fetches the next page; `None` when this was the last one.
     pub next: Option<String>,
     /// The vendor's clock when it answered (its `Date` header), if it said.

@@ -13,6 +13,7 @@ use crate::connector::{
     TimeFormat,
 };
 use crate::paginate::{self, ResponseView};
+use crate::record::{Record, RecordsFound};
 
 /// The declarative connector's [`Source`]: one stream's endpoint and pagination.
 pub struct HttpSource {
@@ -177,45 +178,41 @@ impl Source for HttpSource {
             url: shown.clone(),
             reason: crate::redact::vendor_text(&reason),
         };
-        // A lone surrogate or an out-of-range number fails its record, not the page.
-        let mut json: Value = crate::values::parse_body(&body).map_err(|err| {
+        // The records stay text, each parsed only if it must be (see `crate::record`). A
+        // lone surrogate or an out-of-range number fails its record, not the page.
+        let split = crate::record::split_body(&body, &self.stream.records).map_err(|err| {
             malformed(format!(
                 "the body is not JSON ({err}): {}",
                 quote_vendor(&body)
             ))
         })?;
-        // Peak memory for a page is its bytes plus its parsed form; the bytes go first.
+        // Peak memory for a page is its bytes plus its records' texts; the bytes go first.
         drop(body);
-        match json.pointer(&self.stream.records) {
-            Some(Value::Array(_)) => {}
-            Some(other) => {
+        let mut records = match split.records {
+            RecordsFound::Array(records) => records,
+            RecordsFound::Other(kind) => {
                 return Err(malformed(format!(
-                    "records pointer '{}' points at {}, not an array",
+                    "records pointer '{}' points at {kind}, not an array",
                     self.stream.records,
-                    kind_of(other)
                 )));
             }
-            None => {
+            RecordsFound::Missing => {
                 return Err(malformed(format!(
                     "records pointer '{}' points at nothing",
                     self.stream.records
                 )));
             }
-        }
+        };
         let link = headers
             .get(reqwest::header::LINK)
             .and_then(|v| v.to_str().ok());
-        let records_view = match json.pointer(&self.stream.records) {
-            Some(Value::Array(items)) => items.as_slice(),
-            _ => &[],
-        };
         let next = paginate::next_token(
             &self.stream.pagination,
             &self.stream.id,
             &ResponseView {
-                body: &json,
+                body: &split.body,
                 link_header: link,
-                records: records_view,
+                records: &records,
                 token: request.token.as_deref(),
             },
         )
@@ -227,12 +224,6 @@ impl Source for HttpSource {
             }
             _ => next,
         };
-        // The records move out of the parsed body: no copy of the page is made.
-        let mut records = match json.pointer_mut(&self.stream.records) {
-            Some(Value::Array(items)) => std::mem::take(items),
-            _ => Vec::new(),
-        };
-        drop(json);
         // Walking back to find a feed's oldest page: the next token is the oldest record's.
         let next = match (
             request.token.as_deref().map(paginate::FeedToken::parse),
@@ -245,6 +236,7 @@ impl Source for HttpSource {
                     Some(oldest) => Some(
                         oldest
                             .pointer(pointer)
+                            .as_ref()
                             .and_then(|v| {
                                 v.as_str()
                                     .map(str::to_string)
@@ -279,8 +271,8 @@ impl Source for HttpSource {
             // item without one is handed on whole, to be stored as a failure with its
             // payload.
             for item in &mut records {
-                if let Some(inner) = item.pointer_mut(pointer) {
-                    *item = inner.take();
+                if let Some(inner) = item.pointer(pointer) {
+                    *item = Record::from_value(&inner);
                 }
             }
         }
@@ -294,17 +286,6 @@ impl Source for HttpSource {
             next,
             vendor_time,
         })
-    }
-}
-
-fn kind_of(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
     }
 }
 

@@ -365,7 +365,7 @@ impl Drain<'_> {
         &self,
         normalizer: &Normalizer,
         parent_id: &str,
-        records: Vec<Value>,
+        records: Vec<crate::record::Record>,
     ) -> (Vec<Row>, Vec<RecordFailure>) {
         let within = self
             .stream
@@ -393,7 +393,9 @@ impl Drain<'_> {
                     // a change.
                     let mut bytes = row.hash.clone();
                     bytes.extend_from_slice(parent_id.as_bytes());
-                    row.hash = xxhash_rust::xxh3::xxh3_128(&bytes).to_be_bytes().to_vec();
+                    row.hash = std::iter::once(crate::normalize::HASH_VERSION)
+                        .chain(xxhash_rust::xxh3::xxh3_128(&bytes).to_be_bytes())
+                        .collect();
                     // The later copy of a record in one page wins, as in plain streams.
                     match position.get(&row.source_id) {
                         Some(&index) => rows[index] = row,

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use serde_json::Value;
+use crate::record::Record;
 use tracing::{info, info_span, warn};
 
 use super::Mode;
@@ -20,7 +20,7 @@ impl<'a> Walk<'a> {
     /// Normalizes a page and merges the copies of one record inside it: the newest wins
     /// (the larger `updated_at`, else the later one), so a record is one row or one failure,
     /// and one statement never touches a row twice.
-    pub(super) fn normalize(&mut self, records: Vec<Value>) -> (Vec<Row>, Vec<RecordFailure>) {
+    pub(super) fn normalize(&mut self, records: Vec<Record>) -> (Vec<Row>, Vec<RecordFailure>) {
         enum Copy {
             Row(Row),
             Failed(RecordFailure),

@@ -9,6 +9,7 @@ use tokio::sync::mpsc;
 use tracing::info;
 
 use crate::connector::{Page, PageRequest, Source, SourceError};
+use crate::record::Record;
 
 /// Fetches pages one after another and hands them to the writer. A vendor that caps the
 /// results of one query gets the query restarted from the largest `updated_at` read.
@@ -48,14 +49,20 @@ pub(super) async fn fetch_pages<S: Source>(
         let token = request.token.clone();
         let page_len = page.records.len() as u64;
         results_in_query += page_len;
-        let time_of = |record: &Value| {
+        let time_of = |record: &Record| {
             updated.as_ref().and_then(|(pointer, format)| {
                 record
                     .pointer(pointer)
-                    .and_then(|v| crate::normalize::parse_time(v, format).ok())
+                    .and_then(|v| crate::normalize::parse_time(&v, format).ok())
             })
         };
-        let page_max = page.records.iter().filter_map(time_of).max();
+        // Only a capped query restarts from the largest time, and only a keyset walk pages
+        // by it: otherwise the records are not read here (the writer reads them once).
+        let page_max = if query_cap.is_some() || keyset.is_some() {
+            page.records.iter().filter_map(time_of).max()
+        } else {
+            None
+        };
         max_updated = max_updated.max(page_max);
         // A record of a tie paged by position seen again with a newer time moved while we
         // paged; a record after it may have slid into a position already read.
@@ -66,6 +73,7 @@ pub(super) async fn fetch_pages<S: Source>(
                         time_of(record).is_some_and(|t| t > *at)
                             && record
                                 .pointer(id_pointer)
+                                .as_ref()
                                 .and_then(id_text)
                                 .is_some_and(|id| ids.contains(&id))
                     })
@@ -77,7 +85,7 @@ pub(super) async fn fetch_pages<S: Source>(
             (Some(_), None) if moved.is_none() => None,
             (None, None) => None,
             (Some(id_pointer), next) => {
-                let id_of = |record: &Value| record.pointer(id_pointer).and_then(id_text);
+                let id_of = |record: &Record| record.pointer(id_pointer).as_ref().and_then(id_text);
                 let next = next.unwrap_or_default();
                 match moved {
                     Some(at) => {

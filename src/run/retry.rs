@@ -24,8 +24,12 @@ impl<'a> Walk<'a> {
         if stored.is_empty() {
             return Ok(());
         }
-        let (rows, _still_failing) =
-            self.normalize(stored.into_iter().map(|f| f.payload).collect());
+        let (rows, _still_failing) = self.normalize(
+            stored
+                .iter()
+                .map(|f| crate::record::Record::from_value(&f.payload))
+                .collect(),
+        );
         if rows.is_empty() {
             return Ok(());
         }

@@ -39,6 +39,9 @@ pub struct DestinationTable {
     classify_hash_sql: String,
     classify_content_sql: String,
     upsert_sql: String,
+    rehash_sql: String,
+    /// What the mapping contributes to a hash, to recompute a legacy one.
+    fingerprint: Vec<u8>,
     ddl: DdlPolicy,
     /// Columns kept under a btree index besides the key: `last_changed_at` (a walk's end
     /// looks only at rows written since its last pass) and the columns reminder rules test
@@ -173,7 +176,9 @@ impl DestinationTable {
         );
         let classify_hash_sql = format!(
             "SELECT t.source_id, t.content_hash = u.hash AND t.deleted_at IS NULL AS same,
-                    t.source_updated_at > u.updated_at AS stored_is_newer
+                    t.source_updated_at > u.updated_at AS stored_is_newer,
+                    CASE WHEN octet_length(t.content_hash) = 16 AND t.deleted_at IS NULL
+                         THEN t.content_hash END AS legacy_hash
              FROM UNNEST($2::text[], $3::bytea[], $4::timestamptz[]) AS u(source_id, hash, updated_at)
              JOIN {table} t ON t.source_system = $1 AND t.source_id = u.source_id"
         );
@@ -188,8 +193,16 @@ impl DestinationTable {
                 )
             })
             .collect();
+        // A legacy hash (see `normalize::HASH_VERSION`) found equal the old way gets the
+        // new one; no other column moves, since nothing about the record changed.
+        let rehash_sql = format!(
+            "UPDATE {table} t SET content_hash = u.hash
+             FROM UNNEST($2::text[], $3::bytea[], $4::bytea[]) AS u(source_id, hash, old)
+             WHERE t.source_system = $1 AND t.source_id = u.source_id AND t.content_hash = u.old"
+        );
         let classify_content_sql = format!(
-            "SELECT t.source_id, t.content_hash = u.hash AND t.deleted_at IS NULL AND t.data = u.data::jsonb{same_columns} AS same,
+            "SELECT t.source_id, (t.content_hash = u.hash OR octet_length(t.content_hash) = 16)
+                    AND t.deleted_at IS NULL AND t.data = u.data::jsonb{same_columns} AS same,
                     t.source_updated_at > u.updated_at AS stored_is_newer
              FROM UNNEST($2::text[], $3::bytea[], $4::timestamptz[], $5::text[]{content_args}) AS u(source_id, hash, updated_at, data{column_aliases})
              JOIN {table} t ON t.source_system = $1 AND t.source_id = u.source_id",
@@ -201,6 +214,8 @@ impl DestinationTable {
             classify_hash_sql,
             classify_content_sql,
             upsert_sql,
+            rehash_sql,
+            fingerprint: crate::normalize::mapping_fingerprint(columns),
             ddl: DdlPolicy::default(),
             indexed: vec!["last_changed_at".to_string()],
         }
@@ -581,6 +596,9 @@ impl DestinationTable {
         let hashes: Vec<&[u8]> = rows.iter().map(|r| r.hash.as_slice()).collect();
         let versions: Vec<Option<chrono::DateTime<chrono::Utc>>> =
             rows.iter().map(|r| r.updated_at).collect();
+        // Rows stored with a legacy hash and unchanged: (id, new hash, old hash).
+        let mut rehash: Vec<(&str, &[u8], Vec<u8>)> = Vec::new();
+        let mut by_id: HashMap<&str, &Row> = HashMap::new();
         let existing: HashMap<String, bool> = match compare {
             Compare::Hash => sqlx::query(&self.classify_hash_sql)
                 .bind(source_system)
@@ -613,11 +631,40 @@ impl DestinationTable {
             // An older version than the stored one is not written: to the caller it is
             // unchanged (the table already holds something newer). Skipping it here keeps
             // the row unlocked; the upsert's WHERE guards against a concurrent writer.
+            let id = row.get::<String, _>(0);
             let same = row.get::<Option<bool>, _>(1).unwrap_or(false);
             let stored_is_newer = row.get::<Option<bool>, _>(2).unwrap_or(false);
-            (row.get::<String, _>(0), same || stored_is_newer)
+            let legacy = match compare {
+                Compare::Hash if !same && !stored_is_newer => row.get::<Option<Vec<u8>>, _>(3),
+                _ => None,
+            };
+            let Some(old) = legacy else {
+                return (id, same || stored_is_newer);
+            };
+            if by_id.is_empty() {
+                by_id = rows.iter().map(|r| (r.source_id.as_str(), r)).collect();
+            }
+            let unchanged = by_id.get(id.as_str()).is_some_and(|new| {
+                let equal = crate::normalize::legacy_hash(&self.fingerprint, &new.data).as_ref()
+                    == Some(&old);
+                if equal {
+                    rehash.push((new.source_id.as_str(), new.hash.as_slice(), old));
+                }
+                equal
+            });
+            (id, unchanged)
         })
         .collect();
+        if !rehash.is_empty() && !dry_run {
+            sqlx::query(&self.rehash_sql)
+                .bind(source_system)
+                .bind(rehash.iter().map(|r| r.0).collect::<Vec<_>>())
+                .bind(rehash.iter().map(|r| r.1).collect::<Vec<_>>())
+                .bind(rehash.iter().map(|r| r.2.as_slice()).collect::<Vec<_>>())
+                .execute(&mut *connection)
+                .await
+                .context(|| format!("updating legacy content hashes in table {}", self.name))?;
+        }
 
         let mut counts = WriteCounts::default();
         let to_write: Vec<&Row> = rows

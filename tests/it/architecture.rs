@@ -17,6 +17,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "errors",
             "failpoint",
             "identity",
+            "record",
             "redact",
             "schema",
             "secret",

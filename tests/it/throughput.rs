@@ -144,3 +144,120 @@ async fn crash_inside_a_transaction_of_a_no_op_rewalk_rereads_its_pages_as_no_op
         assert_eq!(resume, None, "the walk completed");
     }
 }
+
+/// The run's counters from `idem run --json` after resetting the checkpoint: a full walk.
+async fn full_walk_counters(app: &TestApp) -> (i64, i64, i64, i64) {
+    let reset = app
+        .idem(&["checkpoint", "reset", "demo_billing.invoices", "--yes"])
+        .await;
+    assert_eq!(reset.status.code(), Some(0), "{}", stderr(&reset));
+    let run = app.idem(&["run", "--no-notify", "--json"]).await;
+    assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
+    let report: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    let c = &report[0]["counters"];
+    let n = |k: &str| c[k].as_i64().unwrap_or(-1);
+    (n("fetched"), n("inserted"), n("updated"), n("unchanged"))
+}
+
+/// Each row's id and version (`xmin` changes whenever Postgres writes the row).
+async fn row_versions(app: &TestApp) -> Vec<(String, String)> {
+    sqlx::query_as("SELECT source_id, xmin::text FROM demo_invoices ORDER BY source_id")
+        .fetch_all(&app.pool)
+        .await
+        .unwrap()
+}
+
+/// The same records written another way (every object's keys reversed, spaces after the
+/// separators) are the same records: a full re-walk writes no row, and a real change
+/// made alongside is still written.
+#[tokio::test]
+async fn a_vendor_that_reorders_its_json_keys_rewrites_no_row() {
+    let app = spawn_app(250).await;
+    let first = app.idem(&["run", "--no-notify"]).await;
+    assert_eq!(first.status.code(), Some(0), "{}", stderr(&first));
+    let before = row_versions(&app).await;
+
+    app.vendor.reverse_key_order();
+    assert_eq!(full_walk_counters(&app).await, (250, 0, 0, 250));
+    assert_eq!(before, row_versions(&app).await, "no row was rewritten");
+
+    app.vendor
+        .update_invoice("in_000007", |invoice| invoice["amount_due"] = 4242.into());
+    assert_eq!(full_walk_counters(&app).await, (250, 0, 1, 249));
+    assert_eq!(
+        app.count("SELECT count(*) FROM demo_invoices WHERE amount_due = 4242")
+            .await,
+        1
+    );
+    app.assert_matches_vendor().await;
+}
+
+/// Tables written before content hashes carried a version byte hold 16-byte hashes of
+/// the record serialized with sorted keys. The first walk after the upgrade compares
+/// those the old way: an unchanged record gets its new hash and nothing else (same data,
+/// same `last_changed_at`), a changed one is written; the walk after that touches no row.
+#[tokio::test]
+async fn rows_hashed_by_an_earlier_version_are_not_rewritten_after_the_upgrade() {
+    let app = spawn_app(250).await;
+    let first = app.idem(&["run", "--no-notify"]).await;
+    assert_eq!(first.status.code(), Some(0), "{}", stderr(&first));
+
+    // The table as an earlier idem left it.
+    let connector = app.connector();
+    let stream = connector.stream("invoices").expect("invoices stream");
+    let fingerprint = idem::normalize::mapping_fingerprint(&stream.columns);
+    let stored: Vec<(String, String)> =
+        sqlx::query_as("SELECT source_id, data::text FROM demo_invoices")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    let (ids, legacy): (Vec<String>, Vec<Vec<u8>>) = stored
+        .iter()
+        .map(|(id, data)| {
+            let hash = idem::normalize::legacy_hash(&fingerprint, data).expect("stored JSON");
+            (id.clone(), hash)
+        })
+        .unzip();
+    sqlx::query(
+        "UPDATE demo_invoices t SET content_hash = u.hash
+         FROM unnest($1::text[], $2::bytea[]) AS u(id, hash) WHERE t.source_id = u.id",
+    )
+    .bind(&ids)
+    .bind(&legacy)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let snapshot = "SELECT source_id, data::text, last_changed_at::text FROM demo_invoices
+                    WHERE source_id <> 'in_000042' ORDER BY source_id";
+    let before: Vec<(String, String, String)> =
+        sqlx::query_as(snapshot).fetch_all(&app.pool).await.unwrap();
+    app.vendor
+        .update_invoice("in_000042", |invoice| invoice["amount_due"] = 4242.into());
+
+    assert_eq!(full_walk_counters(&app).await, (250, 0, 1, 249));
+    let after: Vec<(String, String, String)> =
+        sqlx::query_as(snapshot).fetch_all(&app.pool).await.unwrap();
+    assert_eq!(
+        before, after,
+        "unchanged rows keep their data and change time"
+    );
+    assert_eq!(
+        app.count(&format!(
+            "SELECT count(*) FROM demo_invoices
+             WHERE octet_length(content_hash) = 17 AND get_byte(content_hash, 0) = {}",
+            idem::normalize::HASH_VERSION
+        ))
+        .await,
+        250,
+        "every row now has a versioned hash"
+    );
+    app.assert_matches_vendor().await;
+
+    let versions = row_versions(&app).await;
+    assert_eq!(full_walk_counters(&app).await, (250, 0, 0, 250));
+    assert_eq!(
+        versions,
+        row_versions(&app).await,
+        "the next walk writes nothing"
+    );
+}

@@ -137,12 +137,34 @@ pub(super) async fn serve(
         Some(FaultKind::WrongShape) => wrong_shape(resp).await,
         _ => resp,
     };
-    let rewrites = lock(st).body_rewrites.clone();
+    let (rewrites, reverse_keys) = {
+        let s = lock(st);
+        (s.body_rewrites.clone(), s.reverse_keys)
+    };
+    let resp = if reverse_keys {
+        reverse_keys_of(resp).await
+    } else {
+        resp
+    };
     if rewrites.is_empty() {
         resp
     } else {
         rewrite_body(resp, &rewrites).await
     }
+}
+
+/// The same JSON written another way: every object's keys in reverse order, with spaces
+/// after separators, as a vendor whose serializer changed (or that builds objects from a
+/// hash map) would send it. A body that is not JSON passes unchanged.
+async fn reverse_keys_of(resp: Response) -> Response {
+    let (mut parts, body) = resp.into_parts();
+    let bytes = to_bytes(body, usize::MAX).await.unwrap_or_default();
+    let text = match serde_json::from_slice::<Value>(&bytes) {
+        Ok(value) => crate::reversed_json(&value).into_bytes(),
+        Err(_) => bytes.to_vec(),
+    };
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, axum::body::Body::from(text))
 }
 
 /// Applies raw text replacements to a body: how a test serves JSON that no `Value` can

@@ -86,6 +86,9 @@ pub(crate) struct State {
     pub(crate) mailbox: Option<Arc<Mutex<Vec<ReceivedMail>>>>,
     /// Text replacements applied to every response body (see `FakeVendor::rewrite_bodies`).
     pub(crate) body_rewrites: Vec<(String, String)>,
+    /// Serve JSON bodies with every object's keys in reverse order and spaced out (see
+    /// `FakeVendor::reverse_key_order`).
+    pub(crate) reverse_keys: bool,
     /// Base of the `/paged` endpoints' next links, when not this vendor.
     pub(crate) link_base: Option<String>,
 }
@@ -106,6 +109,7 @@ impl State {
             email_delay: std::time::Duration::ZERO,
             mailbox: None,
             body_rewrites: Vec::new(),
+            reverse_keys: false,
             link_base: None,
         }
     }
