@@ -434,8 +434,16 @@ impl<'de> Visitor<'de> for Key<'_> {
         }
         let mut matched = 0u64;
         if self.active != 0 {
+            // Length and first byte before the bytes: most keys differ there, and a call
+            // to `memcmp` per key and pointer showed in profiles.
+            let first = v.as_bytes().first();
             for (i, tokens) in self.pointers.tokens.iter().enumerate() {
-                if self.active & (1 << i) != 0 && tokens[self.depth].key == v {
+                // Only an active pointer goes this deep.
+                if self.active & (1 << i) == 0 {
+                    continue;
+                }
+                let key = &tokens[self.depth].key;
+                if key.len() == v.len() && key.as_bytes().first() == first && key == v {
                     matched |= 1 << i;
                 }
             }
@@ -721,11 +729,15 @@ mod tests {
             "",
             "no-slash",
         ];
-        let found = scanned(&text, &pointers);
-        for (pointer, value) in pointers.iter().zip(&found.values) {
-            assert_eq!(value.as_ref(), record.pointer(pointer), "{pointer}");
+        // With "" the whole record is parsed at once; without it every other pointer is
+        // followed key by key, short ones beside long ones.
+        for pointers in [&pointers[..], &pointers[..14]] {
+            let found = scanned(&text, pointers);
+            for (pointer, value) in pointers.iter().zip(&found.values) {
+                assert_eq!(value.as_ref(), record.pointer(pointer), "{pointer}");
+            }
+            assert_eq!(found.hash, hash_value(&record));
         }
-        assert_eq!(found.hash, hash_value(&record));
     }
 
     #[test]

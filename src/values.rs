@@ -194,7 +194,10 @@ fn find_refused(value: &Value, path: &mut String) -> Option<String> {
 /// Whether a string holds a marker (put there by idem, or sent by a vendor that means
 /// something else by it: either way the record takes the path that names it).
 pub fn holds_marker(text: &str) -> bool {
-    text.contains(MARK_PREFIX)
+    // Its first byte first (U+FFFF is EF BF BF in UTF-8): a byte search is a `memchr`, and
+    // almost every string lacks it. `str::contains` of a non-ASCII char is a substring
+    // search, which cost 5 % of a no-op re-walk.
+    text.as_bytes().contains(&0xEF) && text.contains(MARK_PREFIX)
 }
 
 fn describe_refused(text: &str) -> Option<String> {

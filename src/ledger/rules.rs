@@ -273,6 +273,14 @@ pub async fn enqueue(
             continue;
         }
         let env = template_env();
+        // Compiled once per pass, not once per record: compiling was most of the
+        // rendering's cost on an import that owes thousands of reminders.
+        let compile = |template| env.template_from_str(template);
+        let templates = [
+            compile(&rule.key),
+            compile(&rule.subject),
+            compile(&rule.body),
+        ];
         let mut pending = Vec::with_capacity(matches.len());
         for row in matches {
             let source_id: String = row.get(0);
@@ -291,7 +299,13 @@ pub async fn enqueue(
                 );
             }
             let context = serde_json::Value::Object(context);
-            let render = |template: &str| env.render_str(template, &context);
+            // Converted once for the three templates.
+            let values = minijinja::Value::from_serialize(&context);
+            let render =
+                |template: &Result<minijinja::Template<'_, '_>, minijinja::Error>| match template {
+                    Ok(template) => template.render(&values),
+                    Err(err) => Err(minijinja::Error::new(err.kind(), err.to_string())),
+                };
             let recipient = context
                 .get(&rule.to)
                 .and_then(|v| v.as_str())
@@ -301,7 +315,11 @@ pub async fn enqueue(
                 warn!(source_id = %source_id, rule = %rule.name, "record matches the rule but has no recipient in column '{}'; skipped", rule.to);
                 continue;
             }
-            match (render(&rule.key), render(&rule.subject), render(&rule.body)) {
+            match (
+                render(&templates[0]),
+                render(&templates[1]),
+                render(&templates[2]),
+            ) {
                 (Ok(key), Ok(subject), Ok(body)) => pending.push(Pending {
                     key: namespaced_key(source_system, stream_name, &key),
                     recipient,

@@ -69,6 +69,26 @@ async fn finish(command: &mut tokio::process::Command) -> Output {
         .expect("idem runs")
 }
 
+/// Waits until no session holds an advisory lock in the test's database: a process killed
+/// a moment ago still holds its stream lock until Postgres notices the closed socket and
+/// ends its backend, and a run started in that moment is turned away (`Locked`).
+async fn wait_for_the_killed_runs_lock(app: &TestApp) {
+    for _ in 0..200 {
+        let held: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database
+             WHERE d.datname = current_database() AND l.locktype = 'advisory'",
+        )
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+        if held == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the killed run's stream lock was not released within 10 s");
+}
+
 async fn checkpoint(
     app: &TestApp,
     source_system: &str,
@@ -161,6 +181,7 @@ async fn an_events_walk_interrupted_at_any_boundary_loses_no_event() {
             "{crash_at}: the process should have been killed: {}",
             stderr(&crashed)
         );
+        wait_for_the_killed_runs_lock(&app).await;
 
         // While idem is down: each invoice but one changes once, then one invoice changes
         // more than a page of times, so the newest page alone holds only that one.
