@@ -474,18 +474,7 @@ pub enum RecordsFound {
 /// outside the records (or invalid UTF-8 anywhere) is replaced by markers, as
 /// [`crate::values::parse_body`] does; `Err` keeps serde_json's error about the original.
 pub fn split_body(body: &[u8], records: &str) -> Result<SplitPage, serde_json::Error> {
-    let split = match std::str::from_utf8(body) {
-        Ok(text) => split_page(text, records),
-        // Bytes that are not UTF-8 can only sit in a string, which serde_json refuses:
-        // its error names where.
-        Err(_) => match serde_json::from_slice::<Value>(body) {
-            Err(err) => Err(err),
-            Ok(_) => split_page(&String::from_utf8_lossy(body), records),
-        },
-    };
-    split.or_else(|original| {
-        split_page(&crate::values::repaired(body), records).map_err(|_| original)
-    })
+    crate::values::parse_leniently(body, |text| split_page(text, records))
 }
 
 /// Parses a page body, keeping the records under `records` (a JSON pointer) as text.

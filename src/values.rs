@@ -28,26 +28,27 @@ fn marker(kind: &str, detail: &str) -> String {
 /// cannot hold (lone surrogates, invalid UTF-8, numbers beyond `f64`) replaced by markers.
 /// `Err` keeps serde_json's error about the original body.
 pub fn parse_body(body: &[u8]) -> Result<Value, serde_json::Error> {
-    // One UTF-8 check of the whole body, then `from_str`: `from_slice` checks every string
-    // again on its own (5 % of a no-op re-walk's CPU). A body that is not UTF-8 fails
-    // `from_slice` too, so it goes straight to the repair.
-    let parsed = match std::str::from_utf8(body) {
-        Ok(text) => serde_json::from_str(text),
-        Err(_) => serde_json::from_slice(body),
-    };
-    match parsed {
-        Ok(value) => Ok(value),
-        Err(original) => {
-            let repaired = repair(body);
-            serde_json::from_str(&repaired).map_err(|_| original)
-        }
-    }
+    parse_leniently(body, |text| serde_json::from_str(text))
 }
 
-/// The body as text with what serde_json refuses replaced by markers (see
-/// [`parse_body`]), for parsers of its own shape.
-pub fn repaired(body: &[u8]) -> String {
-    repair(body)
+/// Runs `parse` on the body as text; when serde_json refuses it, runs `parse` again on the
+/// text with the values it cannot hold replaced by markers (see [`parse_body`]). `Err`
+/// keeps the error about the original body. `parse` may read the body into any shape.
+pub fn parse_leniently<T>(
+    body: &[u8],
+    parse: impl Fn(&str) -> Result<T, serde_json::Error>,
+) -> Result<T, serde_json::Error> {
+    // One UTF-8 check of the whole body, then parsing from `str`: `from_slice` checks
+    // every string again on its own (5 % of a no-op re-walk's CPU).
+    let parsed = match std::str::from_utf8(body) {
+        Ok(text) => parse(text),
+        // Bytes that are not UTF-8 can only sit in a string, which serde_json refuses
+        // (its error names where); the repair below marks them.
+        Err(_) => Err(serde_json::from_slice::<Value>(body)
+            .err()
+            .unwrap_or_else(|| serde::de::Error::custom("the body is not UTF-8"))),
+    };
+    parsed.or_else(|original| parse(&repair(body)).map_err(|_| original))
 }
 
 /// The body as text with what serde_json refuses replaced by markers. Never panics.

@@ -100,11 +100,7 @@ async fn crash_inside_a_transaction_of_a_no_op_rewalk_rereads_its_pages_as_no_op
             .idem(&["checkpoint", "reset", "demo_billing.invoices", "--yes"])
             .await;
         assert_eq!(reset.status.code(), Some(0), "{}", stderr(&reset));
-        let versions_before: Vec<(String, String)> =
-            sqlx::query_as("SELECT source_id, xmin::text FROM demo_invoices ORDER BY source_id")
-                .fetch_all(&app.pool)
-                .await
-                .unwrap();
+        let versions_before = row_versions(&app).await;
 
         let committed =
             run_killed_inside_a_transaction(&app, writers, &["run", "--no-notify"]).await;
@@ -127,11 +123,7 @@ async fn crash_inside_a_transaction_of_a_no_op_rewalk_rereads_its_pages_as_no_op
             ),
             "writers={writers}: the lost pages are re-read as no-ops"
         );
-        let versions_after: Vec<(String, String)> =
-            sqlx::query_as("SELECT source_id, xmin::text FROM demo_invoices ORDER BY source_id")
-                .fetch_all(&app.pool)
-                .await
-                .unwrap();
+        let versions_after = row_versions(&app).await;
         assert_eq!(
             versions_before, versions_after,
             "writers={writers}: no row was rewritten"

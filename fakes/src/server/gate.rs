@@ -141,38 +141,30 @@ pub(super) async fn serve(
         let s = lock(st);
         (s.body_rewrites.clone(), s.reverse_keys)
     };
-    let resp = if reverse_keys {
-        reverse_keys_of(resp).await
-    } else {
-        resp
-    };
-    if rewrites.is_empty() {
+    if rewrites.is_empty() && !reverse_keys {
         resp
     } else {
-        rewrite_body(resp, &rewrites).await
+        rewrite_body(resp, reverse_keys, &rewrites).await
     }
 }
 
-/// The same JSON written another way: every object's keys in reverse order, with spaces
-/// after separators, as a vendor whose serializer changed (or that builds objects from a
-/// hash map) would send it. A body that is not JSON passes unchanged.
-async fn reverse_keys_of(resp: Response) -> Response {
+/// The body written another way. With `reverse_keys`, every object's keys in reverse
+/// order with spaces after separators, as a vendor whose serializer changed (or that
+/// builds objects from a hash map) would send the same JSON (a body that is not JSON
+/// passes unchanged). Then raw text replacements: how a test serves JSON that no `Value`
+/// can hold (a lone surrogate escape, a number beyond f64).
+async fn rewrite_body(
+    resp: Response,
+    reverse_keys: bool,
+    rewrites: &[(String, String)],
+) -> Response {
     let (mut parts, body) = resp.into_parts();
     let bytes = to_bytes(body, usize::MAX).await.unwrap_or_default();
-    let text = match serde_json::from_slice::<Value>(&bytes) {
-        Ok(value) => crate::reversed_json(&value).into_bytes(),
-        Err(_) => bytes.to_vec(),
-    };
-    parts.headers.remove(header::CONTENT_LENGTH);
-    Response::from_parts(parts, axum::body::Body::from(text))
-}
-
-/// Applies raw text replacements to a body: how a test serves JSON that no `Value` can
-/// hold (a lone surrogate escape, a number beyond f64).
-pub(super) async fn rewrite_body(resp: Response, rewrites: &[(String, String)]) -> Response {
-    let (mut parts, body) = resp.into_parts();
-    let bytes = to_bytes(body, usize::MAX).await.unwrap_or_default();
-    let mut text = String::from_utf8_lossy(&bytes).into_owned();
+    let reversed = reverse_keys
+        .then(|| serde_json::from_slice::<Value>(&bytes).ok())
+        .flatten()
+        .map(|value| crate::reversed_json(&value));
+    let mut text = reversed.unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
     for (from, to) in rewrites {
         text = text.replace(from.as_str(), to);
     }
