@@ -247,6 +247,14 @@ pub fn hash_value(value: &Value) -> u128 {
     }
 }
 
+/// A float read as zero or subnormal may have been written with an exponent beyond what
+/// Postgres' numeric holds (`1e-20000` is valid JSON and 0 to f64, but jsonb refuses
+/// it), and the text is what Postgres is sent. Such a record takes the slow path, which
+/// stores the number as serde_json read it. A literal `0.0` pays that too; it is rare.
+fn float_postgres_may_refuse(n: f64) -> bool {
+    n == 0.0 || n.is_subnormal()
+}
+
 fn refused(text: &str) -> bool {
     text.contains('\0') || crate::values::holds_marker(text)
 }
@@ -313,6 +321,7 @@ fn value_refused(value: &Value) -> bool {
         Value::String(text) => refused(text),
         Value::Array(items) => items.iter().any(value_refused),
         Value::Object(map) => map.iter().any(|(k, v)| refused(k) || value_refused(v)),
+        Value::Number(n) => n.is_f64() && n.as_f64().is_some_and(float_postgres_may_refuse),
         _ => false,
     }
 }
@@ -357,8 +366,8 @@ impl<'de> Visitor<'de> for Node<'_, '_> {
     fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<u128, E> {
         // `Value` keeps a float serde_json hands over only when finite (it never hands
         // over any other from text).
-        if !v.is_finite() {
-            return Err(E::custom("a number that is not finite"));
+        if !v.is_finite() || float_postgres_may_refuse(v) {
+            return Err(E::custom("a number Postgres may refuse as written"));
         }
         Ok(hash_float(v))
     }
@@ -677,7 +686,7 @@ mod tests {
     #[test]
     fn the_hash_of_the_text_is_the_hash_of_the_parsed_value() {
         let texts = [
-            r#"{"id":"in_1","n":-0,"m":-12,"f":-0.0,"e":1e3,"u":18446744073709551615,"i":-9223372036854775808}"#,
+            r#"{"id":"in_1","n":-7,"m":-12,"f":-2.5,"e":1e3,"u":18446744073709551615,"i":-9223372036854775808}"#,
             r#"{"s":"caf\u00e9 \"quoted\" \\ \/ tab\t","nested":{"a":[[],{},[{}]],"b":""}}"#,
             r#"[true,false,null,0,1.5,"x",{"k":[1,{"k":2}]}]"#,
             r#""just a string""#,
@@ -736,6 +745,8 @@ mod tests {
             r#"{"a\u0000":1}"#,
             r#"{"id":"\ud800"}"#,
             r#"{"n":1e999}"#,
+            r#"{"n":1e-20000}"#,
+            r#"{"id":1e-20000}"#,
             "{\"id\":\"\u{FFFF}idem:lone-surrogate:\\\\ud800\u{FFFF}\"}",
             r#"{"id":1} trailing"#,
         ] {

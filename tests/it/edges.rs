@@ -225,9 +225,13 @@ async fn values_postgres_refuses_fail_the_record_not_the_page() {
     // A valid pair and a quoted backslash stay data: they are not lone surrogates.
     app.vendor.insert_invoice(invoice(
         "in_good_pair",
-        json!({"memo": "@PAIR@", "notes": "\\ud800 is text", "ratio": "1e-310", "exact": "1e400"}),
+        json!({"memo": "@PAIR@", "notes": "\\ud800 is text", "ratio": "1e-310", "exact": "1e400",
+               "tiny": "@TINY@"}),
     ));
     app.vendor.rewrite_bodies("@PAIR@", "\\ud83d\\ude00");
+    // Valid JSON that f64 reads as 0 but Postgres' numeric cannot hold (its exponent is
+    // beyond -16383): the record is stored with the number as idem reads it.
+    app.vendor.rewrite_bodies("\"@TINY@\"", "1e-20000");
 
     let connector = edge_connector(&app, &["invoices"]);
     let report = run(&app, &connector, "invoices").await;
@@ -239,6 +243,10 @@ async fn values_postgres_refuses_fail_the_record_not_the_page() {
     assert_eq!(ids.len(), 21, "{ids:?}");
     assert!(ids.iter().all(|id| !id.starts_with("in_bad")), "{ids:?}");
     assert_eq!(stored(&app, "in_good_pair").await["memo"], "😀");
+    assert_eq!(
+        stored(&app, "in_good_pair").await["tiny"].as_f64(),
+        Some(0.0)
+    );
     let double: f64 =
         sqlx::query_scalar("SELECT ratio FROM edge_invoices WHERE source_id = 'in_good_pair'")
             .fetch_one(&app.pool)
