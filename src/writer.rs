@@ -4,7 +4,8 @@
 //!
 //! Why this is safe (invariants 4 and 15): a transaction's bookkeeping (failures, run
 //! counters, ledger rows, checkpoint) is written only after every earlier transaction has
-//! committed, and it commits only then. So the stored checkpoint always names a page whose
+//! committed, and it commits only then (the ledger rows it owes are found and rendered
+//! earlier, from its own rows; only their insert waits). So the stored checkpoint always names a page whose
 //! data, and all data before it, is committed; a crash loses the open transactions whole
 //! and the next run re-reads their pages (as no-ops where they were unchanged). Only the
 //! destination rows are written concurrently, and never the same row by two open
@@ -321,12 +322,31 @@ async fn write_transaction(
         counters,
         failures,
         resolved,
-        written_ids,
+        written,
         owed,
     } = acc;
     if t.dry_run {
         return Ok(counters);
     }
+    // Matching and rendering read only this transaction's rows, so they overlap the
+    // earlier transactions; the ledger insert waits for its turn below.
+    let owed_reminders = if written.is_empty() {
+        Vec::new()
+    } else {
+        let ids: Vec<&str> = written.iter().map(|(id, _)| id.as_str()).collect();
+        let values: Vec<&[Option<String>]> = written.iter().map(|(_, v)| v.as_slice()).collect();
+        ledger::rules::find_matches(
+            &mut tx,
+            &t.source_system,
+            &t.stream_name,
+            &t.stream,
+            ledger::rules::Scope::Written {
+                ids: &ids,
+                values: &values,
+            },
+        )
+        .await?
+    };
     if let Some(after) = after {
         if after.await.is_err() {
             return Err(BatchError::EarlierFailed);
@@ -347,14 +367,13 @@ async fn write_transaction(
     .await?;
     state::clear_failures_of_records(&mut tx, &t.source_system, &t.same_table, &resolved).await?;
     state::add_counters(&mut tx, t.run_id, &counters).await?;
-    if !written_ids.is_empty() {
-        let ids: Vec<&str> = written_ids.iter().map(String::as_str).collect();
-        ledger::rules::enqueue(
+    if !owed_reminders.is_empty() {
+        ledger::rules::record_matches(
             &mut tx,
             &t.source_system,
             &t.stream_name,
             &t.stream,
-            Some(&ids),
+            owed_reminders,
         )
         .await?;
     }
@@ -472,7 +491,9 @@ struct Accumulated {
     counters: Counters,
     failures: Vec<RecordFailure>,
     resolved: Vec<String>,
-    written_ids: Vec<String>,
+    /// The rows inserted or changed, with their typed column values as written (the
+    /// reminder rules match them without reading them back).
+    written: Vec<(String, Vec<Option<String>>)>,
     /// Parents whose children are owed: (source_id, record).
     owed: Vec<(String, String)>,
 }
@@ -571,9 +592,13 @@ async fn flush(
                 .map(|r| (r.source_id.clone(), r.data.clone())),
         );
     }
-    if written.inserted + written.updated > 0 {
-        acc.written_ids
-            .extend(rows.into_iter().map(|r| r.source_id));
+    if !written.changed.is_empty() {
+        let changed: HashSet<&str> = written.changed.iter().map(String::as_str).collect();
+        acc.written.extend(
+            rows.into_iter()
+                .filter(|r| changed.contains(r.source_id.as_str()))
+                .map(|r| (r.source_id, r.values)),
+        );
     }
     Ok(())
 }
@@ -599,5 +624,6 @@ pub(crate) async fn write_rows(
     let mut acc = Accumulated::default();
     chunk.add(rows, &mut acc.counters);
     flush(t, tx, &mut chunk, &mut acc).await?;
-    Ok((acc.counters, acc.failures, acc.written_ids))
+    let written = acc.written.into_iter().map(|(id, _)| id).collect();
+    Ok((acc.counters, acc.failures, written))
 }

@@ -185,19 +185,61 @@ struct Pending {
     source_id: String,
 }
 
-/// Inserts ledger rows for every record of the stream that matches a rule and has no
-/// row for that rule yet. `only` restricts the evaluation to a page's records (inside
-/// the page's transaction); `None` evaluates the whole table (end of a run), so a record
-/// that became overdue without changing still gets its reminder.
+/// Which records a rule pass looks at.
+#[derive(Clone, Copy)]
+pub enum Scope<'a> {
+    /// The records of the table a walk's end must look at, so that a record that became
+    /// overdue without changing still gets its reminder: every record after a change of
+    /// the rule (and once a day), else those changed since the last such pass; in both
+    /// cases except the records run `run_id` wrote (its page transactions matched them as
+    /// they wrote them) unless an `older_than` threshold has crossed them since it began.
+    WalkEnd { run_id: uuid::Uuid },
+    /// These records, as the table holds them (inside the transaction that wrote them).
+    Records(&'a [&'a str]),
+    /// Records this transaction has just written, with their typed column values as
+    /// written (in the stream's column order): matched without reading the rows back,
+    /// unless a template uses the raw record.
+    Written {
+        ids: &'a [&'a str],
+        values: &'a [&'a [Option<String>]],
+    },
+}
+
+/// Inserts ledger rows for every record in `scope` that matches a rule of the stream and
+/// has no row for that rule yet.
 pub async fn enqueue(
     connection: &mut PgConnection,
     source_system: &str,
     stream_name: &str,
     stream: &StreamSpec,
-    only: Option<&[&str]>,
+    scope: Scope<'_>,
 ) -> Result<u64, StoreError> {
-    let mut inserted = 0;
-    for rule in &stream.notifications {
+    let found = find_matches(&mut *connection, source_system, stream_name, stream, scope).await?;
+    record_matches(connection, source_system, stream_name, stream, found).await
+}
+
+/// One rule's matching records, rendered into the ledger rows they are owed.
+pub struct Matches {
+    /// The rule's index in the stream's `notifications`.
+    rule: usize,
+    checks: Vec<Check>,
+    pending: Vec<Pending>,
+}
+
+/// The first half of [`enqueue`]: finds and renders the ledger rows owed, writing nothing
+/// (except, for a walk-end pass, the rule's pass record). A page transaction runs it while
+/// earlier transactions are still open, since it reads only its own rows and committed
+/// ledger rows; the insert ([`record_matches`]) waits for its turn, because two
+/// transactions inserting one key would wait on each other.
+pub async fn find_matches(
+    connection: &mut PgConnection,
+    source_system: &str,
+    stream_name: &str,
+    stream: &StreamSpec,
+    scope: Scope<'_>,
+) -> Result<Vec<Matches>, StoreError> {
+    let mut found = Vec::new();
+    for (rule_index, rule) in stream.notifications.iter().enumerate() {
         // The raw record is read (and detoasted) only for templates that use it.
         let uses_data = [&rule.key, &rule.subject, &rule.body]
             .iter()
@@ -207,25 +249,17 @@ pub async fn enqueue(
         // (autovacuum off, or not round yet), the planner joined against a materialized
         // read of the rule's whole ledger per record, quadratic (over 60 s, the statement
         // timeout, on a 200,000-invoice import's full pass), where the lookup is linear.
-        let mut sql = format!(
-            "SELECT t.source_id, {}{} FROM {} t WHERE t.source_system = $1 AND t.deleted_at IS NULL
-             AND NOT EXISTS (SELECT 1 FROM idem_ledger l WHERE l.source_system = $1 AND l.stream = $2
-                             AND l.rule = $3 AND l.source_id = t.source_id OFFSET 0)",
-            if uses_data { "t.data" } else { "NULL::jsonb" },
-            stream.columns.iter().map(|c| format!(", t.{}::text", quote(&c.name))).collect::<String>(),
-            quote(&stream.table)
-        );
         let checks = compile(rule, &stream.columns);
         let mut binds: Vec<String> = Vec::new();
+        let mut conditions = String::new();
         for check in &checks {
-            sql.push_str(" AND ");
-            sql.push_str(&check.clause("t", 3, &mut binds));
+            conditions.push_str(" AND ");
+            conditions.push_str(&check.clause("t", 3, &mut binds));
         }
         // At a walk's end: only the records that can have started to match since the last
         // pass, unless this rule's conditions changed or its last full pass is old.
-        let since = match only {
-            Some(_) => None,
-            None => {
+        let since = match scope {
+            Scope::WalkEnd { .. } => {
                 last_pass_and_record_this_one(
                     &mut *connection,
                     source_system,
@@ -236,32 +270,83 @@ pub async fn enqueue(
                 )
                 .await?
             }
+            _ => None,
         };
-        let mut bind = |value: String| {
-            binds.push(value);
-            format!("${}", binds.len() + 3)
+        if let Scope::WalkEnd { run_id } = scope {
+            let since = since.map(|since| {
+                binds.push(since);
+                format!("${}", binds.len() + 3)
+            });
+            binds.push(run_id.to_string());
+            let run = format!("${}", binds.len() + 3);
+            conditions.push_str(&walk_end_clause(&checks, since.as_deref(), &run));
+        }
+        // Array parameters follow the conditions' values.
+        let first_array = binds.len() + 4;
+        let written = match scope {
+            Scope::Written { ids, values } if !uses_data => Some((ids, values)),
+            _ => None,
         };
-        if let Some(since) = since {
-            sql.push_str(&since_clause(&checks, &bind(since)));
-        }
-        let only_param = only.map(|_| bind(String::new()));
-        if let Some(param) = &only_param {
-            sql.push_str(&format!(" AND t.source_id = ANY({param}::text[])"));
-        }
+        let source = match (&scope, &written) {
+            (_, Some(_)) => {
+                // The rows as this transaction wrote them, typed as the table types them,
+                // without reading them back.
+                let columns: String = stream
+                    .columns
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| {
+                        format!(", u.c{i}::{} AS {}", c.column_type.sql(), quote(&c.name))
+                    })
+                    .collect();
+                let arrays: String = (0..=stream.columns.len())
+                    .map(|i| format!("${}::text[]", first_array + i))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let aliases: String = (0..stream.columns.len())
+                    .map(|i| format!(", c{i}"))
+                    .collect();
+                format!(
+                    "(SELECT $1::text AS source_system, u.source_id, NULL::timestamptz AS deleted_at{columns}
+                      FROM UNNEST({arrays}) AS u(source_id{aliases}))"
+                )
+            }
+            (Scope::WalkEnd { .. }, None) => quote(&stream.table),
+            (_, None) => {
+                conditions.push_str(&format!(" AND t.source_id = ANY(${first_array}::text[])"));
+                quote(&stream.table)
+            }
+        };
+        let sql = format!(
+            "SELECT t.source_id, {}{} FROM {source} t WHERE t.source_system = $1 AND t.deleted_at IS NULL
+             AND NOT EXISTS (SELECT 1 FROM idem_ledger l WHERE l.source_system = $1 AND l.stream = $2
+                             AND l.rule = $3 AND l.source_id = t.source_id OFFSET 0){conditions}",
+            if uses_data { "t.data" } else { "NULL::jsonb" },
+            stream.columns.iter().map(|c| format!(", t.{}::text", quote(&c.name))).collect::<String>(),
+        );
         let mut query = sqlx::query(&sql)
             .bind(source_system)
             .bind(stream_name)
             .bind(&rule.name);
-        let condition_binds = if only_param.is_some() {
-            &binds[..binds.len() - 1]
-        } else {
-            &binds[..]
-        };
-        for value in condition_binds {
+        for value in &binds {
             query = query.bind(value);
         }
-        if let Some(ids) = only {
-            query = query.bind(ids);
+        match (&scope, written) {
+            (_, Some((ids, values))) => {
+                query = query.bind(ids);
+                for index in 0..stream.columns.len() {
+                    query = query.bind(
+                        values
+                            .iter()
+                            .map(|row| row.get(index).and_then(|v| v.as_deref()))
+                            .collect::<Vec<_>>(),
+                    );
+                }
+            }
+            (Scope::Records(ids), None) | (Scope::Written { ids, .. }, None) => {
+                query = query.bind(*ids);
+            }
+            (Scope::WalkEnd { .. }, None) => {}
         }
         let matches = query.fetch_all(&mut *connection).await.context(|| {
             format!(
@@ -338,18 +423,44 @@ pub async fn enqueue(
                 }
             }
         }
-        if pending.is_empty() {
-            continue;
+        if !pending.is_empty() {
+            found.push(Matches {
+                rule: rule_index,
+                checks,
+                pending,
+            });
         }
+    }
+    Ok(found)
+}
+
+/// The second half of [`enqueue`]: inserts the ledger rows [`find_matches`] rendered.
+pub async fn record_matches(
+    connection: &mut PgConnection,
+    source_system: &str,
+    stream_name: &str,
+    stream: &StreamSpec,
+    found: Vec<Matches>,
+) -> Result<u64, StoreError> {
+    let mut inserted = 0;
+    for Matches {
+        rule,
+        checks,
+        pending,
+    } in found
+    {
+        let rule = &stream.notifications[rule];
         let condition = serde_json::to_value(&checks).unwrap_or_default();
-        let new_keys: Vec<String> = sqlx::query_scalar(
+        // Returns the record with each key inserted: two records of one statement may render
+        // one key, and then only one of them got it.
+        let new_rows: Vec<(String, String)> = sqlx::query_as(
             "INSERT INTO idem_ledger (key, channel, recipient, subject, body, message_id, source_system, stream, source_id, rule,
                                       record_table, condition)
              SELECT p.key, $1, p.recipient, p.subject, p.body, p.message_id, $2, $3, p.source_id, $4, $11, $12
              FROM UNNEST($5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::text[])
                AS p(key, recipient, subject, body, message_id, source_id)
              ON CONFLICT (key) DO NOTHING
-             RETURNING key",
+             RETURNING key, source_id",
         )
         .bind(&rule.channel)
         .bind(source_system)
@@ -366,16 +477,18 @@ pub async fn enqueue(
         .fetch_all(&mut *connection)
         .await
         .context(|| format!("inserting ledger rows of rule '{}'", rule.name))?;
-        inserted += new_keys.len() as u64;
-        if !new_keys.is_empty() {
-            info!(rule = %rule.name, new_ledger_rows = new_keys.len(), "side effects recorded in the ledger");
+        inserted += new_rows.len() as u64;
+        if !new_rows.is_empty() {
+            info!(rule = %rule.name, new_ledger_rows = new_rows.len(), "side effects recorded in the ledger");
         }
-        if new_keys.len() < pending.len() {
-            let new_keys: std::collections::HashSet<&str> =
-                new_keys.iter().map(String::as_str).collect();
+        if new_rows.len() < pending.len() {
+            let new_rows: std::collections::HashSet<(&str, &str)> = new_rows
+                .iter()
+                .map(|(key, id)| (key.as_str(), id.as_str()))
+                .collect();
             let refused: Vec<&Pending> = pending
                 .iter()
-                .filter(|p| !new_keys.contains(p.key.as_str()))
+                .filter(|p| !new_rows.contains(&(p.key.as_str(), p.source_id.as_str())))
                 .collect();
             inserted += record_collisions(
                 &mut *connection,
@@ -472,26 +585,50 @@ async fn last_pass_and_record_this_one(
     Ok(since)
 }
 
-/// The records that can have started to match since `since_param` (a timestamptz as
-/// text): those written since (by any stream: a stream sharing the table writes without
-/// this rule), and those whose `older_than` column crossed its threshold since. Nothing
-/// else changes whether a record matches: the other tests read only the record's columns.
-fn since_clause(checks: &[Check], since_param: &str) -> String {
-    let mut crossed = vec![format!(
-        "t.last_changed_at >= CAST({since_param} AS timestamptz)"
-    )];
-    for check in checks {
-        if let Test::OlderThan { ms } = check.test {
-            // Both bounds, so an index on the column answers it: the rows that crossed
-            // the threshold between the last pass and now.
-            let column = quote(&check.column);
-            crossed.push(format!(
-                "(t.{column} >= CAST({since_param} AS timestamptz) - interval '{ms} milliseconds' \
+/// The records a walk's end looks at (see [`Scope::WalkEnd`]); `since` is the instant of
+/// the last pass (a timestamptz parameter) or `None` for a full pass, `run` the run's id.
+///
+/// A record can have started to match since an instant only if it was written since (by
+/// any stream: a stream sharing the table writes without this rule), or if its
+/// `older_than` column crossed its threshold since. Nothing else changes whether a record
+/// matches: the other tests read only the record's columns.
+fn walk_end_clause(checks: &[Check], since: Option<&str>, run: &str) -> String {
+    let run_start =
+        format!("(SELECT r.started_at FROM idem_runs r WHERE r.id = CAST({run} AS uuid))");
+    let not_this_run = format!("t.last_run_id IS DISTINCT FROM CAST({run} AS uuid)");
+    let crossed_since = |from: &str| -> Vec<String> {
+        checks
+            .iter()
+            .filter_map(|check| {
+                let Test::OlderThan { ms } = check.test else {
+                    return None;
+                };
+                // Both bounds, so an index on the column answers it: the rows that crossed
+                // the threshold between `from` and now.
+                let column = quote(&check.column);
+                Some(format!(
+                    "(t.{column} >= {from} - interval '{ms} milliseconds' \
                  AND t.{column} < now() - interval '{ms} milliseconds')"
+                ))
+            })
+            .collect()
+    };
+    let mut looked_at = Vec::new();
+    match since {
+        Some(since) => {
+            looked_at.push(format!(
+                "(t.last_changed_at >= CAST({since} AS timestamptz) AND {not_this_run})"
             ));
+            looked_at.extend(crossed_since(&format!(
+                "LEAST(CAST({since} AS timestamptz), {run_start})"
+            )));
+        }
+        None => {
+            looked_at.push(not_this_run);
+            looked_at.extend(crossed_since(&run_start));
         }
     }
-    format!(" AND ({})", crossed.join(" OR "))
+    format!(" AND ({})", looked_at.join(" OR "))
 }
 
 /// Rows whose key was already taken. If the key's row is about this very record and rule

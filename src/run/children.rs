@@ -474,7 +474,7 @@ impl Drain<'_> {
                 self.source_system,
                 self.child,
                 self.stream,
-                Some(&ids),
+                crate::ledger::rules::Scope::Records(&ids),
             )
             .await?;
         }

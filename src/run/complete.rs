@@ -100,7 +100,9 @@ impl<'a> Walk<'a> {
             self.source_system,
             self.stream_name,
             self.stream,
-            None,
+            ledger::rules::Scope::WalkEnd {
+                run_id: self.run_id,
+            },
         )
         .await?;
         crash_point("walk_end_before_commit", 1);

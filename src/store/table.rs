@@ -28,7 +28,8 @@ pub struct WriteCounts {
     pub inserted: u64,
     pub updated: u64,
     pub unchanged: u64,
-    /// The ids of the rows inserted or updated (their children are owed).
+    /// The ids of the rows inserted or updated (their children are owed); in a dry run,
+    /// of the rows that would be.
     pub changed: Vec<String>,
 }
 
@@ -171,7 +172,8 @@ impl DestinationTable {
                content_hash = EXCLUDED.content_hash, last_run_id = EXCLUDED.last_run_id,
                last_changed_at = now(), deleted_at = NULL{updates}
              WHERE {table}.source_updated_at IS NULL OR EXCLUDED.source_updated_at IS NULL
-                OR EXCLUDED.source_updated_at >= {table}.source_updated_at",
+                OR EXCLUDED.source_updated_at >= {table}.source_updated_at
+             RETURNING source_id",
             upsert_args = args_from(7)
         );
         let classify_hash_sql = format!(
@@ -684,8 +686,8 @@ impl DestinationTable {
                 }
             })
             .collect();
-        counts.changed = to_write.iter().map(|r| r.source_id.clone()).collect();
         if to_write.is_empty() || dry_run {
+            counts.changed = to_write.iter().map(|r| r.source_id.clone()).collect();
             return Ok(counts);
         }
         let mut query = sqlx::query(&self.upsert_sql)
@@ -713,10 +715,15 @@ impl DestinationTable {
                     .collect::<Vec<_>>(),
             );
         }
-        query
-            .execute(&mut *connection)
+        // What the upsert returns, not what it was given: a row a concurrent writer has
+        // meanwhile stored in a newer version is left as it is, and is not owed anything.
+        counts.changed = query
+            .fetch_all(&mut *connection)
             .await
-            .context(|| format!("upserting a page into table {}", self.name))?;
+            .context(|| format!("upserting a page into table {}", self.name))?
+            .into_iter()
+            .map(|row| row.get::<String, _>(0))
+            .collect();
         Ok(counts)
     }
 

@@ -299,3 +299,53 @@ async fn a_record_idem_rewrites_is_stamped_after_the_pass_before_it() {
         "the rewritten row's last_changed_at is before the pass it follows"
     );
 }
+
+#[tokio::test]
+async fn an_invoice_that_falls_overdue_while_its_import_still_walks_is_reminded_at_the_walks_end() {
+    // A threshold a record can cross within one walk: three seconds.
+    let app = spawn_app_with(300, "").await;
+    let connector = app.demo_connector_variant("three_seconds_overdue", |text| {
+        text.replace("older_than = \"3d\"", "older_than = \"3s\"")
+    });
+    // The first page's first invoice falls due now: its page transaction finds it not yet
+    // overdue, and the walk's end (the later pages are slow) finds it overdue. The walk's
+    // end skips what this run's page transactions matched, except what crossed a
+    // threshold since the run began.
+    let invoice = app.vendor.invoices()[0]["id"].as_str().unwrap().to_string();
+    let now = chrono::Utc::now().timestamp();
+    app.vendor.update_invoice(&invoice, |i| {
+        i["status"] = serde_json::json!("open");
+        i["due_date"] = serde_json::json!(now);
+    });
+    for nth in 2..=4 {
+        app.vendor.inject_at(
+            nth,
+            idem_fakes::Fault::new(
+                "/v1/invoices",
+                1,
+                idem_fakes::FaultKind::Delay(std::time::Duration::from_millis(1500)),
+            ),
+        );
+    }
+    let report = app
+        .run_connector(&connector, "invoices", idem::run::Mode::Regular, false)
+        .await;
+    assert_eq!(report.counters.inserted, 300, "{report:?}");
+
+    assert!(
+        has_reminder(&app, &invoice).await,
+        "the invoice that fell overdue during its own import got no reminder"
+    );
+    let made_after_its_page: bool = sqlx::query_scalar(
+        "SELECT l.created_at > t.last_changed_at FROM idem_ledger l
+         JOIN demo_invoices t ON t.source_id = l.source_id WHERE l.source_id = $1",
+    )
+    .bind(&invoice)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert!(
+        made_after_its_page,
+        "the reminder was made with the invoice's page, so this test did not try the walk's end"
+    );
+}

@@ -675,7 +675,14 @@ fn prop_templates_render_or_fail_their_one_ledger_row() {
                 )
                 .await
                 .map_err(|e| idem::run::error_chain(&e))?;
-            idem::ledger::rules::enqueue(&mut tx, "props", "s", &stream, None)
+            // As a page transaction matches them: from the values it wrote.
+            let ids: Vec<&str> = rows.iter().map(|r| r.source_id.as_str()).collect();
+            let values: Vec<&[Option<String>]> = rows.iter().map(|r| r.values.as_slice()).collect();
+            let scope = idem::ledger::rules::Scope::Written {
+                ids: &ids,
+                values: &values,
+            };
+            idem::ledger::rules::enqueue(&mut tx, "props", "s", &stream, scope)
                 .await
                 .map_err(|e| idem::run::error_chain(&e))?;
             let good: i64 = sqlx::query_scalar(
