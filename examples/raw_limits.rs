@@ -4,7 +4,9 @@
 //! on one and on two connections, into tables shaped like idem's destination table.
 //!
 //! Usage: raw_limits DATABASE_URL VENDOR_URL BEARER [MAX_ROWS]
-//! Prints one `limit <name> <rows/s>` line per measurement.
+//! Prints one `limit <name> <rows/s>` line per measurement, and one `busy <name>
+//! <core-seconds>`: the CPU the whole machine spent during it, less this process's own
+//! (so, on a machine doing nothing else, what Postgres and the kernel needed for the rows).
 
 use std::time::Instant;
 
@@ -38,22 +40,61 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("vendor read_1conn {:.0}", records.len() as f64 / seconds);
 
     for connections in [1usize, 2] {
-        let seconds = timed(db, "raw_upsert", connections, &records, Method::Upsert).await?;
-        println!(
-            "limit upsert_{connections}conn {:.0}",
-            records.len() as f64 / seconds
-        );
-        let seconds = timed(db, "raw_copy", connections, &records, Method::Copy).await?;
-        println!(
-            "limit copy_{connections}conn {:.0}",
-            records.len() as f64 / seconds
-        );
+        for (name, table, method) in [
+            ("upsert", "raw_upsert", Method::Upsert),
+            ("copy", "raw_copy", Method::Copy),
+        ] {
+            let before = cpu_seconds();
+            let seconds = timed(db, table, connections, &records, method).await?;
+            let after = cpu_seconds();
+            println!(
+                "limit {name}_{connections}conn {:.0}",
+                records.len() as f64 / seconds
+            );
+            println!(
+                "busy {name}_{connections}conn {:.2}",
+                (after.0 - before.0) - (after.1 - before.1)
+            );
+        }
     }
     let mut conn = PgConnection::connect(db).await?;
     sqlx::query("DROP TABLE IF EXISTS raw_upsert, raw_copy")
         .execute(&mut conn)
         .await?;
     Ok(())
+}
+
+/// (CPU seconds the whole machine has spent busy, this process's CPU seconds), from
+/// `/proc` (zeros where there is none).
+fn cpu_seconds() -> (f64, f64) {
+    // Linux reports both in clock ticks of 1/100 s.
+    let ticks = |fields: &[&str]| -> f64 {
+        fields
+            .iter()
+            .filter_map(|f| f.parse::<f64>().ok())
+            .sum::<f64>()
+            / 100.0
+    };
+    let machine = std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|stat| {
+            let line = stat.lines().next()?.to_string();
+            // user nice system idle iowait irq softirq: busy is all but idle and iowait.
+            let fields: Vec<&str> = line.split_whitespace().skip(1).take(7).collect();
+            (fields.len() == 7)
+                .then(|| ticks(&[fields[0], fields[1], fields[2], fields[5], fields[6]]))
+        })
+        .unwrap_or(0.0);
+    let own = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|stat| {
+            // Fields after the command name (which may hold spaces) start at `state`.
+            let rest = stat.rsplit_once(')')?.1.to_string();
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            Some(ticks(&[fields.get(11)?, fields.get(12)?]))
+        })
+        .unwrap_or(0.0);
+    (machine, own)
 }
 
 async fn fetch_all(

@@ -53,9 +53,11 @@ if [ "$LIMITS" = 1 ]; then
   limit_rows=$(( INVOICES < 200000 ? INVOICES : 200000 ))
   echo "==> raw Postgres limits over the same $limit_rows rows (read from the vendor first, untimed)"
   target/release/examples/raw_limits "$DATABASE_URL" "$vendor" sk_test_demo "$limit_rows" >"$work/limits"
-  awk '{printf "%-28s %9d rows/s\n", $2, $3}' "$work/limits"
+  awk '$1 != "busy" {printf "%-28s %9d rows/s\n", $2, $3}' "$work/limits"
 fi
 
+# Busy and idle clock ticks (1/100 s) of the whole machine so far.
+machine_ticks() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8, $5 + $6}' /proc/stat; }
 wal_lsn() { sql "SELECT pg_current_wal_flush_lsn()"; }
 # WAL is cluster-wide and other databases may be busy: pg_walinspect attributes to this
 # database the records touching its relations and the commits of their transactions
@@ -108,9 +110,12 @@ measure() {
   rm -f "$work/stop_sampler"; echo 0 >"$work/wal_db"
   wal_sampler "$lsn_before" "$work/wal_db" &
   local sampler=$!
+  local machine_before machine_after
+  machine_before=$(machine_ticks)
   start=$(date +%s.%N)
   /usr/bin/time -f "%M %U %S" -o "$work/rss" target/release/idem --config "$work/idem.toml" "$@" --no-notify >"$work/out" 2>"$work/err" || { cat "$work/err"; exit 1; }
   end=$(date +%s.%N)
+  machine_after=$(machine_ticks)
   sleep 0.6 # stats reach pg_stat_user_tables within about half a second
   local wal versions wal_db
   wal=$(sql "SELECT pg_wal_lsn_diff(pg_current_wal_flush_lsn(), '$lsn_before')::bigint")
@@ -118,9 +123,10 @@ measure() {
   wal_db=$(cat "$work/wal_db")
   local vendor_cpu=$(( $(awk '{print $14 + $15}' "/proc/$vendor_pid/stat") - vendor_cpu_before ))
   versions=$(( $(row_versions) - versions_before ))
-  python3 - "$label" "$records" "$start" "$end" "$(cat "$work/rss")" "$wal" "$wal_db" "$versions" "$vendor_cpu" "$work/limits" "$(head -n1 "$work/out")" <<'PY'
+  python3 - "$label" "$records" "$start" "$end" "$(cat "$work/rss")" "$wal" "$wal_db" "$versions" "$vendor_cpu" "$work/limits" "$(head -n1 "$work/out")" "$machine_before" "$machine_after" <<'PY'
 import sys
-label, n, start, end, rss_cpu, wal, wal_db, versions, vendor_ticks, limits, summary = sys.argv[1:]
+label, n, start, end, rss_cpu, wal, wal_db, versions, vendor_ticks, limits, summary, m0, m1 = sys.argv[1:]
+(busy0, idle0), (busy1, idle1) = (map(int, m.split()) for m in (m0, m1))
 rss, user, system = rss_cpu.split()
 idem_cpu = float(user) + float(system)
 vendor_cpu = int(vendor_ticks) / 100
@@ -128,11 +134,24 @@ seconds = float(end) - float(start)
 rate = int(n) / seconds if int(n) else 0
 line = f"{label:<28} {rate:>9.0f} records/s  {seconds:7.2f} s  peak RSS {int(rss) / 1024:.0f} MiB  WAL {wal_db if not wal_db.isdigit() else f'{int(wal_db) / 1e6:.3f}'} MB (cluster {int(wal) / 1e6:.1f} MB)  row versions {versions}"
 print(line)
-print(f"  CPU seconds: idem {idem_cpu:.1f}, fake vendor {vendor_cpu:.1f} (of {seconds:.1f} s wall on {__import__('os').cpu_count()} cores; the rest is Postgres and other load)")
+print(f"  CPU seconds: idem {idem_cpu:.1f}, fake vendor {vendor_cpu:.1f}, the rest of the machine (Postgres, the kernel, any other load)"
+      f" {max((busy1 - busy0) / 100 - idem_cpu - vendor_cpu, 0):.1f}, idle {(idle1 - idle0) / 100:.1f} (of {seconds:.1f} s wall on {__import__('os').cpu_count()} cores)")
 if label == "first import":
-    for row in open(limits):
-        _, name, value = row.split()
-        print(f"  idem / {name:<22} {rate / float(value):6.0%}")
+    rows = [row.split() for row in open(limits)]
+    for kind, name, value in rows:
+        if kind != "busy":
+            print(f"  idem / {name:<22} {rate / float(value):6.0%}")
+    limit = {name: float(value) for kind, name, value in rows if kind == "limit"}
+    busy = {name: float(value) for kind, name, value in rows if kind == "busy"}
+    if "upsert_2conn" in limit and busy.get("upsert_2conn", 0) > 0:
+        # The raw upsert's rows were min(n, 200000); its CPU scales with them.
+        limit_rows = min(int(n), 200000)
+        postgres = busy["upsert_2conn"] * int(n) / limit_rows
+        cores = __import__("os").cpu_count()
+        best = int(n) / ((postgres + idem_cpu + vendor_cpu) / cores)
+        print(f"  CPU budget: the 2-conn upsert kept the machine busy {postgres:.1f} core-s for these rows; with idem's and the vendor's"
+              f" {idem_cpu + vendor_cpu:.1f} core-s on the same {cores} cores, and nothing else asked of Postgres, no idle core:"
+              f" at most {best:,.0f} records/s = {best / limit['upsert_2conn']:.0%} of the 2-conn upsert")
 if not summary.startswith("["):
     print(f"  {summary}")
 PY
