@@ -5,12 +5,12 @@
 //! Why this is safe (invariants 4 and 15): a transaction's bookkeeping (failures, run
 //! counters, ledger rows, checkpoint) is written only after every earlier transaction has
 //! committed, and it commits only then (the ledger rows it owes are found and rendered
-//! earlier, from its own rows; only their insert waits). So the stored checkpoint always names a page whose
-//! data, and all data before it, is committed; a crash loses the open transactions whole
-//! and the next run re-reads their pages (as no-ops where they were unchanged). Only the
-//! destination rows are written concurrently, and never the same row by two open
-//! transactions: a page that shares a record with a still-uncommitted transaction waits
-//! for it first, so two transactions never wait on each other.
+//! earlier, from its own rows; only their insert waits). So the stored checkpoint always
+//! names a page whose data, and all data before it, is committed; a crash loses the open
+//! transactions whole and the next run re-reads their pages (as no-ops where they were
+//! unchanged). Only the destination rows are written concurrently, and never the same row
+//! by two open transactions: a page that shares a record with a still-uncommitted
+//! transaction waits for it first, so two transactions never wait on each other.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
