@@ -302,10 +302,10 @@ async fn a_record_idem_rewrites_is_stamped_after_the_pass_before_it() {
 
 #[tokio::test]
 async fn an_invoice_that_falls_overdue_while_its_import_still_walks_is_reminded_at_the_walks_end() {
-    // A threshold a record can cross within one walk: three seconds.
-    let app = spawn_app_with(300, "").await;
-    let connector = app.demo_connector_variant("three_seconds_overdue", |text| {
-        text.replace("older_than = \"3d\"", "older_than = \"3s\"")
+    // A threshold a record can cross within one walk: five seconds.
+    let app = spawn_app_with(500, "").await;
+    let connector = app.demo_connector_variant("five_seconds_overdue", |text| {
+        text.replace("older_than = \"3d\"", "older_than = \"5s\"")
     });
     // The first page's first invoice falls due now: its page transaction finds it not yet
     // overdue, and the walk's end (the later pages are slow) finds it overdue. The walk's
@@ -317,20 +317,22 @@ async fn an_invoice_that_falls_overdue_while_its_import_still_walks_is_reminded_
         i["status"] = serde_json::json!("open");
         i["due_date"] = serde_json::json!(now);
     });
-    for nth in 2..=4 {
+    // Five pages of 100; the four after the first take 2 s each.
+    for nth in 2..=5 {
         app.vendor.inject_at(
             nth,
             idem_fakes::Fault::new(
                 "/v1/invoices",
                 1,
-                idem_fakes::FaultKind::Delay(std::time::Duration::from_millis(1500)),
+                idem_fakes::FaultKind::Delay(std::time::Duration::from_millis(2000)),
             ),
         );
     }
     let report = app
         .run_connector(&connector, "invoices", idem::run::Mode::Regular, false)
         .await;
-    assert_eq!(report.counters.inserted, 300, "{report:?}");
+    assert_eq!(report.counters.inserted, 500, "{report:?}");
+    assert_eq!(report.counters.pages, 5, "{report:?}");
 
     assert!(
         has_reminder(&app, &invoice).await,
