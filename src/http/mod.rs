@@ -1,5 +1,5 @@
 //! The vendor HTTP client: auth, rate limit, timeouts, redirects, retries honoring
-//! `Retry-After`, bodies read within their cap. The declarative connector's [`Source`]
+//! `Retry-After`, bodies read within their cap. The declarative connector's [`Source`](crate::connector::Source)
 //! that sends its requests through it is [`HttpSource`] (`source.rs`).
 
 mod source;
