@@ -54,10 +54,21 @@ impl Record {
     /// The value at a JSON pointer (`""` is the whole record), as `Value::pointer` finds it
     /// in [`Record::value`].
     pub fn pointer(&self, pointer: &str) -> Option<Value> {
-        let pointers = Pointers::new([pointer]);
-        match scan(self.json(), &pointers) {
-            Ok(mut scanned) => scanned.values.swap_remove(0),
-            Err(_) => self.value().pointer(pointer).cloned(),
+        self.values_at(&Pointers::new([pointer])).swap_remove(0)
+    }
+
+    /// The values at several pointers, from one pass over the record.
+    pub fn values_at(&self, pointers: &Pointers) -> Vec<Option<Value>> {
+        match scan(self.json(), pointers) {
+            Ok(scanned) => scanned.values,
+            Err(_) => {
+                let value = self.value();
+                pointers
+                    .tokens
+                    .iter()
+                    .map(|tokens| lookup(&value, tokens).cloned())
+                    .collect()
+            }
         }
     }
 }

@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 use tracing::info;
 
 use crate::connector::{Page, PageRequest, Source, SourceError};
-use crate::record::Record;
+use crate::record::{Pointers, Record};
 
 /// Fetches pages one after another and hands them to the writer. A vendor that caps the
 /// results of one query gets the query restarted from the largest `updated_at` read.
@@ -35,6 +35,29 @@ pub(super) async fn fetch_pages<S: Source>(
     // The instants whose records were paged by position in this walk, and the ids read
     // in each: a tie's record may move to the end of the sort any time until the walk ends.
     let mut ties: Vec<(DateTime<Utc>, HashSet<String>)> = Vec::new();
+    // What the fetcher reads of a record, in one pass over it: its time, and its id in a
+    // keyset walk.
+    let keys = Pointers::new(
+        updated
+            .iter()
+            .map(|(pointer, _)| pointer.as_str())
+            .chain(keyset.as_deref()),
+    );
+    let read = |record: &Record| -> (Option<DateTime<Utc>>, Option<String>) {
+        let mut values = record.values_at(&keys).into_iter();
+        let time = updated.as_ref().and_then(|(_, format)| {
+            values
+                .next()
+                .flatten()
+                .and_then(|v| crate::normalize::parse_time(&v, format).ok())
+        });
+        let id = keyset
+            .as_ref()
+            .and_then(|_| values.next().flatten())
+            .as_ref()
+            .and_then(id_text);
+        (time, id)
+    };
     loop {
         page_number += 1;
         crate::failpoint::panic_point("fetch_page", page_number);
@@ -49,43 +72,31 @@ pub(super) async fn fetch_pages<S: Source>(
         let token = request.token.clone();
         let page_len = page.records.len() as u64;
         results_in_query += page_len;
-        let time_of = |record: &Record| {
-            updated.as_ref().and_then(|(pointer, format)| {
-                record
-                    .pointer(pointer)
-                    .and_then(|v| crate::normalize::parse_time(&v, format).ok())
-            })
-        };
         // Only a capped query restarts from the largest time, and only a keyset walk pages
         // by it: otherwise the records are not read here (the writer reads them once).
-        let page_max = if query_cap.is_some() || keyset.is_some() {
-            page.records.iter().filter_map(time_of).max()
-        } else {
-            None
-        };
+        let read_page: Vec<(Option<DateTime<Utc>>, Option<String>)> =
+            if query_cap.is_some() || keyset.is_some() {
+                page.records.iter().map(read).collect()
+            } else {
+                Vec::new()
+            };
+        let page_max = read_page.iter().filter_map(|(time, _)| *time).max();
         max_updated = max_updated.max(page_max);
         // A record of a tie paged by position seen again with a newer time moved while we
         // paged; a record after it may have slid into a position already read.
-        let moved = keyset.as_ref().and_then(|id_pointer| {
-            ties.iter()
-                .filter(|(at, ids)| {
-                    page.records.iter().any(|record| {
-                        time_of(record).is_some_and(|t| t > *at)
-                            && record
-                                .pointer(id_pointer)
-                                .as_ref()
-                                .and_then(id_text)
-                                .is_some_and(|id| ids.contains(&id))
-                    })
+        let moved = ties
+            .iter()
+            .filter(|(at, ids)| {
+                read_page.iter().any(|(time, id)| {
+                    time.is_some_and(|t| t > *at) && id.as_ref().is_some_and(|id| ids.contains(id))
                 })
-                .map(|(at, _)| *at)
-                .min()
-        });
+            })
+            .map(|(at, _)| *at)
+            .min();
         let next = match (&keyset, page.next.clone()) {
             (Some(_), None) if moved.is_none() => None,
             (None, None) => None,
-            (Some(id_pointer), next) => {
-                let id_of = |record: &Record| record.pointer(id_pointer).as_ref().and_then(id_text);
+            (Some(_), next) => {
                 let next = next.unwrap_or_default();
                 match moved {
                     Some(at) => {
@@ -114,7 +125,7 @@ pub(super) async fn fetch_pages<S: Source>(
                             ties.push((at, HashSet::new()));
                         }
                         if let Some((_, ids)) = ties.last_mut() {
-                            ids.extend(page.records.iter().filter_map(id_of));
+                            ids.extend(read_page.iter().filter_map(|(_, id)| id.clone()));
                         }
                         if query_cap.is_some_and(|cap| results_in_query + page_len > cap) {
                             let _ = pages

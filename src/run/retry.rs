@@ -50,9 +50,31 @@ impl<'a> Walk<'a> {
                 false,
             )
             .await?;
+        let changed: HashSet<&str> = written.changed.iter().map(String::as_str).collect();
+        // A record stored at last is matched against the reminder rules here, as a page's
+        // transaction does: the walk's end skips what this run wrote.
+        if !changed.is_empty() {
+            let written_rows: Vec<_> = rows
+                .iter()
+                .filter(|r| changed.contains(r.source_id.as_str()))
+                .collect();
+            let ids: Vec<&str> = written_rows.iter().map(|r| r.source_id.as_str()).collect();
+            let values: Vec<&[Option<String>]> =
+                written_rows.iter().map(|r| r.values.as_slice()).collect();
+            crate::ledger::rules::enqueue(
+                &mut tx,
+                self.source_system,
+                self.stream_name,
+                self.stream,
+                crate::ledger::rules::Scope::Written {
+                    ids: &ids,
+                    values: &values,
+                },
+            )
+            .await?;
+        }
         // A parent stored at last owes its children, as if a page had brought it.
-        if !self.children.is_empty() && !written.changed.is_empty() {
-            let changed: HashSet<&str> = written.changed.iter().map(String::as_str).collect();
+        if !self.children.is_empty() && !changed.is_empty() {
             let owed: Vec<(String, String)> = rows
                 .iter()
                 .filter(|r| changed.contains(r.source_id.as_str()))

@@ -582,6 +582,10 @@ impl DestinationTable {
     /// Upserts one page's rows (already de-duplicated by source id): one statement to
     /// find what is new or changed, one to write only those. Unchanged rows are not
     /// touched at all: no row version, no lock, no WAL.
+    ///
+    /// The rows written carry `run_id` in `last_run_id`, and the walk's final rule pass
+    /// skips them (`ledger::rules::Scope::WalkEnd`): every caller must match the returned
+    /// `changed` rows against the stream's rules in the same transaction.
     pub async fn write_page(
         &self,
         connection: &mut PgConnection,

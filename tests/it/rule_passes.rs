@@ -351,3 +351,45 @@ async fn an_invoice_that_falls_overdue_while_its_import_still_walks_is_reminded_
         "the reminder was made with the invoice's page, so this test did not try the walk's end"
     );
 }
+
+#[tokio::test]
+async fn invoices_stored_by_retrying_their_failures_are_reminded_in_that_run() {
+    let app = spawn_app_with(60, "").await;
+    // A broken mapping fails every invoice (an email is no amount); the shipped one, the
+    // same table, reads them. The second run stores them from the failures table before
+    // it walks: its walk reads none of them again (nothing changed at the vendor), so
+    // only the retry's own transaction can match them.
+    let broken = app.demo_connector_variant("broken_amount", |text| {
+        text.replace("pointer = \"/amount_due\"", "pointer = \"/customer_email\"")
+    });
+    let failed = app
+        .run_connector(&broken, "invoices", idem::run::Mode::Regular, false)
+        .await;
+    assert_eq!(failed.counters.failed, 60, "{failed:?}");
+    assert_eq!(app.count("SELECT count(*) FROM idem_ledger").await, 0);
+
+    let fixed = app
+        .run_connector(
+            &app.connector(),
+            "invoices",
+            idem::run::Mode::Regular,
+            false,
+        )
+        .await;
+    assert_eq!(fixed.status, idem::run::RunStatus::Succeeded, "{fixed:?}");
+    assert_eq!(app.count("SELECT count(*) FROM demo_invoices").await, 60);
+    assert_eq!(app.count("SELECT count(*) FROM idem_failures").await, 0);
+    let overdue = app
+        .count(
+            "SELECT count(*) FROM demo_invoices
+             WHERE status = 'open' AND due_date < now() - interval '3 days'",
+        )
+        .await;
+    assert!(overdue > 0, "the seed has overdue invoices");
+    assert_eq!(
+        app.count("SELECT count(*) FROM idem_ledger WHERE rule = 'overdue_reminder'")
+            .await,
+        overdue,
+        "an invoice stored by the retry of its failure got no reminder"
+    );
+}
