@@ -333,8 +333,18 @@ async fn write_transaction(
     let owed_reminders = if written.is_empty() {
         Vec::new()
     } else {
-        let ids: Vec<&str> = written.iter().map(|(id, _)| id.as_str()).collect();
-        let values: Vec<&[Option<String>]> = written.iter().map(|(_, v)| v.as_slice()).collect();
+        // A record written by two chunks of this transaction (it changed between pages)
+        // is matched as the table now holds it: its last copy.
+        let mut seen = HashSet::new();
+        let mut last_copies: Vec<&(String, Vec<Option<String>>)> = written
+            .iter()
+            .rev()
+            .filter(|(id, _)| seen.insert(id.as_str()))
+            .collect();
+        last_copies.reverse();
+        let ids: Vec<&str> = last_copies.iter().map(|(id, _)| id.as_str()).collect();
+        let values: Vec<&[Option<String>]> =
+            last_copies.iter().map(|(_, v)| v.as_slice()).collect();
         ledger::rules::find_matches(
             &mut tx,
             &t.source_system,

@@ -393,3 +393,74 @@ async fn invoices_stored_by_retrying_their_failures_are_reminded_in_that_run() {
         "an invoice stored by the retry of its failure got no reminder"
     );
 }
+
+#[tokio::test]
+async fn a_record_written_twice_in_one_transaction_is_reminded_from_its_last_copy() {
+    let app = spawn_app_with(1100, "").await;
+    // The invoices through a next-URL list of 100 a page: the 1,000th invoice closes
+    // page 10, which completes the transaction's first 1,000-row chunk.
+    let connector = app.demo_connector_variant("next_url_list", |text| {
+        text.replacen(
+            "path = \"/v1/invoices\"\nparams = { limit = \"100\" }\nrecords = \"/data\"",
+            "path = \"/paged/next_url\"\nparams = { per_page = \"100\" }\nrecords = \"/items\"",
+            1,
+        )
+        .replacen(
+            "kind = \"last_record\"\nparam = \"starting_after\"\nhas_more = \"/has_more\"",
+            "kind = \"next_url\"\npointer = \"/next\"",
+            1,
+        )
+    });
+    let invoice = app.vendor.invoices()[999]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let long_ago = chrono::Utc::now().timestamp() - 30 * 86_400;
+    app.vendor.update_invoice(&invoice, |i| {
+        i["status"] = serde_json::json!("open");
+        i["due_date"] = serde_json::json!(long_ago);
+        i["amount_due"] = serde_json::json!(1111);
+    });
+    // Before page 11 is served the invoice changes, and page 11 starts with it again (as
+    // a list that shifted would serve it): its second copy lands in the second chunk.
+    let changed = invoice.clone();
+    app.vendor.on_request(11, move |data| {
+        data.update_invoice(&changed, |i| i["amount_due"] = serde_json::json!(4242));
+    });
+    app.vendor.inject_at(
+        11,
+        idem_fakes::Fault::new(
+            "/paged/next_url",
+            1,
+            idem_fakes::FaultKind::DuplicateRecords,
+        ),
+    );
+    // One transaction for the whole walk, however slow the machine.
+    let one_transaction = idem::run::RunOptions {
+        batching: idem::writer::Batching {
+            max_wait: std::time::Duration::from_secs(600),
+            ..Default::default()
+        },
+        ..idem::run::RunOptions::new(idem::run::Mode::Regular, false)
+    };
+    let report = app
+        .run_connector_with(&connector, "invoices", &one_transaction)
+        .await;
+    assert_eq!(report.status, idem::run::RunStatus::Succeeded, "{report:?}");
+    assert_eq!(report.counters.fetched, 1101, "{report:?}");
+    assert_eq!(report.counters.pages, 11, "{report:?}");
+
+    let bodies: Vec<String> = sqlx::query_scalar(
+        "SELECT body FROM idem_ledger WHERE rule = 'overdue_reminder' AND source_id = $1",
+    )
+    .bind(&invoice)
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(bodies.len(), 1, "{bodies:?}");
+    assert!(
+        bodies[0].contains("42.42") && !bodies[0].contains("11.11"),
+        "the reminder was rendered from the first copy: {}",
+        bodies[0]
+    );
+}
