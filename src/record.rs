@@ -571,7 +571,7 @@ impl<'de> Visitor<'de> for Skeleton<'_, '_> {
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
         let mut items = Vec::new();
         let wanted = self.tokens[0].index;
-        while items.len() != usize::MAX {
+        loop {
             let item = if wanted == Some(items.len()) {
                 seq.next_element_seed(Skeleton {
                     tokens: &self.tokens[1..],
